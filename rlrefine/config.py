@@ -1,0 +1,261 @@
+"""Typed recipe configuration: the one schema every `rlrefine` command reads.
+
+A recipe is a YAML file (see `recipes/`). It is validated in full when loaded, before any model is
+built: unknown keys, wrong types, out-of-range values and missing user-given files are reported
+together, each naming the dotted key and, for unknown keys, the keys that are allowed there.
+Command-line overrides use dotted keys, `pretrain.steps=100 model.num_refine_layers=6`, and their
+values are parsed as YAML scalars (so `true`, `3`, `1e-4`, `[1, 2]` mean what they look like).
+
+Where the values come from: the shapes defaults are the embedded default (DESIGN.md §7); the DiCO
+defaults follow the DiCO paper (Cornia et al. 2024: β = 0.2, 5 beams, lr 1e-6 at COCO scale).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+LayerWeighting = Literal["linear", "log", "uniform", "final"]
+ScheduleKind = Literal["linear", "geometric"]
+
+
+class RecipeError(ValueError):
+    """A recipe (or an override) is invalid. The message lists every problem and how to fix it."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _existing_path(value: str | None, what: str) -> str | None:
+    if value is not None and not Path(value.removeprefix("local-dir:")).expanduser().exists():
+        raise ValueError(f"{what} '{value}' does not exist; give a local path (nothing is downloaded)")
+    return value
+
+
+# ----------------------------------------------------------------------------------------- data
+class ShapesSection(Section):
+    """The procedural shapes dataset (rlrefine.data.shapes), generated from `seed`."""
+
+    image_size: int = Field(64, ge=16, le=512, description="square image side in pixels")
+    num_train: int = Field(20000, ge=1)
+    num_val: int = Field(500, ge=1)
+    num_test: int = Field(1000, ge=1)
+    num_test_novel: int = Field(1000, ge=1, description="images with held-out colour-shape combinations")
+    max_objects: int = Field(3, ge=1, le=3)
+    label_fraction: float = Field(0.1, ge=0.0, le=1.0, description="extra label-only examples, as a fraction of num_train")
+    seed: int = 0
+
+
+class CocoSection(Section):
+    """COCO in the Karpathy split format: dataset_coco.json plus the image root folder."""
+
+    annotations: str = Field(description="path to dataset_coco.json")
+    image_root: str = Field(description="folder that holds the COCO image folders (train2014/, val2014/)")
+    use_restval: bool = True
+
+    @model_validator(mode="after")
+    def _paths_exist(self) -> "CocoSection":
+        _existing_path(self.annotations, "data.coco.annotations")
+        _existing_path(self.image_root, "data.coco.image_root")
+        return self
+
+
+class DataSection(Section):
+    kind: Literal["shapes", "coco"] = "shapes"
+    shapes: ShapesSection = ShapesSection()
+    coco: CocoSection | None = None
+    label_weight: float = Field(0.05, ge=0.0, le=1.0, description="sampling weight of label-only examples (kept low so the model does not learn to answer in single words)")
+    image_size: int = Field(64, ge=16, le=1024, description="size images are loaded at (disk datasets)")
+    max_caption_len: int = Field(24, ge=4, le=256, description="tokens incl. bos/eos; longer captions are truncated")
+    bad_image: Literal["error", "skip"] = Field("error", description="what to do with a corrupt or unreadable image")
+    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _kind_has_section(self) -> "DataSection":
+        if self.kind == "coco" and self.coco is None:
+            raise ValueError("data.kind is 'coco' but data.coco is missing: give data.coco.annotations and data.coco.image_root")
+        return self
+
+
+class TokenizerSection(Section):
+    kind: Literal["word", "hf", "open_clip"] = Field("word", description="word: trained on the corpus; hf: a local HF tokenizer dir; open_clip: the bundled BPE")
+    path: str | None = Field(None, description="local tokenizer directory (kind=hf)")
+    min_freq: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _hf_needs_path(self) -> "TokenizerSection":
+        if self.kind == "hf":
+            if self.path is None:
+                raise ValueError("tokenizer.kind is 'hf' but tokenizer.path is not set")
+            _existing_path(self.path, "tokenizer.path")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- model
+class EncoderSection(Section):
+    kind: Literal["tiny_vit", "open_clip", "hf"] = "tiny_vit"
+    image_size: int = Field(64, ge=8)
+    patch_size: int = Field(8, ge=1)
+    width: int = Field(128, ge=8)
+    depth: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    model_name: str | None = Field(None, description="open_clip architecture name, e.g. ViT-B-32")
+    checkpoint: str | None = Field(None, description="local open_clip checkpoint file or local-dir: folder, or HF model dir")
+    frozen: bool = False
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> "EncoderSection":
+        if self.kind == "open_clip" and (self.model_name is None or self.checkpoint is None):
+            raise ValueError("model.encoder.kind 'open_clip' needs model.encoder.model_name and model.encoder.checkpoint (a local path)")
+        if self.kind == "hf" and self.checkpoint is None:
+            raise ValueError("model.encoder.kind 'hf' needs model.encoder.checkpoint (a local model directory)")
+        _existing_path(self.checkpoint, "model.encoder.checkpoint")
+        return self
+
+
+class ModelSection(Section):
+    encoder: EncoderSection = EncoderSection()
+    d_model: int = Field(128, ge=8)
+    num_slots: int = Field(8, ge=1, description="M, the number of text-encoding slots refined by every block")
+    num_refine_layers: int = Field(4, ge=1, le=64, description="K, the number of refinement blocks")
+    n_heads: int = Field(4, ge=1)
+    readout_layers: int = Field(2, ge=1)
+    mlp_ratio: int = Field(4, ge=1)
+    z0_std: float = Field(1.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+# ------------------------------------------------------------------------------------- training
+class PretrainSection(Section):
+    """Teacher-forced (XE) pretraining, DESIGN.md §2."""
+
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    min_lr_ratio: float = Field(0.05, ge=0.0, le=1.0, description="cosine decay floor as a fraction of lr")
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    layer_weights: LayerWeighting = "linear"
+    schedule: ScheduleKind = "linear"
+    schedule_eps: float = Field(0.01, gt=0.0, lt=1.0)
+    lambda_grad: float = Field(0.1, ge=0.0, description="weight of the latent graduality regulariser")
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = Field(50, ge=1)
+    eval_every: int = Field(500, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    num_log_images: int = Field(4, ge=0, description="fixed val images whose per-layer captions go to TensorBoard")
+    num_eval_images: int = Field(500, ge=1, description="images used for the test-split report at the end")
+    max_nonfinite_steps: int = Field(10, ge=1, description="stop after this many non-finite losses in a row")
+
+
+class RecipeConfig(Section):
+    """A whole recipe: every stage's section. `run_dir` holds all outputs of the run."""
+
+    run_dir: str = "runs/default"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataSection = DataSection()
+    tokenizer: TokenizerSection = TokenizerSection()
+    model: ModelSection = ModelSection()
+    pretrain: PretrainSection = PretrainSection()
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+
+# ------------------------------------------------------------------------------ loading, errors
+def _model_at(path: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
+    """The section class reached by following `path` (a pydantic error location) from `root`."""
+    model: Any = root
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return model if fields is not None else None
+        annotation = fields[part].annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def format_validation_error(err: ValidationError, root: type[BaseModel] = RecipeConfig, source: str = "recipe") -> str:
+    """One line per problem: the dotted key, what is wrong, and what is allowed."""
+    lines = [f"{source} is invalid ({err.error_count()} problem{'s' * (err.error_count() > 1)}):"]
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not isinstance(p, int))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1], root)
+            allowed = ", ".join(sorted(parent.model_fields)) if parent is not None else "?"
+            lines.append(f"  - unknown key '{key}'. Allowed keys here: {allowed}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {key}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["a.b=1", "c=x"]` -> `{"a": {"b": 1}, "c": "x"}`; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override '{item}' is not of the form dotted.key=value (e.g. pretrain.steps=100)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise RecipeError(f"override '{item}' has an empty key part")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"override '{item}': value is not valid YAML ({exc})") from None
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override '{item}' conflicts with another override of '{p}'")
+        node[parts[-1]] = value
+    return tree
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RecipeConfig:
+    """Read, merge overrides into, and validate a recipe. Raises RecipeError with every problem."""
+    raw: Any = {}
+    source = "recipe"
+    if path is not None:
+        path = Path(path)
+        source = f"recipe {path}"
+        if not path.is_file():
+            raise RecipeError(f"recipe file '{path}' not found (see recipes/ for examples, e.g. recipes/tiny.yaml)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{source} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{source} must be a mapping of sections (data:, model:, pretrain:, ...), got {type(raw).__name__}")
+    merged = _deep_merge(raw, parse_overrides(overrides or []))
+    try:
+        return RecipeConfig.model_validate(merged)
+    except ValidationError as err:
+        raise RecipeError(format_validation_error(err, RecipeConfig, source)) from None
+
+
+def dump_recipe(cfg: RecipeConfig, path: str | Path) -> None:
+    """Write the resolved recipe (defaults filled in) next to a run's outputs, for provenance."""
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

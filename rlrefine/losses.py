@@ -1,0 +1,361 @@
+"""Training losses for refinement captioners: pure tensor functions, no modules, no state.
+
+Where this sits in the flow: ``data -> models -> rewards -> **losses** -> trainers``. The trainers
+feed these functions the model's logits / log-probs and the rewards' scores; nothing here touches a
+model, an optimizer or a device beyond the tensors it is given.
+
+Layer indexing (CONTRACTS.md): layer 0 is z_0 (noise), layers 1..K are refinement outputs, K final.
+
+* :func:`layer_weights`            w_k for layers 1..K (DESIGN §2: less weight on early layers)
+* :func:`schedule`                 re-exported from :mod:`rewards.shaping` (s(k), fraction still to go)
+* :func:`shape_rewards`            re-exported from :mod:`rewards.shaping` (DESIGN §4 step 2)
+* :func:`xe_loss`                  teacher-forced cross entropy over layers, Σ w_k CE_k / Σ w_k
+* :func:`latent_distances`         d_k = ‖z_k − z_K‖ / ‖z_0 − z_K‖
+* :func:`latent_graduality_loss`   mean_k (d_k − s(k))² over the interior layers
+* :func:`dico_loss`                DiCO (Moratelli et al., BMVC 2024) winner-vs-weighted-losers loss
+* :func:`scst_loss`                self-critical policy gradient (greedy or leave-one-out baseline)
+* :func:`kl_to_reference`          sequence-level KL monitor
+* :func:`per_token_kl`             k3 per-token KL estimator (as TRL's GRPO trainer)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rewards.shaping import schedule, shape_rewards  # noqa: F401  (re-exported, owned by rewards)
+
+__all__ = [
+    "LAYER_WEIGHT_KINDS",
+    "layer_weights",
+    "schedule",
+    "shape_rewards",
+    "xe_loss",
+    "latent_distances",
+    "latent_graduality_loss",
+    "dico_loss",
+    "scst_loss",
+    "kl_to_reference",
+    "per_token_kl",
+]
+
+LAYER_WEIGHT_KINDS = ("linear", "log", "uniform", "final")
+
+
+# --------------------------------------------------------------------------------------------
+# Layer weights
+# --------------------------------------------------------------------------------------------
+
+
+def layer_weights(kind: str, K: int) -> Tensor:
+    """Unnormalised weights w_k of refinement layers k = 1..K, as a float tensor of shape [K].
+
+    * ``linear``:  w_k = k              (default; DESIGN §2: early layers matter less)
+    * ``log``:     w_k = log(1 + k)
+    * ``uniform``: w_k = 1
+    * ``final``:   w_k = [k == K]       (only the last layer is trained / scored)
+
+    Entry ``i`` of the result is the weight of layer ``k = i + 1``. Losses and scores normalise by
+    Σ w_k themselves, so the scale does not matter.
+    """
+    if not isinstance(K, int) or K < 1:
+        raise ValueError(f"K (number of refinement layers) must be an int >= 1, got {K!r}")
+    k = torch.arange(1, K + 1, dtype=torch.float32)
+    if kind == "linear":
+        return k
+    if kind == "log":
+        return torch.log1p(k)
+    if kind == "uniform":
+        return torch.ones(K)
+    if kind == "final":
+        w = torch.zeros(K)
+        w[-1] = 1.0
+        return w
+    raise ValueError(f"unknown layer weight kind {kind!r}; choose one of {list(LAYER_WEIGHT_KINDS)}")
+
+
+def _check_weights(weights: Tensor, L: int, what: str) -> Tensor:
+    weights = torch.as_tensor(weights, dtype=torch.float32)
+    if weights.shape != (L,):
+        raise ValueError(f"{what}: weights must have shape [{L}], got {tuple(weights.shape)}")
+    if (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"{what}: weights must be >= 0 with a positive sum, got {weights.tolist()}")
+    return weights
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher-forced pretraining
+# --------------------------------------------------------------------------------------------
+
+
+def xe_loss(logits: Tensor, targets: Tensor, weights: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Layer-weighted teacher-forced cross entropy.
+
+    ``logits`` [B, L, T, V] are the readout's predictions for the L selected layers; ``targets``
+    [B, T] are the token ids they predict, already shifted (for the captioner that is
+    ``tokens[:, 1:]``: logit position t predicts target t). Target positions equal to ``pad_id``
+    are ignored.
+
+        CE_l = Σ_{b,t: y_bt ≠ pad} −log softmax(logits[b, l, t])[y_bt]  /  #{b,t: y_bt ≠ pad}
+        loss = Σ_l w_l CE_l / Σ_l w_l
+
+    i.e. a token mean over the whole batch per layer (every non-pad token counts equally, as
+    ``F.cross_entropy(..., ignore_index=pad_id)`` does), then a weighted mean over layers.
+    Returns ``(loss, per_layer_ce)``; ``per_layer_ce`` [L] is detached, for logging. A batch with
+    no non-pad target has CE_l = 0.
+    """
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be [B, L, T, V], got shape {tuple(logits.shape)}")
+    B, L, T, V = logits.shape
+    if targets.shape != (B, T):
+        raise ValueError(f"targets must be [B, T] = [{B}, {T}] to match logits, got {tuple(targets.shape)}")
+    w = _check_weights(weights, L, "xe_loss").to(logits.device)
+
+    # [B, L, T, V] -> [B*L*T, V]; targets broadcast over layers.
+    flat_logits = logits.reshape(B * L * T, V)
+    flat_targets = targets.unsqueeze(1).expand(B, L, T).reshape(-1)
+    token_ce = F.cross_entropy(flat_logits.float(), flat_targets, ignore_index=pad_id, reduction="none")
+    token_ce = token_ce.view(B, L, T)
+    mask = (targets != pad_id).unsqueeze(1).to(token_ce.dtype)  # [B, 1, T]
+    n_tokens = mask.sum().clamp_min(1.0)
+    per_layer_ce = (token_ce * mask).sum(dim=(0, 2)) / n_tokens  # [L]
+    loss = (w * per_layer_ce).sum() / w.sum()
+    return loss, per_layer_ce.detach()
+
+
+def latent_distances(Z: Tensor, eps: float = 1e-8) -> Tensor:
+    """Relative distance of each layer's latent to the final one, per sample.
+
+        d_k = ‖z_k − z_K‖_F / max(‖z_0 − z_K‖_F, eps)        (Frobenius norm over the M × d slots)
+
+    ``Z`` [B, K+1, M, d] (any trailing shape is flattened) -> ``d`` [B, K+1], with d_0 = 1 and
+    d_K = 0 (up to eps). Differentiable; the eps keeps a degenerate sample (z_0 = z_K) finite.
+    """
+    if Z.dim() < 3:
+        raise ValueError(f"Z must be [B, K+1, ...] with K >= 1, got shape {tuple(Z.shape)}")
+    B, K1 = Z.shape[:2]
+    if K1 < 2:
+        raise ValueError(f"Z needs at least 2 layers (z_0 and z_K), got {K1}")
+    flat = Z.reshape(B, K1, -1)
+    to_final = (flat - flat[:, -1:]).norm(dim=-1)  # [B, K+1]
+    return to_final / to_final[:, :1].clamp_min(eps)
+
+
+def latent_graduality_loss(Z: Tensor, sched: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """Latent graduality penalty L_grad (DESIGN §2).
+
+        L_grad = mean_{b, k=1..K−1} (d_k^(b) − s(k))²
+
+    with d from :func:`latent_distances` and ``sched`` = s(0..K) [K+1] from :func:`schedule`
+    (s(0) = 1, s(K) = 0, so the end points carry no information and are left out). For K = 1 there
+    is no interior layer and the loss is 0. Returns ``(loss, mean_d)`` where ``mean_d`` [K+1] is
+    the batch mean of d_k, detached, for logging.
+    """
+    d = latent_distances(Z, eps=eps)  # [B, K+1]
+    K1 = d.shape[1]
+    sched = torch.as_tensor(sched, dtype=d.dtype, device=d.device)
+    if sched.shape != (K1,):
+        raise ValueError(f"sched must have shape [K+1] = [{K1}] to match Z, got {tuple(sched.shape)}")
+    mean_d = d.detach().mean(dim=0)
+    if K1 <= 2:
+        return d.sum() * 0.0, mean_d
+    loss = ((d[:, 1:-1] - sched[1:-1]) ** 2).mean()
+    return loss, mean_d
+
+
+# --------------------------------------------------------------------------------------------
+# DiCO
+# --------------------------------------------------------------------------------------------
+
+
+def _first_argmax(x: Tensor) -> Tensor:
+    """Index of the row maximum, the lowest index on ties (deterministic on every device)."""
+    n = x.shape[-1]
+    idx = torch.arange(n, device=x.device).expand_as(x)
+    is_max = x == x.max(dim=-1, keepdim=True).values
+    return torch.where(is_max, idx, torch.full_like(idx, n)).min(dim=-1).values
+
+
+def dico_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    rewards: Tensor,
+    beta: float,
+    tau: float,
+) -> tuple[Tensor, dict[str, float | Tensor]]:
+    """DiCO loss (Moratelli et al., "Revisiting Image Captioning Training Paradigm via Direct
+    CLIP-based Optimization", BMVC 2024): one winner against a weighted set of losers.
+
+    Inputs are [B, n]: for each of B images, n candidates' summed sequence log-probs under the
+    policy (``policy_logps``, with grad) and the frozen reference (``ref_logps``), and their
+    rewards (no grad is taken through rewards). n >= 2.
+
+    * chosen c = argmax_j r_j per row; ties go to the **lowest index** (deterministic).
+    * rejected weights over the other candidates j ≠ c:
+          γ_j = exp(τ (r_c − r_j)) / Σ_{i≠c} exp(τ (r_c − r_i)),     γ_c = 0, Σ_j γ_j = 1
+    * h = (π_c − Σ_j γ_j π_j) − (ref_c − Σ_j γ_j ref_j)
+    * loss = mean_b −log σ(β h)
+
+    Sign of γ: we follow the DiCO reference code (aimagelab/DiCO, ``trainers/dico_trainer.py``,
+    ``weight_quality_distances``: ``softmax(tau * (max_reward - reward))`` over the losers, with
+    default ``dico_tau = 300`` and ``dico_beta = 0.2`` in ``main.py``). With τ > 0 the weight grows
+    with the reward gap to the winner, so the *worst* candidates are pushed down hardest and
+    near-ties with the winner (often paraphrases of it among beam candidates) are barely
+    penalised; τ → 0 gives uniform weights over the losers, τ → ∞ the single worst loser.
+    A negative τ would instead focus on the losers closest to the winner (hard negatives); that
+    is not what DiCO does.
+
+    Returns ``(loss, metrics)``. ``metrics`` holds floats under TRL's DPO names:
+    ``rewards/chosen`` = mean β(π_c − ref_c), ``rewards/rejected`` = mean Σ_j γ_j β(π_j − ref_j),
+    ``rewards/margins`` = their difference (= mean β h), ``rewards/accuracies`` = fraction of rows
+    with h > 0, ``logps/chosen`` = mean π_c, ``logps/rejected`` = mean Σ_j γ_j π_j; plus detached
+    tensors ``h`` [B], ``gamma`` [B, n] and ``chosen_index`` [B] for callers that want them.
+    """
+    if policy_logps.dim() != 2:
+        raise ValueError(f"policy_logps must be [B, n], got shape {tuple(policy_logps.shape)}")
+    if ref_logps.shape != policy_logps.shape or rewards.shape != policy_logps.shape:
+        raise ValueError(
+            "policy_logps, ref_logps and rewards must share one [B, n] shape, got "
+            f"{tuple(policy_logps.shape)}, {tuple(ref_logps.shape)}, {tuple(rewards.shape)}"
+        )
+    B, n = policy_logps.shape
+    if n < 2:
+        raise ValueError(f"DiCO needs at least 2 candidates per image, got n = {n}")
+
+    r = rewards.detach().to(torch.float32)
+    ref_logps = ref_logps.detach()
+    chosen = _first_argmax(r)  # [B]
+    chosen_mask = F.one_hot(chosen, n).bool()  # [B, n]
+    r_c = r.gather(1, chosen[:, None])  # [B, 1]
+    gamma_logits = (tau * (r_c - r)).masked_fill(chosen_mask, float("-inf"))
+    gamma = torch.softmax(gamma_logits, dim=-1).to(policy_logps.dtype)  # [B, n], 0 at chosen
+
+    pi_c = policy_logps.gather(1, chosen[:, None]).squeeze(1)  # [B]
+    ref_c = ref_logps.gather(1, chosen[:, None]).squeeze(1)
+    pi_rej = (gamma * policy_logps).sum(-1)  # [B]
+    ref_rej = (gamma * ref_logps).sum(-1)
+    h = (pi_c - pi_rej) - (ref_c - ref_rej)
+    loss = -F.logsigmoid(beta * h).mean()
+
+    with torch.no_grad():
+        chosen_rewards = beta * (pi_c - ref_c)
+        rejected_rewards = beta * (pi_rej - ref_rej)
+        metrics: dict[str, float | Tensor] = {
+            "rewards/chosen": chosen_rewards.mean().item(),
+            "rewards/rejected": rejected_rewards.mean().item(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+            "rewards/accuracies": (h > 0).float().mean().item(),
+            "logps/chosen": pi_c.mean().item(),
+            "logps/rejected": pi_rej.mean().item(),
+            "h": h.detach(),
+            "gamma": gamma.detach(),
+            "chosen_index": chosen,
+        }
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# SCST
+# --------------------------------------------------------------------------------------------
+
+
+def scst_loss(
+    logps: Tensor,
+    rewards: Tensor,
+    baseline: str = "greedy",
+    greedy_rewards: Tensor | None = None,
+    lengths: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Self-critical sequence training (Rennie et al., CVPR 2017) with a choice of baseline.
+
+    ``logps`` [B, n] summed sequence log-probs of n sampled captions per image (with grad),
+    ``rewards`` [B, n].
+
+    * ``baseline="greedy"``: b_bj = ``greedy_rewards``[b], the reward of the greedy caption
+      (the original SCST).
+    * ``baseline="mean"``: leave-one-out mean of the other samples,
+      b_bj = (Σ_i r_bi − r_bj) / (n − 1)   (needs n >= 2; as in "mean of samples" SCST variants,
+      leaving the sample itself out keeps the gradient estimate unbiased).
+
+        A_bj = r_bj − b_bj        (no grad)
+        loss = −mean_{b,j} A_bj · ℓ_bj
+
+    where ℓ = ``logps``, or, when ``lengths`` [B, n] (tokens per caption, > 0) is given,
+    ℓ = logps / lengths: the per-token mean log-prob, which removes SCST's bias toward short
+    captions when the rewards do not themselves penalise length.
+
+    Returns ``(loss, metrics)`` with floats ``scst/reward``, ``scst/baseline``, ``scst/advantage``
+    (means) and ``scst/advantage_std``.
+    """
+    if logps.dim() != 2 or rewards.shape != logps.shape:
+        raise ValueError(
+            f"logps and rewards must share one [B, n] shape, got {tuple(logps.shape)} and {tuple(rewards.shape)}"
+        )
+    B, n = logps.shape
+    r = rewards.detach().to(logps.dtype)
+    if baseline == "greedy":
+        if greedy_rewards is None:
+            raise ValueError('scst_loss: baseline="greedy" needs greedy_rewards [B]')
+        if greedy_rewards.shape != (B,):
+            raise ValueError(f"greedy_rewards must be [B] = [{B}], got {tuple(greedy_rewards.shape)}")
+        b = greedy_rewards.detach().to(logps.dtype)[:, None].expand(B, n)
+    elif baseline == "mean":
+        if n < 2:
+            raise ValueError('scst_loss: baseline="mean" (leave-one-out) needs n >= 2 samples per image')
+        b = (r.sum(dim=1, keepdim=True) - r) / (n - 1)
+    else:
+        raise ValueError(f"unknown SCST baseline {baseline!r}; choose one of ['greedy', 'mean']")
+    advantage = (r - b).detach()
+
+    ell = logps
+    if lengths is not None:
+        if lengths.shape != logps.shape:
+            raise ValueError(f"lengths must be [B, n] = {tuple(logps.shape)}, got {tuple(lengths.shape)}")
+        ell = logps / lengths.to(logps.dtype).clamp_min(1.0)
+    loss = -(advantage * ell).mean()
+    metrics = {
+        "scst/reward": r.mean().item(),
+        "scst/baseline": b.mean().item(),
+        "scst/advantage": advantage.mean().item(),
+        "scst/advantage_std": advantage.std(unbiased=False).item(),
+    }
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# KL to the reference model
+# --------------------------------------------------------------------------------------------
+
+
+def kl_to_reference(policy_logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """Sequence-level KL monitor: mean(π − ref) over the given candidates (a scalar, no grad).
+
+    KL(π‖ref) = E_{c~π}[log π(c) − log ref(c)], so this mean is an unbiased Monte-Carlo estimate
+    only when the candidates are *sampled* from the policy. Beam-search candidates (DiCO's
+    default) are the policy's modes, not samples, so there it is a biased estimate: use it as a
+    drift monitor, not as a quantity to report as "the KL".
+    """
+    if policy_logps.shape != ref_logps.shape:
+        raise ValueError(f"shape mismatch: {tuple(policy_logps.shape)} vs {tuple(ref_logps.shape)}")
+    return (policy_logps.detach() - ref_logps.detach()).float().mean()
+
+
+def per_token_kl(policy_token_logps: Tensor, ref_token_logps: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-token KL penalty with the k3 estimator (Schulman, "Approximating KL Divergence", 2020),
+    as TRL's GRPO trainer computes it:
+
+        ρ_t = ref_t − π_t          (log of ref / policy at the sampled token)
+        kl_t = exp(ρ_t) − ρ_t − 1  (>= 0, unbiased for KL(π‖ref) under tokens sampled from π)
+
+    Inputs [..., T] log-probs of the sampled tokens; ``mask`` [..., T] (1 = real token) zeroes
+    padding. Returns the masked per-token values [..., T], differentiable w.r.t. the policy; reduce
+    them as the trainer needs, e.g. ``(kl * mask).sum(-1) / mask.sum(-1)``.
+    """
+    if policy_token_logps.shape != ref_token_logps.shape:
+        raise ValueError(f"shape mismatch: {tuple(policy_token_logps.shape)} vs {tuple(ref_token_logps.shape)}")
+    rho = ref_token_logps.detach() - policy_token_logps
+    kl = torch.exp(rho) - rho - 1.0
+    if mask is not None:
+        kl = kl * mask.to(kl.dtype)
+    return kl

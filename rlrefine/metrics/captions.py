@@ -1,0 +1,295 @@
+"""Reference-based caption metrics: BLEU-4, ROUGE-L, CIDEr-D (pure Python), METEOR and SPICE
+(Java, only where their jars are present).
+
+Where this sits in the flow: ``trainers -> **metrics** / evaluate``. Scoring is pycocoevalcap's own
+scorers, so numbers are comparable with the COCO caption literature; this module only adds a
+Java-free tokenizer and availability checks.
+
+Inputs everywhere: ``gts: dict[id, list[str]]`` (references, raw text) and
+``res: dict[id, list[str]]`` (exactly one raw candidate per id, same ids). Each function tokenizes
+both with :func:`ptb_tokenize` and returns the corpus score as a float.
+
+Tokenization. The COCO evaluation runs Stanford's PTBTokenizer (``pycocoevalcap.tokenizer``),
+which needs Java. :func:`ptb_tokenize` re-implements what it does to captions in pure Python so
+that scores never depend on whether Java is installed: lower-case; split off punctuation,
+``$``, ``%``, possessive/contraction clitics (``man's`` -> ``man 's``, ``don't`` -> ``do n't``,
+``cannot`` -> ``can not``, ``gonna`` -> ``gon na``); keep hyphenated words, decimals, times,
+``a/b`` and dotted abbreviations (``p.m.``) whole; then drop pycocoevalcap's punctuation list
+(quotes, ``. , ; : ! ? - -- ...``). Brackets become ``-lrb-``/``-rrb-`` (etc.) and, exactly as in
+pycocoevalcap (whose removal list has them upper-case while ``-lowerCase`` lower-cases them), are
+*kept*. On ordinary captions it reproduces the Java tokenizer token for token (tested against it
+when Java is present).
+
+Empty candidates (or ones that are only punctuation) are allowed and score as nothing matched:
+0 for CIDEr-D and ROUGE-L on that image, and for BLEU they add no n-grams and no length, which
+lowers the corpus score through the precisions and the brevity penalty (all candidates empty ->
+BLEU = 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from collections.abc import Hashable, Mapping, Sequence
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ptb_tokenize",
+    "tokenize_corpus",
+    "cider_d",
+    "bleu4",
+    "rouge_l",
+    "meteor",
+    "spice",
+    "meteor_available",
+    "spice_available",
+    "caption_metrics",
+]
+
+# pycocoevalcap/tokenizer/ptbtokenizer.py: tokens dropped after PTB tokenization. Kept verbatim
+# (with its upper-case bracket names, which never match lower-cased output).
+PTB_PUNCTUATIONS = frozenset(
+    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
+)
+
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+_CLITICS = ("'s", "'re", "'ve", "'ll", "'d", "'m")
+# Words PTBTokenizer splits into two tokens.
+_SPLIT_WORDS = {
+    "cannot": ("can", "not"),
+    "gonna": ("gon", "na"),
+    "gotta": ("got", "ta"),
+    "wanna": ("wan", "na"),
+    "lemme": ("lem", "me"),
+    "gimme": ("gim", "me"),
+}
+# Abbreviations PTBTokenizer keeps with their final period.
+_ABBREVIATIONS = frozenset(["mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "mt", "prof", "inc", "co", "ltd"])
+_DOTTED_ABBREV = re.compile(r"^(?:[a-z]\.){2,}$")  # u.s., p.m., a.m.
+_LEAD = set("\"'`([{$")
+_TRAIL = set("\"'`)]}.,;:!?%")
+
+
+def _split_core(core: str) -> list[str]:
+    """Split one whitespace-free chunk with no leading/trailing punctuation."""
+    out: list[str] = []
+    # "--" inside a chunk ("smiling--who") separates words.
+    if "--" in core:
+        parts = core.split("--")
+        for i, p in enumerate(parts):
+            if i:
+                out.append("--")
+            if p:
+                out.extend(_split_core(p))
+        return out
+    # Commas / semicolons / other separators glued between words (not inside numbers like 1,000).
+    m = re.search(r"(?<!\d)[,;!?]|[,;!?](?!\d)", core)
+    if m:
+        left, sep, right = core[: m.start()], core[m.start()], core[m.end() :]
+        return _tokenize_chunk(left) + [sep] + _tokenize_chunk(right)
+    if core in _SPLIT_WORDS:
+        return list(_SPLIT_WORDS[core])
+    if core.endswith("n't") and len(core) > 3:
+        return [core[:-3], "n't"]
+    for clitic in _CLITICS:
+        if core.endswith(clitic) and len(core) > len(clitic):
+            return [core[: -len(clitic)], clitic]
+    return [core]
+
+
+def _tokenize_chunk(chunk: str) -> list[str]:
+    """PTB-style tokens of one whitespace-free chunk (punctuation still included)."""
+    head: list[str] = []
+    tail: list[str] = []
+    if chunk in _CLITICS or chunk == "n't":  # already split by the writer: "dog 's"
+        return [chunk]
+    # Leading quotes, brackets and currency.
+    while chunk and chunk[0] in _LEAD:
+        ch = chunk[0]
+        head.append(_BRACKETS.get(ch, "``" if ch == '"' else ch))
+        chunk = chunk[1:]
+    # Trailing punctuation, innermost last.
+    while chunk:
+        if chunk.endswith("..."):
+            tail.append("...")
+            chunk = chunk[:-3]
+            continue
+        ch = chunk[-1]
+        if ch not in _TRAIL:
+            break
+        if ch in "!?":  # PTB keeps a run like "!!" or "?!" as one token (not in the removal list)
+            run = len(chunk) - len(chunk.rstrip("!?"))
+            tail.append(chunk[-run:])
+            chunk = chunk[:-run]
+            continue
+        if ch == ".":
+            stem = chunk[:-1]
+            if _DOTTED_ABBREV.match(chunk) or stem in _ABBREVIATIONS:
+                break  # the period belongs to the abbreviation
+        tail.append(_BRACKETS.get(ch, "''" if ch == '"' else ch))
+        chunk = chunk[:-1]
+    middle = _split_core(chunk) if chunk else []
+    return head + middle + tail[::-1]
+
+
+def ptb_tokenize(text: str) -> str:
+    """Tokenize one caption the way pycocoevalcap's PTBTokenizer + punctuation removal does.
+
+    Returns the tokens joined by single spaces (what the scorers expect); ``""`` for a caption
+    with no words. See the module docstring for the rules.
+    """
+    text = text.replace("\n", " ").lower()
+    tokens: list[str] = []
+    for chunk in text.split():
+        tokens.extend(_tokenize_chunk(chunk))
+    return " ".join(t for t in tokens if t and t not in PTB_PUNCTUATIONS)
+
+
+def tokenize_corpus(captions: Mapping[Hashable, Sequence[str]]) -> dict[Hashable, list[str]]:
+    """:func:`ptb_tokenize` applied to every caption of a ``dict[id, list[str]]``."""
+    return {k: [ptb_tokenize(c) for c in v] for k, v in captions.items()}
+
+
+def _prepare(gts: Mapping, res: Mapping) -> tuple[dict, dict]:
+    """Validate inputs and tokenize them; ids are kept in ``gts`` order."""
+    if not gts:
+        raise ValueError("gts is empty: caption metrics need at least one image")
+    if set(gts.keys()) != set(res.keys()):
+        missing = sorted(map(str, set(gts) - set(res)))[:5]
+        extra = sorted(map(str, set(res) - set(gts)))[:5]
+        raise ValueError(f"gts and res must have the same ids; missing in res: {missing}, extra in res: {extra}")
+    g: dict = {}
+    r: dict = {}
+    for k in gts:
+        refs = gts[k]
+        cand = res[k]
+        if isinstance(refs, str) or not refs:
+            raise ValueError(f"gts[{k!r}] must be a non-empty list of reference strings, got {refs!r}")
+        if isinstance(cand, str):
+            raise ValueError(f"res[{k!r}] must be a list with one caption, got the bare string {cand!r}")
+        if len(cand) != 1:
+            raise ValueError(f"res[{k!r}] must hold exactly one candidate caption, got {len(cand)}")
+        g[k] = [ptb_tokenize(t) for t in refs]
+        r[k] = [ptb_tokenize(cand[0])]
+    return g, r
+
+
+def cider_d(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, Sequence[str]]) -> float:
+    """Corpus CIDEr-D with pycocoevalcap's ``Cider`` scorer.
+
+    pycocoevalcap's class is named ``Cider`` but computes CIDEr-D (Vedantam et al. 2015, §CIDEr-D),
+    as checked in its ``cider_scorer.py``: n = 1..4 tf-idf vectors with document frequencies from
+    the references of the evaluated corpus, candidate counts clipped by the reference counts
+    (``min(vec_hyp, vec_ref) * vec_ref``), a Gaussian length penalty exp(−δ²/2σ²) with σ = 6,
+    mean over n and over references, times 10. Per-image scores are averaged. The idf comes from
+    this corpus, so scores on tiny corpora are not comparable with published numbers (a corpus of
+    one image always scores 0: log(1) − log(df) = 0).
+    """
+    from pycocoevalcap.cider.cider import Cider
+
+    g, r = _prepare(gts, res)
+    score, _ = Cider().compute_score(g, r)
+    return float(score)
+
+
+def bleu4(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, Sequence[str]]) -> float:
+    """Corpus BLEU-4 (Papineni et al. 2002) with pycocoevalcap's ``Bleu(4)`` scorer.
+
+    Clipped n-gram precisions p_1..p_4 pooled over the corpus, geometric mean, brevity penalty
+    exp(1 − R/C) when the total candidate length C is below the total "closest" reference length
+    R. pycocoevalcap adds 1e-15 / 1e-9 to numerators / denominators, so a perfect match scores
+    1 − O(1e-9), not exactly 1.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    g, r = _prepare(gts, res)
+    score, _ = Bleu(4).compute_score(g, r, verbose=0)
+    return float(score[3])
+
+
+def rouge_l(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, Sequence[str]]) -> float:
+    """Mean per-image ROUGE-L (Lin 2004) with pycocoevalcap's ``Rouge`` scorer.
+
+    Per image: LCS-based precision and recall, each maximised over the references, combined as
+    F_β = (1 + β²) P R / (R + β² P) with β = 1.2; 0 when there is no common token.
+    """
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    g, r = _prepare(gts, res)
+    score, _ = Rouge().compute_score(g, r)
+    return float(score)
+
+
+def _pycocoevalcap_dir() -> str:
+    import pycocoevalcap  # a namespace package: no __file__, one entry in __path__
+
+    return os.path.abspath(next(iter(pycocoevalcap.__path__)))
+
+
+def meteor_available() -> bool:
+    """True when METEOR 1.5 can run: a ``java`` on PATH and pycocoevalcap's ``meteor-1.5.jar`` and
+    its paraphrase table ``data/paraphrase-en.gz`` present."""
+    if shutil.which("java") is None:
+        return False
+    d = os.path.join(_pycocoevalcap_dir(), "meteor")
+    return os.path.isfile(os.path.join(d, "meteor-1.5.jar")) and os.path.isfile(
+        os.path.join(d, "data", "paraphrase-en.gz")
+    )
+
+
+def spice_available() -> bool:
+    """True when SPICE can run offline: ``java`` on PATH, ``spice-1.0.jar`` and the Stanford
+    CoreNLP 3.6.0 jars (``lib/stanford-corenlp-3.6.0.jar`` and ``-models.jar``) already present.
+    pycocoevalcap would otherwise try to download CoreNLP at run time; we never let it."""
+    if shutil.which("java") is None:
+        return False
+    d = os.path.join(_pycocoevalcap_dir(), "spice")
+    needed = ["spice-1.0.jar", "lib/stanford-corenlp-3.6.0.jar", "lib/stanford-corenlp-3.6.0-models.jar"]
+    return all(os.path.isfile(os.path.join(d, p)) for p in needed)
+
+
+def meteor(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, Sequence[str]]) -> float | None:
+    """Corpus METEOR 1.5 (``-l en -norm``) through pycocoevalcap's ``Meteor`` (a Java subprocess),
+    or ``None`` when :func:`meteor_available` is False ("unavailable", never 0)."""
+    if not meteor_available():
+        logger.info("METEOR unavailable (needs java and pycocoevalcap's meteor-1.5.jar)")
+        return None
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    g, r = _prepare(gts, res)
+    scorer = Meteor()
+    try:
+        score, _ = scorer.compute_score(g, r)
+    finally:
+        del scorer  # closes the Java process
+    return float(score)
+
+
+def spice(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, Sequence[str]]) -> float | None:
+    """Corpus SPICE (Anderson et al. 2016) through pycocoevalcap's ``Spice``, or ``None`` when
+    :func:`spice_available` is False (the CoreNLP jars are not shipped and are never downloaded)."""
+    if not spice_available():
+        logger.info("SPICE unavailable (needs java, spice-1.0.jar and Stanford CoreNLP 3.6.0 jars)")
+        return None
+    from pycocoevalcap.spice.spice import Spice
+
+    g, r = _prepare(gts, res)
+    score, _ = Spice().compute_score(g, r)
+    return float(score)
+
+
+def caption_metrics(
+    gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, Sequence[str]]
+) -> dict[str, float | None]:
+    """All reference-based metrics: ``{"BLEU-4", "ROUGE-L", "CIDEr-D", "METEOR", "SPICE"}``;
+    METEOR / SPICE are ``None`` where unavailable (see :func:`meteor`, :func:`spice`)."""
+    return {
+        "BLEU-4": bleu4(gts, res),
+        "ROUGE-L": rouge_l(gts, res),
+        "CIDEr-D": cider_d(gts, res),
+        "METEOR": meteor(gts, res),
+        "SPICE": spice(gts, res),
+    }

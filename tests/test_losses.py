@@ -1,0 +1,290 @@
+"""Tests for rlrefine/losses.py: each formula against a hand-computed value."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlrefine.losses import (
+    dico_loss,
+    kl_to_reference,
+    latent_distances,
+    latent_graduality_loss,
+    layer_weights,
+    per_token_kl,
+    schedule,
+    scst_loss,
+    shape_rewards,
+    xe_loss,
+)
+
+# ---------------------------------------------------------------------------- layer weights
+
+
+def test_layer_weights_hand_values():
+    assert layer_weights("linear", 4).tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert torch.allclose(layer_weights("log", 3), torch.tensor([math.log(2), math.log(3), math.log(4)]))
+    assert layer_weights("uniform", 3).tolist() == [1.0, 1.0, 1.0]
+    assert layer_weights("final", 3).tolist() == [0.0, 0.0, 1.0]
+    assert layer_weights("final", 1).tolist() == [1.0]
+
+
+def test_layer_weights_unknown_kind_lists_choices():
+    with pytest.raises(ValueError, match="linear.*log.*uniform.*final"):
+        layer_weights("cubic", 3)
+    with pytest.raises(ValueError):
+        layer_weights("linear", 0)
+
+
+# ---------------------------------------------------------------------------- re-exports
+
+
+def test_schedule_and_shape_rewards_are_reexported_from_rewards():
+    import rewards.shaping
+
+    assert schedule is rewards.shaping.schedule
+    assert shape_rewards is rewards.shaping.shape_rewards
+    assert torch.allclose(schedule("linear", 4).float(), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    # geometric, K = 2, eps = 0.01: s(1) = (0.01 ** 0.5 - 0.01) / 0.99 = 0.09 / 0.99
+    s = schedule("geometric", 2, eps=0.01).float()
+    assert torch.allclose(s, torch.tensor([1.0, 0.09 / 0.99, 0.0]), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- XE
+
+
+def test_xe_loss_hand_value():
+    # V = 3, pad_id = 2, targets [1, 0, pad]; layer 0 logits all zero -> CE = ln 3 per token;
+    # layer 1: t=0 logits [0, ln 2, 0] -> p(1) = 2/4 -> CE = ln 2;  t=1 logits [ln 3, 0, 0] -> p(0) = 3/5.
+    pad = 2
+    targets = torch.tensor([[1, 0, pad]])
+    logits = torch.zeros(1, 2, 3, 3)
+    logits[0, 1, 0] = torch.tensor([0.0, math.log(2), 0.0])
+    logits[0, 1, 1] = torch.tensor([math.log(3), 0.0, 0.0])
+    logits[0, :, 2] = torch.tensor([100.0, -100.0, 0.0])  # pad position: ignored
+    weights = torch.tensor([1.0, 3.0])
+    loss, per_layer = xe_loss(logits, targets, weights, pad_id=pad)
+    ce0 = math.log(3)
+    ce1 = (math.log(2) + math.log(5 / 3)) / 2
+    assert per_layer.tolist() == pytest.approx([ce0, ce1], abs=1e-6)
+    assert loss.item() == pytest.approx((ce0 + 3 * ce1) / 4, abs=1e-6)
+
+
+def test_xe_loss_matches_token_mean_cross_entropy_per_layer():
+    g = torch.Generator().manual_seed(0)
+    B, L, T, V, pad = 3, 4, 5, 7, 0
+    logits = torch.randn(B, L, T, V, generator=g, requires_grad=True)
+    targets = torch.randint(1, V, (B, T), generator=g)
+    targets[0, 3:] = pad
+    targets[2, 1:] = pad
+    w = layer_weights("linear", L)
+    loss, per_layer = xe_loss(logits, targets, w, pad_id=pad)
+    expected = torch.stack(
+        [F.cross_entropy(logits[:, l].reshape(-1, V), targets.reshape(-1), ignore_index=pad) for l in range(L)]
+    )
+    assert torch.allclose(per_layer, expected.detach(), atol=1e-6)
+    assert torch.allclose(loss, (w * expected).sum() / w.sum(), atol=1e-6)
+    loss.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_xe_loss_shape_errors():
+    with pytest.raises(ValueError, match="targets"):
+        xe_loss(torch.zeros(2, 1, 4, 3), torch.zeros(2, 5, dtype=torch.long), torch.ones(1), pad_id=0)
+    with pytest.raises(ValueError, match="weights"):
+        xe_loss(torch.zeros(2, 2, 4, 3), torch.zeros(2, 4, dtype=torch.long), torch.ones(3), pad_id=0)
+
+
+# ---------------------------------------------------------------------------- latent graduality
+
+
+def _two_sample_latents():
+    # K = 2, M = 1, d = 2. Sample 0: z0 = (4, 0), z1 = (1, 0), z2 = 0 -> d = [1, 1/4, 0].
+    # Sample 1: z0 = (0, 3), z1 = (0, 1.5), z2 = 0 -> d = [1, 1/2, 0].
+    Z = torch.zeros(2, 3, 1, 2)
+    Z[0, 0, 0] = torch.tensor([4.0, 0.0])
+    Z[0, 1, 0] = torch.tensor([1.0, 0.0])
+    Z[1, 0, 0] = torch.tensor([0.0, 3.0])
+    Z[1, 1, 0] = torch.tensor([0.0, 1.5])
+    return Z
+
+
+def test_latent_distances_hand_value():
+    d = latent_distances(_two_sample_latents())
+    assert torch.allclose(d, torch.tensor([[1.0, 0.25, 0.0], [1.0, 0.5, 0.0]]))
+
+
+def test_latent_distances_frobenius_over_slots():
+    # M = 2 slots: ‖(3, 4)‖ over both slots = 5.
+    Z = torch.zeros(1, 3, 2, 1)
+    Z[0, 0, :, 0] = torch.tensor([6.0, 8.0])  # ‖z0 - z2‖ = 10
+    Z[0, 1, :, 0] = torch.tensor([3.0, 4.0])  # ‖z1 - z2‖ = 5
+    assert torch.allclose(latent_distances(Z), torch.tensor([[1.0, 0.5, 0.0]]))
+
+
+def test_latent_distances_degenerate_sample_is_finite():
+    Z = torch.zeros(1, 3, 2, 2)
+    assert torch.isfinite(latent_distances(Z)).all()
+
+
+def test_latent_graduality_loss_hand_value():
+    Z = _two_sample_latents().requires_grad_(True)
+    sched = torch.tensor([1.0, 0.5, 0.0])  # linear, K = 2
+    loss, mean_d = latent_graduality_loss(Z, sched)
+    # mean over the one interior layer and 2 samples of (d_1 - 0.5)^2 = ((-0.25)^2 + 0) / 2
+    assert loss.item() == pytest.approx(0.03125)
+    assert torch.allclose(mean_d, torch.tensor([1.0, 0.375, 0.0]))
+    loss.backward()
+    assert torch.isfinite(Z.grad).all()
+
+
+def test_latent_graduality_loss_k1_is_zero_and_shape_checked():
+    Z = torch.randn(2, 2, 3, 4)
+    loss, _ = latent_graduality_loss(Z, torch.tensor([1.0, 0.0]))
+    assert loss.item() == 0.0
+    with pytest.raises(ValueError, match="sched"):
+        latent_graduality_loss(torch.randn(2, 4, 3, 4), torch.tensor([1.0, 0.5, 0.0]))
+
+
+# ---------------------------------------------------------------------------- DiCO
+
+# τ = 5 ln 3, so reward gaps of 0.2 and 0.4 give softmax weights 3 : 9.
+TAU = 5 * math.log(3)
+BETA = 0.2
+REWARDS = torch.tensor([[0.5, 0.9, 0.7], [0.3, 0.3, 0.1]])  # row 1: tie between 0 and 1 -> 0 wins
+POLICY = torch.tensor([[-3.0, -2.0, -4.0], [-5.0, -6.0, -7.0]])
+REF = torch.tensor([[-3.5, -2.5, -3.0], [-5.0, -5.0, -8.0]])
+
+
+def test_dico_loss_hand_computed_2x3():
+    loss, m = dico_loss(POLICY, REF, REWARDS, beta=BETA, tau=TAU)
+    # Row 0: c = 1; gaps to c: j=0 0.4, j=2 0.2 -> γ = [0.75, 0, 0.25].
+    # Row 1: c = 0 (tie, lowest index); gaps: j=1 0, j=2 0.2 -> γ = [0, 0.25, 0.75].
+    assert m["chosen_index"].tolist() == [1, 0]
+    assert torch.allclose(m["gamma"], torch.tensor([[0.75, 0.0, 0.25], [0.0, 0.25, 0.75]]), atol=1e-6)
+    # h0 = (-2 - (0.75*-3 + 0.25*-4)) - (-2.5 - (0.75*-3.5 + 0.25*-3)) = 1.25 - 0.875 = 0.375
+    # h1 = (-5 - (0.25*-6 + 0.75*-7)) - (-5 - (0.25*-5 + 0.75*-8)) = 1.75 - 2.25 = -0.5
+    assert torch.allclose(m["h"], torch.tensor([0.375, -0.5]), atol=1e-6)
+    expected = (math.log1p(math.exp(-BETA * 0.375)) + math.log1p(math.exp(BETA * 0.5))) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert m["rewards/chosen"] == pytest.approx((0.2 * 0.5 + 0.2 * 0.0) / 2)
+    assert m["rewards/rejected"] == pytest.approx((0.2 * 0.125 + 0.2 * 0.5) / 2)
+    assert m["rewards/margins"] == pytest.approx(-0.0125)
+    assert m["rewards/accuracies"] == pytest.approx(0.5)
+    assert m["logps/chosen"] == pytest.approx(-3.5)
+    assert m["logps/rejected"] == pytest.approx(-5.0)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert isinstance(m[key], float)
+
+
+def test_dico_gamma_sign_follows_reference_code():
+    # Larger reward gap to the winner -> larger weight (DiCO's softmax(τ (r_w - r_j)), τ > 0).
+    _, m = dico_loss(torch.zeros(1, 4), torch.zeros(1, 4), torch.tensor([[0.9, 0.8, 0.5, 0.1]]), beta=0.2, tau=10.0)
+    g = m["gamma"][0]
+    assert g[0] == 0 and g[1] < g[2] < g[3]
+    assert g.sum().item() == pytest.approx(1.0)
+    # τ = 0: uniform over the losers.
+    _, m0 = dico_loss(torch.zeros(1, 4), torch.zeros(1, 4), torch.tensor([[0.9, 0.8, 0.5, 0.1]]), beta=0.2, tau=0.0)
+    assert torch.allclose(m0["gamma"][0], torch.tensor([0.0, 1 / 3, 1 / 3, 1 / 3]))
+
+
+def test_dico_ties_lowest_index_wins():
+    r = torch.tensor([[0.2, 0.7, 0.7, 0.7], [0.5, 0.5, 0.5, 0.5], [0.1, 0.0, 0.3, 0.3]])
+    _, m = dico_loss(torch.zeros(3, 4), torch.zeros(3, 4), r, beta=0.1, tau=1.0)
+    assert m["chosen_index"].tolist() == [1, 0, 2]
+    # All-equal row: uniform weights over the three losers.
+    assert torch.allclose(m["gamma"][1], torch.tensor([0.0, 1 / 3, 1 / 3, 1 / 3]))
+
+
+def test_dico_gradient_sign():
+    policy = POLICY.clone().requires_grad_(True)
+    loss, m = dico_loss(policy, REF, REWARDS, beta=BETA, tau=TAU)
+    loss.backward()
+    chosen = m["chosen_index"]
+    rows = torch.arange(2)
+    # Increasing log π of the chosen caption lowers the loss; of a rejected one raises it.
+    assert (policy.grad[rows, chosen] < 0).all()
+    gamma = m["gamma"]
+    assert (policy.grad[gamma > 0] > 0).all()
+    # and a finite-difference step confirms it
+    bumped = POLICY.clone()
+    bumped[rows, chosen] += 0.1
+    assert dico_loss(bumped, REF, REWARDS, beta=BETA, tau=TAU)[0] < loss.detach()
+    # no gradient into the reference or the rewards
+    ref = REF.clone().requires_grad_(True)
+    rew = REWARDS.clone().requires_grad_(True)
+    dico_loss(POLICY.clone().requires_grad_(True), ref, rew, beta=BETA, tau=TAU)[0].backward()
+    assert ref.grad is None and rew.grad is None
+
+
+def test_dico_policy_equal_to_reference_gives_log2():
+    loss, m = dico_loss(REF.clone(), REF, REWARDS, beta=BETA, tau=TAU)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert m["rewards/margins"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_dico_input_checks():
+    with pytest.raises(ValueError, match="2 candidates"):
+        dico_loss(torch.zeros(2, 1), torch.zeros(2, 1), torch.zeros(2, 1), beta=0.1, tau=1.0)
+    with pytest.raises(ValueError, match="shape"):
+        dico_loss(torch.zeros(2, 3), torch.zeros(2, 2), torch.zeros(2, 3), beta=0.1, tau=1.0)
+
+
+# ---------------------------------------------------------------------------- SCST
+
+
+def test_scst_greedy_baseline_hand_value():
+    logps = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]], requires_grad=True)
+    rewards = torch.tensor([[1.0, 0.5], [0.2, 0.8]])
+    greedy = torch.tensor([0.6, 0.5])
+    loss, m = scst_loss(logps, rewards, baseline="greedy", greedy_rewards=greedy)
+    # A = [[0.4, -0.1], [-0.3, 0.3]]; A * logp = [-0.4, 0.2, 0.9, -1.2]; loss = -mean = 0.125
+    assert loss.item() == pytest.approx(0.125)
+    assert m["scst/baseline"] == pytest.approx(0.55)
+    loss.backward()
+    # gradient = -A / 4: samples above the baseline get their log-prob pushed up
+    assert torch.allclose(logps.grad, -torch.tensor([[0.4, -0.1], [-0.3, 0.3]]) / 4)
+
+
+def test_scst_leave_one_out_mean_baseline_hand_value():
+    logps = torch.tensor([[-1.0, -2.0, -3.0]])
+    rewards = torch.tensor([[1.0, 2.0, 6.0]])
+    loss, m = scst_loss(logps, rewards, baseline="mean")
+    # b = [(2+6)/2, (1+6)/2, (1+2)/2] = [4, 3.5, 1.5]; A = [-3, -1.5, 4.5]
+    # A * logp = [3, 3, -13.5], mean = -2.5 -> loss = 2.5
+    assert loss.item() == pytest.approx(2.5)
+    assert m["scst/advantage"] == pytest.approx(0.0)
+    # length-normalised: logp / len = [-1, -1, -1] -> A * ℓ sums to 0
+    loss_len, _ = scst_loss(logps, rewards, baseline="mean", lengths=torch.tensor([[1, 2, 3]]))
+    assert loss_len.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_scst_input_checks():
+    with pytest.raises(ValueError, match="greedy_rewards"):
+        scst_loss(torch.zeros(2, 3), torch.zeros(2, 3), baseline="greedy")
+    with pytest.raises(ValueError, match="greedy.*mean"):
+        scst_loss(torch.zeros(2, 3), torch.zeros(2, 3), baseline="median")
+    with pytest.raises(ValueError, match="n >= 2"):
+        scst_loss(torch.zeros(2, 1), torch.zeros(2, 1), baseline="mean")
+
+
+# ---------------------------------------------------------------------------- KL
+
+
+def test_kl_to_reference_is_mean_log_ratio():
+    pol = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]])
+    ref = torch.tensor([[-1.5, -2.0], [-2.0, -5.0]])
+    assert kl_to_reference(pol, ref).item() == pytest.approx((0.5 + 0.0 - 1.0 + 1.0) / 4)
+
+
+def test_per_token_kl_k3_hand_value():
+    pol = torch.log(torch.tensor([[0.5, 0.5, 0.9]])).requires_grad_(True)
+    ref = torch.log(torch.tensor([[0.25, 0.5, 0.1]]))
+    mask = torch.tensor([[1, 1, 0]])
+    kl = per_token_kl(pol, ref, mask)
+    # ρ = ln(0.25/0.5) = -ln 2: e^ρ - ρ - 1 = 0.5 + ln 2 - 1; equal log-probs -> 0; masked -> 0
+    assert kl[0].tolist() == pytest.approx([math.log(2) - 0.5, 0.0, 0.0], abs=1e-6)
+    assert (kl >= 0).all()
+    kl.sum().backward()
+    assert pol.grad is not None

@@ -14,7 +14,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 from rlrefine.config import RecipeConfig, RecipeError, load_recipe
@@ -24,21 +23,66 @@ log = logging.getLogger("rlrefine")
 OVERRIDES_HELP = "recipe overrides as dotted.key=value, e.g. pretrain.steps=200 model.num_refine_layers=6"
 
 
-# Each stage: (command name, one-line help, long description, output that marks it done, runner).
-def _run_pretrain(cfg: RecipeConfig, resume: bool) -> dict:
+def _pretrain(args, cfg: RecipeConfig) -> None:
     from rlrefine.trainers.pretrain import pretrain
 
-    return pretrain(cfg, resume=resume)
+    pretrain(cfg, resume=args.resume)
 
 
-STAGES = {
+def _finetune(args, cfg: RecipeConfig) -> None:
+    from rlrefine.trainers.finetune import finetune
+
+    finetune(cfg, resume=args.resume)
+
+
+def _evaluate(args, cfg: RecipeConfig) -> None:
+    from rlrefine.pipeline import evaluate_checkpoint
+
+    model_dir = Path(args.model) if args.model else cfg.run_path / cfg.finetune.output / "model"
+    out_dir = Path(args.out) if args.out else cfg.run_path / "eval" / model_dir.parent.name
+    result = evaluate_checkpoint(cfg, model_dir, model_dir.parent.name, out_dir, reference_dir=cfg.run_path / "pretrain" / "model")
+    from rlrefine.evaluate import markdown_table
+
+    print(markdown_table(result))
+    print(f"written: {out_dir}/metrics.json, metrics.md, metrics.png")
+
+
+def _report(args, cfg: RecipeConfig) -> None:
+    from rlrefine.pipeline import report
+
+    print(report(cfg))
+
+
+def _run(args, cfg: RecipeConfig) -> None:
+    from rlrefine.pipeline import run_pipeline
+
+    run_pipeline(cfg, force=args.force, resume=args.resume)
+
+
+COMMANDS = {
     "pretrain": (
-        "teacher-forced (XE) pretraining of the refinement captioner",
+        _pretrain, "teacher-forced (XE) pretraining of the refinement captioner",
         "Trains every refinement layer to caption the image (layer-weighted cross-entropy) with the latent "
-        "graduality regulariser (DESIGN.md §2). Writes <run_dir>/pretrain/model (the captioner), "
-        "report.json (per-layer val/test cross-entropy and grounded accuracy), TensorBoard logs and checkpoints.",
-        "pretrain/model/config.json",
-        _run_pretrain,
+        "graduality regulariser (DESIGN.md §2). Writes <run_dir>/pretrain/model (the captioner), report.json "
+        "(per-layer val/test cross-entropy and grounded accuracy), TensorBoard logs (tensorboard --logdir <run_dir>) "
+        "and checkpoints.",
+    ),
+    "finetune": (
+        _finetune, "DiCO (or SCST: finetune.method=scst) fine-tuning with the reward at every refinement layer",
+        "Starts from <run_dir>/pretrain/model (finetune.init), generates n candidates per image at every layer, "
+        "scores them with finetune.reward (default: the distilled student), shapes the rewards for graduality and "
+        "length, and optimises the DiCO loss anchored to the frozen pretrained model (DESIGN.md §4). Writes "
+        "<run_dir>/<finetune.output>/model, report.json and TensorBoard logs.",
+    ),
+    "evaluate": (
+        _evaluate, "per-layer metrics, graduality G, layer score P and refinement score RS of a checkpoint",
+        "Evaluates a captioner (--model DIR, default <run_dir>/finetune/model) on evaluate.split at every layer: "
+        "BLEU-4, ROUGE-L, CIDEr-D, the evaluator's score, text statistics, grounded accuracy (shapes), progress "
+        "curves and G / P / RS (DESIGN.md §5). Writes metrics.json, metrics.md and metrics.png.",
+    ),
+    "report": (
+        _report, "evaluate XE and every fine-tuned variant of the recipe side by side",
+        "Writes <run_dir>/report/compare.md (the XE vs SCST vs DiCO table), compare.json and compare.png.",
     ),
 }
 
@@ -63,31 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
         "run", help="run the whole pipeline of a recipe (stages whose output exists are skipped)",
-        description="Runs the recipe's stages in order: " + " -> ".join(STAGES) + ". A stage whose output already "
-                    "exists is skipped unless --force is given.",
+        description="Runs the recipe's stages in order: train-evaluator -> pretrain -> distill-reward -> finetune "
+                    "(every `compare` variant) -> report. A stage whose output already exists is skipped unless --force "
+                    "is given; --resume continues a killed stage from its last checkpoint.",
     )
     _add_common(run, positional_config=True)
     run.add_argument("--force", action="store_true", help="redo every stage even if its output exists")
-    for name, (short, long, _, _) in STAGES.items():
-        _add_common(sub.add_parser(name, help=short, description=long))
+    for name, (_, short, long) in COMMANDS.items():
+        p = sub.add_parser(name, help=short, description=long)
+        _add_common(p)
+        if name == "evaluate":
+            p.add_argument("--model", help="captioner directory to evaluate (default: <run_dir>/finetune/model)")
+            p.add_argument("--out", help="output directory (default: <run_dir>/eval/<model name>)")
     return parser
-
-
-def _stage_done(cfg: RecipeConfig, marker: str) -> bool:
-    return (cfg.run_path / marker).exists()
-
-
-def run_pipeline(cfg: RecipeConfig, force: bool, resume: bool) -> None:
-    names = list(STAGES)
-    for i, name in enumerate(names, 1):
-        _, _, marker, runner = STAGES[name]
-        if _stage_done(cfg, marker) and not force:
-            log.info("[%d/%d] %s: output %s exists, skipped (use --force to redo)", i, len(names), name, cfg.run_path / marker)
-            continue
-        log.info("[%d/%d] %s ...", i, len(names), name)
-        t0 = time.time()
-        runner(cfg, resume)
-        log.info("[%d/%d] %s done in %.0f s", i, len(names), name, time.time() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,10 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         cfg = load_recipe(args.config, args.overrides)
-        if args.command == "run":
-            run_pipeline(cfg, force=args.force, resume=args.resume)
-        else:
-            STAGES[args.command][3](cfg, args.resume)
+        (_run if args.command == "run" else COMMANDS[args.command][0])(args, cfg)
     except RecipeError as exc:
         print(f"rlrefine: {exc}", file=sys.stderr)
         return 2

@@ -67,20 +67,56 @@ class CocoSection(Section):
         return self
 
 
+class WebDatasetSection(Section):
+    """Tar shards in the DiCO / webdataset layout: `<key>.jpg` (or .png/.jpeg/.webp) with `<key>.txt`
+    (one caption per line) or `<key>.json` ({"captions": [...]} or {"caption": "..."})."""
+
+    urls: str = Field(description="local shard path pattern, brace-expandable, e.g. /data/coco/train-{000000..000099}.tar")
+    val_urls: str | None = Field(None, description="shards of the val split (default: the last num_val samples of `urls`)")
+    test_urls: str | None = Field(None, description="shards of the test split (default: val)")
+    num_val: int = Field(500, ge=1, description="samples held out from `urls` for val when val_urls is not given")
+    max_samples: int | None = Field(None, ge=1, description="read at most this many training samples (the split is materialised in memory)")
+
+    @model_validator(mode="after")
+    def _shards_exist(self) -> "WebDatasetSection":
+        import braceexpand
+
+        for key in ("urls", "val_urls", "test_urls"):
+            pattern = getattr(self, key)
+            if pattern is None:
+                continue
+            missing = [u for u in braceexpand.braceexpand(pattern) if not Path(u).expanduser().is_file()]
+            if missing:
+                raise ValueError(f"data.webdataset.{key}: {len(missing)} shard(s) not found, e.g. '{missing[0]}' (local paths only)")
+        return self
+
+
 class DataSection(Section):
-    kind: Literal["shapes", "coco"] = "shapes"
+    """Which data a run trains on, and the policy for bad inputs.
+
+    Bad-input policy (counted in `rlrefine.data.datasets.DataIssues` and logged at the end of a run):
+    empty or whitespace-only captions are dropped when a dataset is loaded, and an image left without
+    any caption is dropped with them; a caption longer than `max_caption_len` tokens is truncated
+    (eos kept); an image that cannot be decoded follows `bad_image`. Encoding an empty caption
+    directly with `CaptionTokenizer.encode` is a ValueError that names it.
+    """
+
+    kind: Literal["shapes", "coco", "webdataset"] = "shapes"
     shapes: ShapesSection = ShapesSection()
     coco: CocoSection | None = None
+    webdataset: WebDatasetSection | None = None
     label_weight: float = Field(0.05, ge=0.0, le=1.0, description="sampling weight of label-only examples (kept low so the model does not learn to answer in single words)")
     image_size: int = Field(64, ge=16, le=1024, description="size images are loaded at (disk datasets)")
-    max_caption_len: int = Field(24, ge=4, le=256, description="tokens incl. bos/eos; longer captions are truncated")
-    bad_image: Literal["error", "skip"] = Field("error", description="what to do with a corrupt or unreadable image")
+    max_caption_len: int = Field(24, ge=4, le=256, description="tokens incl. bos/eos; longer captions are truncated (eos kept) and counted as captions_truncated")
+    bad_image: Literal["error", "skip"] = Field("error", description="a corrupt or unreadable image: 'error' stops the run with a BadImageError naming the file; 'skip' drops it from its batch with a warning, counts it (bad_images) and keeps every other example")
     num_workers: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _kind_has_section(self) -> "DataSection":
         if self.kind == "coco" and self.coco is None:
             raise ValueError("data.kind is 'coco' but data.coco is missing: give data.coco.annotations and data.coco.image_root")
+        if self.kind == "webdataset" and self.webdataset is None:
+            raise ValueError("data.kind is 'webdataset' but data.webdataset is missing: give data.webdataset.urls (local tar shards)")
         return self
 
 
@@ -156,6 +192,86 @@ class PretrainSection(Section):
     max_nonfinite_steps: int = Field(10, ge=1, description="stop after this many non-finite losses in a row")
 
 
+class RewardSection(Section):
+    """Which reward scores captions (the `rewards` package protocol).
+
+    learned / distilled: a directory written by `train-evaluator` / `distill-reward` (default: the
+    run's own); clip / refclip / pac / refpac: an open_clip architecture + a local checkpoint file.
+    """
+
+    kind: Literal["learned", "distilled", "clip", "refclip", "pac", "refpac"] = "distilled"
+    path: str | None = Field(None, description="evaluator / student directory (default: <run_dir>/evaluator or <run_dir>/distill)")
+    model_name: str | None = Field(None, description="open_clip architecture for clip/pac, e.g. ViT-B-32")
+    checkpoint: str | None = Field(None, description="local open_clip / PAC-S checkpoint for clip/pac")
+    batch_size: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _needs_checkpoint(self) -> "RewardSection":
+        if self.kind in ("clip", "refclip", "pac", "refpac") and (self.model_name is None or self.checkpoint is None):
+            raise ValueError(f"reward kind '{self.kind}' needs model_name and checkpoint (a local path)")
+        _existing_path(self.checkpoint, "reward checkpoint")
+        return self
+
+
+class FinetuneSection(Section):
+    """DiCO (or SCST) fine-tuning at every refinement layer, DESIGN.md §4.
+
+    DiCO defaults after Moratelli et al. 2024 (β = 0.2, 5 beams); the learning rate is the embedded
+    default's (the paper's 1e-6 is for a pretrained COCO-scale model, see recipes/coco_vitb32_dico.yaml).
+    """
+
+    method: Literal["dico", "scst"] = "dico"
+    init: str | None = Field(None, description="captioner to start from and to anchor to (default: <run_dir>/pretrain/model)")
+    output: str = Field("finetune", description="sub-directory of run_dir for this run's outputs")
+    reward: RewardSection = RewardSection()
+    layers: list[int] | None = Field(None, description="refinement layers to optimise (default: all 1..K)")
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1, description="images per step")
+    num_candidates: int = Field(5, ge=2, description="n candidates per image and layer")
+    generation: Literal["beam", "sample"] = Field("beam", description="DiCO uses beam search (all beams are candidates); SCST samples")
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_len: int = Field(24, ge=4)
+    beta: float = Field(0.2, gt=0.0, description="DiCO β (paper: 0.2)")
+    tau: float = Field(1.0, gt=0.0, description="temperature of the rejected-candidate weights γ")
+    kl_coef: float = Field(0.0, ge=0.0, description="optional explicit per-token KL penalty to the reference")
+    scst_baseline: Literal["greedy", "mean"] = "mean"
+    layer_weights: LayerWeighting = "linear"
+    schedule: ScheduleKind = "linear"
+    schedule_eps: float = Field(0.01, gt=0.0, lt=1.0)
+    lambda_grad: float = Field(0.5, ge=0.0, description="weight of the progress-vs-schedule shaping term (0 = off)")
+    lambda_len: float = Field(0.5, ge=0.0, description="weight of the per-layer length-budget penalty (0 = off)")
+    len_min: int = Field(3, ge=1, description="allowed caption length (words) at layer 0")
+    len_max: int = Field(16, ge=1, description="allowed caption length (words) at layer K")
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    num_eval_images: int = Field(500, ge=1)
+    max_nonfinite_steps: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "FinetuneSection":
+        if self.len_max < self.len_min:
+            raise ValueError(f"len_max ({self.len_max}) must be >= len_min ({self.len_min})")
+        return self
+
+
+class EvaluateSection(Section):
+    """Per-layer evaluation and the graduality score, DESIGN.md §5."""
+
+    split: Literal["val", "test", "test_novel"] = "test"
+    num_images: int = Field(500, ge=1, description="captioning examples of the split to evaluate")
+    evaluator: RewardSection = RewardSection(kind="learned")
+    extra_rewards: dict[str, RewardSection] = Field(default_factory=dict, description="more scores per layer, e.g. clip, pac")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="RS = (1 − α)·perf_K + α·G")
+    kl_reference: bool = Field(True, description="report the final layer's KL to the pretrained (XE) model")
+
+
 class RecipeConfig(Section):
     """A whole recipe: every stage's section. `run_dir` holds all outputs of the run."""
 
@@ -166,6 +282,34 @@ class RecipeConfig(Section):
     tokenizer: TokenizerSection = TokenizerSection()
     model: ModelSection = ModelSection()
     pretrain: PretrainSection = PretrainSection()
+    finetune: FinetuneSection = FinetuneSection()
+    evaluate: EvaluateSection = EvaluateSection()
+    compare: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="named fine-tuning variants run by `rlrefine run` side by side: name -> finetune overrides "
+                    "(e.g. scst: {method: scst, generation: sample})")
+
+    @model_validator(mode="after")
+    def _layers_in_range(self) -> "RecipeConfig":
+        K = self.model.num_refine_layers
+        bad = [k for k in (self.finetune.layers or []) if not 1 <= k <= K]
+        if bad:
+            raise ValueError(f"finetune.layers {bad} out of range: layers are 1..K = 1..{K}")
+        for name in self.compare:
+            self.variant(name)
+        return self
+
+    def variant(self, name: str) -> FinetuneSection:
+        """The finetune section of a named comparison variant (its overrides on top of `finetune`)."""
+        overrides = self.compare[name]
+        if not isinstance(overrides, dict):
+            raise ValueError(f"compare.{name} must be a mapping of finetune keys, got {overrides!r}")
+        base = self.finetune.model_dump()
+        merged = _deep_merge(base, {**overrides, "output": f"finetune_{name}"})
+        try:
+            return FinetuneSection.model_validate(merged)
+        except ValidationError as err:
+            raise ValueError(format_validation_error(err, FinetuneSection, f"compare.{name}")) from None
 
     @property
     def run_path(self) -> Path:
@@ -200,7 +344,9 @@ def format_validation_error(err: ValidationError, root: type[BaseModel] = Recipe
             lines.append(f"  - unknown key '{key}'. Allowed keys here: {allowed}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  - {key}: {msg} (got {e.get('input')!r})")
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  - {key}: {msg}{shown}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,229 @@
+"""Per-layer evaluation of a refinement captioner and the graduality score (DESIGN.md §5).
+
+For every layer k = 0..K (0 is the caption decoded from the noise z_0): BLEU-4, ROUGE-L, CIDEr-D
+(METEOR / SPICE when Java and their jars are present, else reported as unavailable), the
+evaluator's score (and any extra rewards configured), mean length, vocabulary size, repeated-n-gram
+rate, and on the shapes data grounded precision / recall / object accuracy / relation accuracy.
+Then the progress curves π_k on latents and on the evaluator's text embeddings of the decoded
+captions against the ideal 1 − s(k), the graduality G, the layer score P and the refinement score
+RS = (1 − α)·perf_K + α·G. With a reference model, the KL of the final layer to it (sampled).
+
+`evaluate_checkpoint` writes `metrics.json`, `metrics.md` (layers × metrics) and PNG plots into an
+output directory and logs the same to TensorBoard; `compare_table` renders several models side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rlrefine.losses import layer_weights, schedule
+from rlrefine.metrics import caption_metrics, graduality, layer_score, progress_curve, refinement_score, text_stats
+from rlrefine.models import RefinementCaptioner
+from rlrefine.trainers.common import eval_z0_seeds, load_images
+
+log = logging.getLogger(__name__)
+
+HEADLINE = ["CIDEr-D", "BLEU-4", "ROUGE-L", "evaluator", "object_accuracy", "mean_length"]
+
+
+@torch.no_grad()
+def decode_all_layers(model: RefinementCaptioner, tokenizer, split, index: np.ndarray, image_size: int, max_len: int,
+                      batch_size: int = 100) -> tuple[list[list[str]], torch.Tensor]:
+    """Greedy captions at every layer 0..K and the latents -> (captions [N][K+1], Z [N, K+1, M·d])."""
+    device = next(model.parameters()).device
+    K = model.config.num_refine_layers
+    captions: list[list[str]] = []
+    latents = []
+    for start in tqdm(range(0, len(index), batch_size), desc="decode", leave=False):
+        idx = index[start:start + batch_size]
+        pixels = model.encoder.preprocess(load_images(split, idx, image_size).to(device))
+        seeds = eval_z0_seeds(idx).to(device)
+        gen = model.generate(pixels, seeds, list(range(K + 1)), method="greedy", num_candidates=1, max_len=max_len)
+        captions.extend([[layer[0] for layer in img] for img in tokenizer.decode_batch(gen.tokens.cpu())])
+        latents.append(model.latents(pixels, seeds).flatten(2).float().cpu())
+    return captions, torch.cat(latents)
+
+
+@torch.no_grad()
+def sampled_kl(model: RefinementCaptioner, reference: RefinementCaptioner, split, index: np.ndarray, image_size: int,
+               max_len: int, n: int = 4, batch_size: int = 50) -> float:
+    """KL(π ‖ π_ref) of the final layer, estimated as mean(log π − log π_ref) over captions sampled from π."""
+    device = next(model.parameters()).device
+    K = model.config.num_refine_layers
+    total, count = 0.0, 0
+    gen_rng = torch.Generator().manual_seed(1234)
+    for start in range(0, len(index), batch_size):
+        idx = index[start:start + batch_size]
+        pixels = model.encoder.preprocess(load_images(split, idx, image_size).to(device))
+        seeds = eval_z0_seeds(idx).to(device)
+        gen = model.generate(pixels, seeds, [K], method="sample", num_candidates=n, max_len=max_len, generator=gen_rng)
+        ref = reference.sequence_logprobs(pixels, seeds, [K], gen.tokens)
+        pol = model.sequence_logprobs(pixels, seeds, [K], gen.tokens)
+        total += float((pol - ref).sum())
+        count += pol.numel()
+    return total / max(count, 1)
+
+
+def evaluate_model(model: RefinementCaptioner, tokenizer, split, evaluator, *, num_images: int, image_size: int,
+                   max_len: int, schedule_kind: str = "linear", schedule_eps: float = 0.01, weights_kind: str = "linear",
+                   alpha: float = 0.5, extra_rewards: dict | None = None, reference: RefinementCaptioner | None = None) -> dict:
+    """All metrics of DESIGN.md §5 for one model on (the first `num_images` captioning examples of) a split."""
+    model.eval()
+    K = model.config.num_refine_layers
+    is_label = np.asarray(split.is_label, dtype=bool)
+    index = np.flatnonzero(~is_label)[:num_images]
+    captions, Z = decode_all_layers(model, tokenizer, split, index, image_size, max_len)
+    refs = {int(i): list(split.captions[i]) for i in index}
+    images = load_images(split, index, image_size)
+
+    per_layer = []
+    text_emb = []
+    for k in range(K + 1):
+        caps = [c[k] for c in captions]
+        row: dict = {"layer": k}
+        m = caption_metrics(refs, {int(i): [c] for i, c in zip(index, caps)})
+        row.update({"BLEU-4": m.get("BLEU-4"), "ROUGE-L": m.get("ROUGE-L"), "CIDEr-D": m.get("CIDEr-D"),
+                    "METEOR": m.get("METEOR"), "SPICE": m.get("SPICE")})
+        if evaluator is not None:
+            row["evaluator"] = float(evaluator(images, caps).mean())
+            text_emb.append(evaluator.embed_texts(caps).float().cpu())
+        for name, reward in (extra_rewards or {}).items():
+            row[name] = float(reward(images, caps, references=[refs[int(i)] for i in index]).mean())
+        row.update(text_stats(caps))
+        if split.scenes is not None:
+            from rlrefine.metrics.grounding import grounding_scores
+
+            g = grounding_scores(caps, [split.scenes[i] for i in index])
+            row.update({"object_accuracy": g["object_accuracy"], "grounded_precision": g["precision"],
+                        "grounded_recall": g["recall"], "relation_accuracy": g.get("relation_accuracy")})
+        per_layer.append(row)
+
+    sched = schedule(schedule_kind, K, schedule_eps)
+    ideal = (1 - sched).tolist()
+    progress_latent = progress_curve(Z.transpose(0, 1)).tolist()  # [K+1, N, D] -> [K+1]
+    out = {"num_images": int(len(index)), "K": K, "layers": per_layer, "ideal_progress": ideal,
+           "progress_latent": progress_latent, "G_latent": graduality(progress_latent, sched)}
+    if text_emb:
+        progress_text = progress_curve(torch.stack(text_emb), distance="cosine").tolist()
+        perf = torch.tensor([r["evaluator"] for r in per_layer[1:]])
+        G = graduality(progress_text, sched)
+        out.update({"progress_text": progress_text, "G_text": G, "G": G,
+                    "P": layer_score(perf, layer_weights(weights_kind, K)),
+                    "RS": refinement_score(float(perf[-1]), G, alpha), "alpha": alpha})
+    else:
+        out["G"] = out["G_latent"]
+    if reference is not None:
+        out["kl_ref"] = sampled_kl(model, reference, split, index[: min(200, len(index))], image_size, max_len)
+    out["final"] = per_layer[-1]
+    out["examples"] = [{"references": refs[int(i)][:2], "layers": captions[j]} for j, i in enumerate(index[:5])]
+    return out
+
+
+# ----------------------------------------------------------------------------------- reporting
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def markdown_table(result: dict) -> str:
+    """Layers × metrics table (metrics that are None everywhere, e.g. METEOR without Java, say n/a)."""
+    rows = result["layers"]
+    keys = [k for k in ["CIDEr-D", "BLEU-4", "ROUGE-L", "METEOR", "SPICE", "evaluator", "object_accuracy",
+                        "grounded_precision", "relation_accuracy", "mean_length", "vocab_size", "repeated_ngram_rate"]
+            if any(k in r for r in rows)]
+    keys += [k for k in rows[0] if k not in keys and k != "layer" and not isinstance(rows[0][k], (list, dict))]
+    ideal = result["ideal_progress"]
+    prog = result.get("progress_text", result["progress_latent"])
+    lines = ["| layer | " + " | ".join(keys) + " | progress | ideal |", "|" + "---|" * (len(keys) + 3)]
+    for r, p, s in zip(rows, prog, ideal):
+        lines.append(f"| {r['layer']} | " + " | ".join(_fmt(r.get(k)) for k in keys) + f" | {p:.3f} | {s:.3f} |")
+    summary = f"\nG = {result['G']:.3f} (latent G = {result['G_latent']:.3f})"
+    if "P" in result:
+        summary += f", P = {result['P']:.3f}, RS = {result['RS']:.3f} (α = {result['alpha']})"
+    if "kl_ref" in result:
+        summary += f", KL to reference = {result['kl_ref']:.3f} nats"
+    return "\n".join(lines) + "\n" + summary + "\n"
+
+
+def plot_layers(results: dict[str, dict], path: Path, metrics: list[str] | None = None) -> Path:
+    """One panel per metric, metric against the layer, one line per model; plus progress vs the ideal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(results.values()))
+    metrics = metrics or [m for m in HEADLINE if m in first["layers"][0]]
+    n_panels = len(metrics) + 1
+    cols = 3
+    rows = (n_panels + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        for name, res in results.items():
+            ks = [r["layer"] for r in res["layers"]]
+            ax.plot(ks, [r.get(metric) if r.get(metric) is not None else np.nan for r in res["layers"]], marker="o", label=name)
+        ax.set_title(f"{metric} per refinement layer")
+        ax.set_xlabel("layer k (0 = noise z_0)")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax = axes.flat[len(metrics)]
+    ks = list(range(first["K"] + 1))
+    ax.plot(ks, first["ideal_progress"], "k--", label="ideal 1 − s(k)")
+    for name, res in results.items():
+        key = "progress_text" if "progress_text" in res else "progress_latent"
+        ax.plot(ks, res[key], marker="o", label=f"{name} (G={res['G']:.2f})")
+    ax.set_title("progress vs ideal schedule (text embeddings)")
+    ax.set_xlabel("layer k")
+    ax.set_ylabel("progress π_k")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    for extra in list(axes.flat)[n_panels:]:
+        extra.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(result: dict, out_dir: Path, name: str = "model", writer=None) -> None:
+    """metrics.json, metrics.md and metrics.png in out_dir; scalars, text and the figure to TensorBoard."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "metrics.md").write_text(f"# {name}\n\n" + markdown_table(result))
+    png = plot_layers({name: result}, out_dir / "metrics.png")
+    if writer is not None:
+        for r in result["layers"]:
+            for k, v in r.items():
+                if isinstance(v, (int, float)) and k != "layer":
+                    writer.add_scalar(f"eval/{k}", v, r["layer"])
+        for k in ("G", "G_latent", "P", "RS", "kl_ref"):
+            if k in result:
+                writer.add_scalar(f"eval/{k}", result[k], 0)
+        writer.add_text("eval/table", markdown_table(result), 0)
+        from PIL import Image
+
+        writer.add_image("eval/plots", np.asarray(Image.open(png).convert("RGB")), 0, dataformats="HWC")
+        writer.flush()
+
+
+def compare_table(results: dict[str, dict]) -> str:
+    """Models side by side on the final layer (+ G, P, RS, KL)."""
+    cols = ["evaluator", "CIDEr-D", "BLEU-4", "object_accuracy", "relation_accuracy", "mean_length", "repeated_ngram_rate"]
+    cols = [c for c in cols if any(c in r["final"] for r in results.values())]
+    head = "| model | " + " | ".join(f"{c} (layer K)" for c in cols) + " | G | P | RS | KL to ref |"
+    lines = [head, "|" + "---|" * (len(cols) + 5)]
+    for name, r in results.items():
+        cells = [_fmt(r["final"].get(c)) for c in cols] + [_fmt(r.get("G")), _fmt(r.get("P")), _fmt(r.get("RS")), _fmt(r.get("kl_ref"))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,122 @@
+"""The stages of a recipe and the order `rlrefine run` runs them in (DESIGN.md §6).
+
+    train-evaluator -> pretrain -> distill-reward -> finetune (each `compare` variant) -> report
+
+Each stage writes into the recipe's run_dir and has a marker file; `run` skips a stage whose marker
+exists (unless forced). The report stage evaluates the XE model and every fine-tuned variant on the
+test split and writes the side-by-side table `report/compare.md` (+ json, png).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from rlrefine.config import RecipeConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage:
+    name: str
+    marker: str  # relative to run_dir; the stage is done when it exists
+    run: Callable[[RecipeConfig, bool, bool], object]  # (cfg, resume, force)
+
+
+def evaluate_checkpoint(cfg: RecipeConfig, model_dir: Path, name: str, out_dir: Path, reference_dir: Path | None = None) -> dict:
+    """Evaluate one saved captioner on the recipe's evaluate.split; writes metrics.{json,md,png} + TensorBoard."""
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+
+    from rlrefine.evaluate import evaluate_model, write_report
+    from rlrefine.models import RefinementCaptioner
+    from rlrefine.data.tokenizer import CaptionTokenizer
+    from rlrefine.trainers.common import build_reward, load_splits
+
+    e = cfg.evaluate
+    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    model = RefinementCaptioner.from_pretrained(model_dir, map_location=device).eval()
+    tokenizer = CaptionTokenizer.from_dir(model_dir)
+    split = load_splits(cfg)[e.split]
+    evaluator = build_reward(e.evaluator, cfg, device)
+    extra = {k: build_reward(v, cfg, device) for k, v in e.extra_rewards.items()}
+    reference = None
+    if reference_dir is not None and e.kl_reference and Path(reference_dir).resolve() != Path(model_dir).resolve():
+        reference = RefinementCaptioner.from_pretrained(reference_dir, map_location=device).eval()
+    result = evaluate_model(model, tokenizer, split, evaluator, num_images=e.num_images, image_size=cfg.data.image_size,
+                            max_len=cfg.finetune.max_len, schedule_kind=cfg.pretrain.schedule, schedule_eps=cfg.pretrain.schedule_eps,
+                            weights_kind=cfg.pretrain.layer_weights, alpha=e.alpha, extra_rewards=extra, reference=reference)
+    result.update({"model": str(model_dir), "split": e.split})
+    writer = SummaryWriter(str(out_dir / "tb"))
+    write_report(result, out_dir, name=name, writer=writer)
+    writer.close()
+    return result
+
+
+def finetune_variants(cfg: RecipeConfig) -> dict[str, object]:
+    """name -> FinetuneSection for every fine-tuning run of the recipe (the `compare` variants, or `finetune`)."""
+    if cfg.compare:
+        return {name: cfg.variant(name) for name in cfg.compare}
+    return {cfg.finetune.method: cfg.finetune}
+
+
+def run_finetune_variants(cfg: RecipeConfig, resume: bool, force: bool = False) -> None:
+    from rlrefine.trainers.finetune import finetune
+
+    for name, section in finetune_variants(cfg).items():
+        if (cfg.run_path / section.output / "model" / "config.json").exists() and not force:
+            log.info("finetune variant %s: output exists, skipped", name)
+            continue
+        log.info("finetune variant %s (%s) ...", name, section.method)
+        finetune(cfg.model_copy(update={"finetune": section}), resume=resume)
+
+
+def report(cfg: RecipeConfig, resume: bool = False) -> str:
+    """Evaluate XE and every fine-tuned variant; write report/compare.{md,json,png}; return the table."""
+    from rlrefine.evaluate import compare_table, plot_layers
+
+    out = cfg.run_path / "report"
+    xe_dir = cfg.run_path / "pretrain" / "model"
+    models = {"XE": xe_dir}
+    for name, section in finetune_variants(cfg).items():
+        models[name] = cfg.run_path / section.output / "model"
+    results = {}
+    for name, model_dir in models.items():
+        t0 = time.time()
+        results[name] = evaluate_checkpoint(cfg, model_dir, name, out / name, reference_dir=xe_dir)
+        log.info("evaluated %s in %.0f s", name, time.time() - t0)
+    table = compare_table(results)
+    header = (f"Test split '{cfg.evaluate.split}', {results['XE']['num_images']} images, K = {results['XE']['K']}; "
+              f"evaluator = {cfg.evaluate.evaluator.kind}; G = graduality on text embeddings (1 = on schedule).\n\n")
+    (out / "compare.md").write_text(header + table)
+    (out / "compare.json").write_text(json.dumps({k: {kk: v for kk, v in r.items() if kk != "examples"} for k, r in results.items()}, indent=1))
+    plot_layers(results, out / "compare.png")
+    return table
+
+
+def stages(cfg: RecipeConfig) -> list[Stage]:
+    from rlrefine.trainers.pretrain import pretrain
+
+    out = [Stage("pretrain", "pretrain/model/config.json", lambda c, r, f: pretrain(c, resume=r))]
+    out.append(Stage("finetune", "", run_finetune_variants))  # each variant is skipped on its own
+    out.append(Stage("report", "report/compare.md", lambda c, r, f: print("\n" + report(c, r))))
+    return out
+
+
+def run_pipeline(cfg: RecipeConfig, force: bool = False, resume: bool = False) -> None:
+    """All stages in order, with a progress line per stage; done stages are skipped unless forced."""
+    todo = stages(cfg)
+    t_start = time.time()
+    for i, stage in enumerate(todo, 1):
+        if stage.marker and (cfg.run_path / stage.marker).exists() and not force:
+            log.info("[%d/%d] %s: %s exists, skipped (--force redoes it)", i, len(todo), stage.name, cfg.run_path / stage.marker)
+            continue
+        log.info("[%d/%d] %s ...", i, len(todo), stage.name)
+        t0 = time.time()
+        stage.run(cfg, resume, force)
+        log.info("[%d/%d] %s done in %.0f s (total %.0f s)", i, len(todo), stage.name, time.time() - t0, time.time() - t_start)

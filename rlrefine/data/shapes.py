@@ -1,0 +1,617 @@
+"""The embedded **shapes** dataset: procedural images, scenes and paraphrased captions.
+
+Where it sits: `rlrefine.data`, the bottom of the flow. `generate_shapes(cfg)` returns the splits
+the embedded default trains and evaluates on (DESIGN.md §7); `parse_caption` reads a caption back
+into (colour, shape) mentions and relations, which `rlrefine.metrics.grounding` scores against the
+`Scene` stored beside each image.
+
+The world
+---------
+* 6 colours x 5 shapes = 30 colour–shape combinations; each object is ``small`` or ``large``.
+* An image holds 1..``max_objects`` objects (uniform), all with *distinct* colour–shape pairs, so a
+  caption such as "the blue square" always refers to one object. Objects never overlap.
+* Relations are on the dominant axis between two object centres (image y grows downwards):
+  A is "above" B when ``|dy| >= |dx|`` and A's centre is higher; otherwise "left of"/"right of".
+  Placement keeps every pair clearly dominant on one axis (ratio >= 1.3), so the relation in a
+  caption is visually unambiguous. ``Scene.relations`` lists the relation of every ordered pair.
+* Held-out combinations (``cfg.held_out``) never appear in ``train``/``val``/``test`` (nor in the
+  label-only examples); every ``test_novel`` image contains at least one of them, so test_novel
+  measures compositional generalisation: each held-out colour and shape *is* seen in training,
+  only not together.
+
+Captions
+--------
+Every captioned image gets 5 distinct references from templates with paraphrases, e.g.
+"a small red circle above a large blue square", "there is a blue square under a red circle",
+"an image with a red circle and a blue square". Captions of 3-object images name all three
+objects by colour and shape. The vocabulary is 40 words plus ","; captions have at most 17
+words (19 tokens with bos/eos).
+The ``train`` split also holds ``round(label_fraction * num_train)`` label-only examples
+(single-object image, caption ``["red circle"]``, ``is_label=True``) appended after the captioned
+images, the "ImageNet style" data DESIGN §2 mixes in at a low sampling weight.
+
+Everything is deterministic from ``cfg.seed``: each split draws from its own child of
+``np.random.SeedSequence(seed)``, so changing one split's size does not change the others.
+Rendering is vectorised (antialiased masks, one gather-blend-scatter per group of objects with
+the same slot, shape and radius): 20k 64x64 images take a few seconds on one CPU core.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from rlrefine.data.split import CaptionSplit, load_split, save_split
+
+__all__ = [
+    "COLOURS",
+    "SHAPES",
+    "SIZES",
+    "RELATIONS",
+    "DEFAULT_HELD_OUT",
+    "ShapesConfig",
+    "SceneObject",
+    "Scene",
+    "ParsedCaption",
+    "generate_shapes",
+    "parse_caption",
+    "load_or_generate_shapes",
+    "SPLITS",
+]
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (50, 100, 235),
+    "yellow": (240, 215, 40),
+    "purple": (150, 60, 200),
+    "orange": (250, 135, 25),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
+SIZES: tuple[str, ...] = ("small", "large")
+RELATIONS: tuple[str, ...] = ("above", "below", "left of", "right of")
+INVERSE_RELATION = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+SPLITS: tuple[str, ...] = ("train", "val", "test", "test_novel")
+
+# One held-out shape per colour for four colours, each shape at most once: every colour and every
+# shape still occurs in training (4 of the 30 combinations are held out).
+DEFAULT_HELD_OUT: tuple[tuple[str, str], ...] = (
+    ("red", "triangle"),
+    ("green", "diamond"),
+    ("blue", "cross"),
+    ("yellow", "circle"),
+)
+
+# Radius of an object, as a fraction of the image side (drawn uniformly in the range).
+_RADIUS_FRACTION = {"small": (0.09, 0.11), "large": (0.16, 0.19)}
+# Two centres are at least _EXTENT * (r1 + r2) + _MIN_GAP apart: 1.2 r bounds the pointed parts
+# (square corners 1.16 r, triangle base corners 1.21 r) on the axes that matter, so shapes never touch.
+_EXTENT = 1.2
+_MIN_GAP = 2
+_DOMINANCE = 1.3  # every pair: |dominant axis offset| >= 1.3 * |other axis offset|
+
+
+@dataclass
+class ShapesConfig:
+    """How the shapes dataset is generated (defaults: the embedded default, DESIGN.md §7)."""
+
+    image_size: int = 64
+    """Square image side in pixels."""
+    num_train: int = 20000
+    """Captioned training images (label-only examples come on top, see ``label_fraction``)."""
+    num_val: int = 500
+    """Validation images (i.i.d. with train)."""
+    num_test: int = 1000
+    """Test images (i.i.d. with train)."""
+    num_test_novel: int = 1000
+    """Test images that each contain at least one held-out colour–shape combination."""
+    max_objects: int = 3
+    """Objects per image are drawn uniformly from 1..max_objects (at most 3)."""
+    label_fraction: float = 0.1
+    """Extra label-only training examples ("red circle"), as a fraction of ``num_train``."""
+    seed: int = 0
+    """Seed of everything: scenes, rendering noise, caption choices."""
+    held_out: tuple[tuple[str, str], ...] = DEFAULT_HELD_OUT
+    """(colour, shape) pairs never shown in train/val/test; each test_novel image has one."""
+
+    def __post_init__(self) -> None:
+        self.held_out = tuple((str(c), str(s)) for c, s in self.held_out)
+        if not 1 <= self.max_objects <= 3:
+            raise ValueError(f"max_objects must be 1, 2 or 3, got {self.max_objects}")
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+        if not 0.0 <= self.label_fraction <= 1.0:
+            raise ValueError(f"label_fraction must be in [0, 1], got {self.label_fraction}")
+        for colour, shape in self.held_out:
+            if colour not in COLOURS or shape not in SHAPES:
+                raise ValueError(
+                    f"held_out pair ({colour!r}, {shape!r}) is not a known colour/shape; "
+                    f"colours {list(COLOURS)}, shapes {list(SHAPES)}"
+                )
+        if not self.held_out:
+            raise ValueError("held_out must name at least one (colour, shape) pair (test_novel needs one)")
+        seen = set(_allowed_combos(self.held_out))
+        for c in COLOURS:
+            if not any(sc == c for sc, _ in seen):
+                raise ValueError(f"held_out removes every shape of colour {c!r} from training")
+        for s in SHAPES:
+            if not any(ss == s for _, ss in seen):
+                raise ValueError(f"held_out removes every colour of shape {s!r} from training")
+
+
+@dataclass
+class SceneObject:
+    """One object: its shape, colour, size word, centre (x right, y down, pixels) and radius."""
+
+    shape: str
+    colour: str
+    size: str
+    x: int
+    y: int
+    radius: int
+
+    @property
+    def combo(self) -> tuple[str, str]:
+        return (self.colour, self.shape)
+
+
+@dataclass
+class Scene:
+    """Ground truth of one image: its objects and the relation of every ordered object pair.
+
+    ``relations`` holds ``(i, rel, j)`` meaning "objects[i] is <rel> objects[j]", for all i != j.
+    """
+
+    objects: list[SceneObject]
+    relations: list[tuple[int, str, int]] = field(default_factory=list)
+
+    @classmethod
+    def from_objects(cls, objects: list[SceneObject]) -> "Scene":
+        """A scene with the relation of every ordered pair computed by `relation`."""
+        rels = [(i, relation(a, b), j) for i, a in enumerate(objects) for j, b in enumerate(objects) if i != j]
+        return cls(objects=list(objects), relations=rels)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scene":
+        return cls(
+            objects=[SceneObject(**o) for o in d["objects"]],
+            relations=[(int(i), str(r), int(j)) for i, r, j in d["relations"]],
+        )
+
+    def index_of(self, colour: str, shape: str) -> int | None:
+        """Index of the object with this colour and shape (combos are unique per scene), or None."""
+        for i, o in enumerate(self.objects):
+            if o.colour == colour and o.shape == shape:
+                return i
+        return None
+
+
+def relation(a: SceneObject, b: SceneObject) -> str:
+    """Relation of ``a`` to ``b`` on the dominant axis (y grows downwards)."""
+    dx, dy = b.x - a.x, b.y - a.y
+    if abs(dy) >= abs(dx):
+        return "above" if dy > 0 else "below"
+    return "left of" if dx > 0 else "right of"
+
+
+# ------------------------------------------------------------------------------------ parsing
+@dataclass
+class ParsedCaption:
+    """What a caption says: (colour, shape) mentions in order and relations between them."""
+
+    mentions: list[tuple[str, str]]
+    relations: list[tuple[tuple[str, str], str, tuple[str, str]]]
+    colours: list[str]
+    """Every colour word, mentioned with a shape or not (partial credit in grounding)."""
+    shapes: list[str]
+    """Every shape word, with a colour or not."""
+
+
+_SIZE_WORDS = frozenset({"small", "large", "big", "little", "tiny", "huge"})
+_REL_WORDS = {"above": "above", "over": "above", "below": "below", "under": "below", "beneath": "below"}
+_WORD_RE = re.compile(r"[a-z]+")
+
+
+def _normalise_shape(word: str) -> str | None:
+    if word in SHAPES:
+        return word
+    if word.endswith("es") and word[:-2] in SHAPES:  # crosses
+        return word[:-2]
+    if word.endswith("s") and word[:-1] in SHAPES:  # circles, squares
+        return word[:-1]
+    return None
+
+
+def parse_caption(text: str) -> ParsedCaption:
+    """Read (colour, shape) mentions and relations out of a caption.
+
+    A mention is a colour word followed by a shape word, with at most two size words between
+    ("red circle", "red small circle"). A relation is read between two consecutive mentions when
+    the words between them contain "above"/"over", "below"/"under"/"beneath", "left of" or
+    "right of" (so "on the left" is a position, not a relation). Unknown words are ignored, so
+    any model output can be parsed; an empty caption parses to nothing.
+    """
+    words = _WORD_RE.findall(text.lower())
+    shapes_norm = [_normalise_shape(w) for w in words]
+    mentions: list[tuple[str, str]] = []
+    spans: list[tuple[int, int]] = []
+    i = 0
+    while i < len(words):
+        if words[i] in COLOURS:
+            k = i + 1
+            while k < len(words) and k - i <= 2 and words[k] in _SIZE_WORDS:
+                k += 1
+            if k < len(words) and shapes_norm[k] is not None:
+                mentions.append((words[i], shapes_norm[k]))
+                spans.append((i, k))
+                i = k + 1
+                continue
+        i += 1
+    relations = []
+    for m in range(len(mentions) - 1):
+        between = words[spans[m][1] + 1 : spans[m + 1][0]]
+        rel = _relation_in(between)
+        if rel is not None:
+            relations.append((mentions[m], rel, mentions[m + 1]))
+    return ParsedCaption(
+        mentions=mentions,
+        relations=relations,
+        colours=[w for w in words if w in COLOURS],
+        shapes=[s for s in shapes_norm if s is not None],
+    )
+
+
+def _relation_in(words: Sequence[str]) -> str | None:
+    for t, w in enumerate(words):
+        if w in _REL_WORDS:
+            return _REL_WORDS[w]
+        if w in ("left", "right") and t + 1 < len(words) and words[t + 1] == "of":
+            return f"{w} of"
+    return None
+
+
+# ----------------------------------------------------------------------------------- captions
+_REL_SHORT = {"above": "above", "below": "below", "left of": "left of", "right of": "right of"}
+_REL_ALT = {"above": "over", "below": "under", "left of": "to the left of", "right of": "to the right of"}
+
+
+def _np(o: SceneObject, size: bool = False) -> str:
+    """Noun phrase with the right indefinite article: "a small red circle", "an orange square"."""
+    words = ([o.size] if size else []) + [o.colour, o.shape]
+    article = "an" if words[0][0] in "aeiou" else "a"
+    return " ".join([article, *words])
+
+
+def _region(o: SceneObject, image_size: int) -> str:
+    v = "top" if o.y < 0.35 * image_size else "bottom" if o.y > 0.65 * image_size else None
+    h = "left" if o.x < 0.35 * image_size else "right" if o.x > 0.65 * image_size else None
+    if v and h:
+        return f"in the {v} {h}"
+    if v:
+        return f"at the {v}"
+    if h:
+        return f"on the {h}"
+    return "in the middle"
+
+
+def _captions_one(o: SceneObject, image_size: int) -> list[str]:
+    reg = _region(o, image_size)
+    return [
+        _np(o, size=True),
+        f"there is {_np(o)}",
+        f"there is {_np(o, True)} {reg}",
+        f"an image with {_np(o, True)}",
+        f"a picture of {_np(o)} {reg}",
+        f"{_np(o)} on a dark background",
+        f"a single {o.size} {o.colour} {o.shape}",
+        f"one {o.colour} {o.shape} {reg}",
+    ]
+
+
+def _template_two(t: int, x: SceneObject, y: SceneObject) -> str:
+    """Template ``t`` (0..4) for two objects, ``x`` named first."""
+    if t == 0:
+        return f"{_np(x, True)} {_REL_SHORT[relation(x, y)]} {_np(y, True)}"
+    if t == 1:
+        return f"there is {_np(x)} {_REL_ALT[relation(x, y)]} {_np(y)}"
+    if t == 2:
+        return f"{_np(x)} {_REL_SHORT[relation(x, y)]} {_np(y)}"
+    if t == 3:
+        return f"an image with {_np(x)} and {_np(y)}"
+    return f"{_np(x, True)} and {_np(y, True)}"
+
+
+def _template_three(t: int, x: SceneObject, y: SceneObject, z: SceneObject) -> str:
+    """Template ``t`` (0..4) for three objects in the order x, y, z; all three are named."""
+    if t == 0:
+        return f"{_np(x)} {_REL_SHORT[relation(x, y)]} {_np(y)} and {_np(z)}"
+    if t == 1:
+        return f"{_np(x, True)} , {_np(y, True)} and {_np(z, True)}"
+    if t == 2:
+        return f"an image with {_np(x)} , {_np(y)} and {_np(z)}"
+    if t == 3:  # the longest caption: 17 words with two "left of"/"right of"
+        return (
+            f"{_np(x)} {_REL_SHORT[relation(x, y)]} {_np(y)} and {_np(z)} "
+            f"{_REL_SHORT[relation(z, y)]} the {y.colour} {y.shape}"
+        )
+    return f"there is {_np(x)} and {_np(y)} {_REL_ALT[relation(y, z)]} {_np(z)}"
+
+
+NUM_REFERENCES = 5
+
+
+def _captions(objects: list[SceneObject], image_size: int, rnd: random.Random) -> list[str]:
+    """5 distinct references: 5 of 8 templates (1 object) or all 5 templates, each with a random
+    object order (2-3 objects). Distinct templates give distinct strings."""
+    if len(objects) == 1:
+        return rnd.sample(_captions_one(objects[0], image_size), NUM_REFERENCES)
+    template_order = rnd.sample(range(NUM_REFERENCES), NUM_REFERENCES)
+    out = []
+    for t in template_order:
+        perm = rnd.sample(objects, len(objects))
+        out.append((_template_two if len(objects) == 2 else _template_three)(t, *perm))
+    return out
+
+
+# ---------------------------------------------------------------------------------- rendering
+def _allowed_combos(held_out: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    held = set(held_out)
+    return [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in held]
+
+
+def _shape_alpha(shape: str, r: int, supersample: int = 4) -> np.ndarray:
+    """Antialiased coverage mask float32 [2r+1, 2r+1] of ``shape`` with radius ``r``."""
+    n = (2 * r + 1) * supersample
+    t = (np.arange(n) + 0.5) / supersample - (r + 0.5)  # pixel units from the centre
+    u, v = np.meshgrid(t, t)  # u: x (right), v: y (down)
+    if shape == "circle":
+        m = u**2 + v**2 <= r**2
+    elif shape == "square":
+        m = np.maximum(abs(u), abs(v)) <= 0.82 * r
+    elif shape == "diamond":
+        m = abs(u) + abs(v) <= 1.05 * r
+    elif shape == "triangle":  # apex up, vertices (0, -r), (+-0.95r, 0.75r)
+        m = (v <= 0.75 * r) & (abs(u) <= 0.95 * r * (v + r) / (1.75 * r))
+    elif shape == "cross":
+        arm = 0.34 * r
+        m = ((abs(u) <= arm) & (abs(v) <= r)) | ((abs(v) <= arm) & (abs(u) <= r))
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    a = m.astype(np.float32).reshape(2 * r + 1, supersample, 2 * r + 1, supersample).mean(axis=(1, 3))
+    return a
+
+
+def _draw_radii(rng: np.random.Generator, shape: tuple[int, int], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Size word index [n, k] (0 small, 1 large) and radius in pixels [n, k]."""
+    size_idx = rng.integers(0, 2, size=shape)
+    lo = np.array([_RADIUS_FRACTION[s][0] for s in SIZES])[size_idx]
+    hi = np.array([_RADIUS_FRACTION[s][1] for s in SIZES])[size_idx]
+    radii = np.maximum(2, np.rint(size * rng.uniform(lo, hi))).astype(np.int64)
+    return size_idx, radii
+
+
+def _place(
+    rng: np.random.Generator, radii: np.ndarray, present: np.ndarray, size: int, tries: int = 50
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integer centres [N, k] by vectorised rejection sampling (inside the image, shapes apart,
+    every pair dominant on one axis), plus a bool [N] of the rows not placed within ``tries``."""
+    n, k = radii.shape
+    xs = np.zeros((n, k), dtype=np.int64)
+    ys = np.zeros((n, k), dtype=np.int64)
+    todo = np.arange(n)
+    for _ in range(tries):
+        if todo.size == 0:
+            break
+        r = radii[todo]
+        lo, hi = r + 1, size - 1 - r  # the mask [c-r, c+r] stays inside [0, size-1]
+        xs[todo] = rng.integers(lo, hi)
+        ys[todo] = rng.integers(lo, hi)
+        ok = np.ones(todo.size, dtype=bool)
+        p = present[todo]
+        for i in range(k):
+            for j in range(i + 1, k):
+                dx = np.abs(xs[todo, i] - xs[todo, j]).astype(np.float64)
+                dy = np.abs(ys[todo, i] - ys[todo, j]).astype(np.float64)
+                far = dx**2 + dy**2 >= (_EXTENT * (r[:, i] + r[:, j]) + _MIN_GAP) ** 2
+                clear = np.maximum(dx, dy) >= _DOMINANCE * np.minimum(dx, dy)
+                ok &= ~(p[:, i] & p[:, j]) | (far & clear)
+        todo = todo[~ok]
+    failed = np.zeros(n, dtype=bool)
+    failed[todo] = True
+    return xs, ys, failed
+
+
+def _layout(
+    rng: np.random.Generator, present: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sizes, radii and centres for every image. An image whose objects do not fit after 50
+    tries gets its sizes redrawn (crowded images lean slightly towards small objects)."""
+    n, k = present.shape
+    size_idx, radii = _draw_radii(rng, (n, k), size)
+    xs, ys, failed = _place(rng, radii, present, size)
+    for _ in range(100):
+        if not failed.any():
+            return size_idx, radii, xs, ys
+        rows = np.flatnonzero(failed)
+        size_idx[rows], radii[rows] = _draw_radii(rng, (rows.size, k), size)
+        xs[rows], ys[rows], again = _place(rng, radii[rows], present[rows], size)
+        failed[:] = False
+        failed[rows[again]] = True
+    raise RuntimeError(f"could not place the objects of {int(failed.sum())} images in {size}x{size} pixels")
+
+
+def _render(
+    rng: np.random.Generator,
+    n: int,
+    cfg: ShapesConfig,
+    combos: np.ndarray,
+    counts: np.ndarray,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, list[list[SceneObject]]]:
+    """Draw sizes, positions and pixels for ``n`` images with the given combos [n, 3] (indices
+    into the 30 colour–shape pairs, -1 where absent) and object counts [n]; the pixels go into
+    ``out`` [n, size, size, 3] when given (saves a copy of the train array)."""
+    size = cfg.image_size
+    k = combos.shape[1]
+    present = np.arange(k)[None, :] < counts[:, None]
+    size_idx, radii, xs, ys = _layout(rng, present, size)
+
+    # Dark, slightly tinted backgrounds with fixed-pattern noise: 32 tints x 8 noise patterns
+    # = 256 tiles, drawn per image by a plain gather (a per-image broadcast add is 10x slower).
+    tints = rng.integers(15, 50, size=(32, 1, 1, 1, 1)) + rng.integers(-5, 6, size=(32, 1, 1, 1, 3))
+    noise = np.rint(rng.normal(0.0, 4.0, size=(1, 8, size, size, 1)))
+    tiles = np.clip(tints + noise, 0, 255).astype(np.uint8).reshape(-1, size, size, 3)
+    images = np.take(tiles, rng.integers(0, len(tiles), size=n), axis=0, out=out)  # [n, size, size, 3]
+
+    all_combos = [(c, s) for c in COLOURS for s in SHAPES]
+    palette = np.array([COLOURS[c] for c, _ in all_combos], dtype=np.float32)
+    jitter = rng.integers(-12, 13, size=(n, k, 3)).astype(np.float32)
+    rgb = np.clip(palette[np.maximum(combos, 0)] + jitter, 0, 255)  # [n, k, 3]
+    shape_idx = np.where(present, np.maximum(combos, 0) % len(SHAPES), -1)
+    pixels = images.reshape(-1, 3)  # a view: writes land in `images`
+    # Blend one (object slot, shape, radius) group at a time: a gather, a blend and a scatter
+    # over all images of the group. Slots are drawn in order, so later objects are on top.
+    for j in range(k):
+        for s_i, shape in enumerate(SHAPES):
+            sel = shape_idx[:, j] == s_i
+            for r in np.unique(radii[sel, j]):
+                rows = np.flatnonzero(sel & (radii[:, j] == r))
+                r = int(r)
+                a = _shape_alpha(shape, r)[None, :, :, None]  # [1, 2r+1, 2r+1, 1]
+                off = np.arange(-r, r + 1)
+                box = off[:, None] * size + off[None, :]  # [2r+1, 2r+1] pixel offsets
+                centre = (rows * size + ys[rows, j]) * size + xs[rows, j]
+                lin = centre[:, None, None] + box[None]  # [g, 2r+1, 2r+1] flat pixel index
+                patch = pixels[lin]  # [g, 2r+1, 2r+1, 3]
+                col = rgb[rows, j][:, None, None, :]
+                pixels[lin] = (patch * (1.0 - a) + col * a + 0.5).astype(np.uint8)
+
+    objects: list[list[SceneObject]] = []
+    for i in range(n):
+        objects.append(
+            [
+                SceneObject(
+                    shape=all_combos[combos[i, j]][1],
+                    colour=all_combos[combos[i, j]][0],
+                    size=SIZES[size_idx[i, j]],
+                    x=int(xs[i, j]),
+                    y=int(ys[i, j]),
+                    radius=int(radii[i, j]),
+                )
+                for j in range(int(counts[i]))
+            ]
+        )
+    return images, objects
+
+
+def _draw_combos(
+    rng: np.random.Generator, n: int, cfg: ShapesConfig, novel: bool, max_objects: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Object counts [n] and distinct combo indices [n, max_objects] (-1 where absent)."""
+    all_combos = [(c, s) for c in COLOURS for s in SHAPES]
+    held = np.array([all_combos.index(h) for h in cfg.held_out])
+    counts = rng.integers(1, max_objects + 1, size=n)
+    keys = rng.random((n, len(all_combos)))
+    if novel:
+        # Force one held-out combo per image (lowest key), the others from all 30 combos.
+        forced = held[rng.integers(0, len(held), size=n)]
+        keys[np.arange(n), forced] = -1.0
+    else:
+        keys[:, held] = np.inf  # never drawn
+    combos = np.argsort(keys, axis=1, kind="stable")[:, :max_objects]
+    # Shuffle object order within each image so the forced combo is not always first.
+    order_keys = np.where(np.arange(max_objects)[None, :] < counts[:, None], rng.random((n, max_objects)), np.inf)
+    combos = np.take_along_axis(combos, np.argsort(order_keys, axis=1, kind="stable"), axis=1)
+    combos = np.where(np.arange(max_objects)[None, :] < counts[:, None], combos, -1)
+    return counts, combos
+
+
+def _generate_split(
+    rng: np.random.Generator,
+    n: int,
+    cfg: ShapesConfig,
+    name: str,
+    novel: bool = False,
+    label: bool = False,
+    out: np.ndarray | None = None,
+) -> CaptionSplit:
+    max_objects = 1 if label else cfg.max_objects
+    counts, combos = _draw_combos(rng, n, cfg, novel, max_objects)
+    images, objects = _render(rng, n, cfg, combos, counts, out)
+    rnd = random.Random(int(rng.integers(0, 2**63)))
+    if label:
+        captions = [[f"{objs[0].colour} {objs[0].shape}"] for objs in objects]
+    else:
+        captions = [_captions(objs, cfg.image_size, rnd) for objs in objects]
+    return CaptionSplit(
+        images=images,
+        captions=captions,
+        scenes=[Scene.from_objects(objs) for objs in objects],
+        image_ids=[f"{name}-{i:06d}" for i in range(n)],
+        is_label=np.full(n, label, dtype=bool),
+    )
+
+
+def _concat(a: CaptionSplit, b: CaptionSplit, images: np.ndarray) -> CaptionSplit:
+    """``a`` then ``b``, whose images were already rendered into ``images``."""
+    return CaptionSplit(
+        images=images,
+        captions=a.captions + b.captions,
+        scenes=(a.scenes or []) + (b.scenes or []),
+        image_ids=list(a.image_ids) + list(b.image_ids),
+        is_label=np.concatenate([a.is_label, b.is_label]),
+    )
+
+
+def generate_shapes(cfg: ShapesConfig | None = None) -> dict[str, CaptionSplit]:
+    """Generate the splits ``train`` (captioned images, then the label-only examples), ``val``,
+    ``test`` (i.i.d. with train) and ``test_novel`` (each image has a held-out combination)."""
+    cfg = cfg or ShapesConfig()
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(5)]
+    num_label = int(round(cfg.label_fraction * cfg.num_train))
+    size = cfg.image_size
+    images = np.empty((cfg.num_train + num_label, size, size, 3), dtype=np.uint8)
+    train = _generate_split(streams[0], cfg.num_train, cfg, "train", out=images[: cfg.num_train])
+    if num_label > 0:
+        label = _generate_split(streams[4], num_label, cfg, "train-label", label=True, out=images[cfg.num_train :])
+        train = _concat(train, label, images)
+    return {
+        "train": train,
+        "val": _generate_split(streams[1], cfg.num_val, cfg, "val"),
+        "test": _generate_split(streams[2], cfg.num_test, cfg, "test"),
+        "test_novel": _generate_split(streams[3], cfg.num_test_novel, cfg, "test_novel", novel=True),
+    }
+
+
+def _config_json(cfg: ShapesConfig) -> dict:
+    d = asdict(cfg)
+    d["held_out"] = [list(p) for p in cfg.held_out]
+    return d
+
+
+def load_or_generate_shapes(cfg: ShapesConfig, cache_dir: str | os.PathLike) -> dict[str, CaptionSplit]:
+    """The shapes splits, loaded from ``cache_dir`` when it holds a dataset generated from the same
+    config, else generated and written there (``<split>.npz`` + ``<split>.json`` +
+    ``shapes_config.json``, the config written last so an interrupted write is regenerated)."""
+    d = Path(cache_dir)
+    marker = d / "shapes_config.json"
+    if marker.is_file():
+        with open(marker) as f:
+            if json.load(f) == _config_json(cfg):
+                return {name: load_split(d, name) for name in SPLITS}
+    splits = generate_shapes(cfg)
+    for name in SPLITS:
+        save_split(splits[name], d, name)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / ".shapes_config.json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(_config_json(cfg), f, indent=1)
+    os.replace(tmp, marker)
+    return splits

@@ -1,0 +1,95 @@
+"""Grounded accuracy of captions against the shapes scenes (DESIGN.md §5, synthetic data only).
+
+Where it sits: `rlrefine.metrics`, used by `evaluate` per refinement layer. Each caption is read
+with `rlrefine.data.shapes.parse_caption` into (colour, shape) mentions and relations, then
+compared with the `Scene` it describes. All rates are micro-averaged over the whole set:
+
+* ``precision``       = mentioned (colour, shape) pairs that are in the scene / pairs mentioned
+                        (distinct pairs per caption: "the blue square" said twice counts once)
+* ``object_accuracy`` = scene objects whose colour AND shape are both named (as one mention) /
+                        scene objects — the headline "names the right colour and shape for X % of
+                        objects"; ``recall`` is the same number under its IR name
+* ``colour_recall`` / ``shape_recall`` = scene objects whose colour / shape word occurs in the
+                        caption at all (partial credit: early layers often get one right)
+* ``relation_accuracy`` = stated relations that hold in the scene / relations stated; a relation
+                        holds when both pairs are scene objects and ``Scene.relations`` has it (the
+                        dominant-axis relation the references use)
+* ``exact_match``     = captions whose set of mentions equals the scene's set of objects
+
+A rate with an empty denominator (e.g. no relation stated anywhere) is 0.0; the counts beside the
+rates (``num_mentions``, ``num_objects``, ``num_relations``) tell it apart from a real zero.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from rlrefine.data.shapes import Scene, parse_caption
+
+__all__ = ["grounding_scores", "caption_grounding_counts"]
+
+_COUNT_KEYS = (
+    "mentions",
+    "mentions_correct",
+    "objects",
+    "objects_named",
+    "colours_named",
+    "shapes_named",
+    "relations",
+    "relations_correct",
+    "exact",
+)
+
+
+def caption_grounding_counts(caption: str, scene: Scene) -> dict[str, int]:
+    """The raw counts of one caption against its scene (what `grounding_scores` sums)."""
+    parsed = parse_caption(caption)
+    scene_pairs = {o.combo for o in scene.objects}
+    mentioned = set(parsed.mentions)
+    colours, shapes = set(parsed.colours), set(parsed.shapes)
+    true_relations = set(scene.relations)
+    stated = set(parsed.relations)
+    relations_correct = 0
+    for a, rel, b in stated:
+        i, j = scene.index_of(*a), scene.index_of(*b)
+        relations_correct += int(i is not None and j is not None and (i, rel, j) in true_relations)
+    return {
+        "mentions": len(mentioned),
+        "mentions_correct": len(mentioned & scene_pairs),
+        "objects": len(scene.objects),
+        "objects_named": sum(o.combo in mentioned for o in scene.objects),
+        "colours_named": sum(o.colour in colours for o in scene.objects),
+        "shapes_named": sum(o.shape in shapes for o in scene.objects),
+        "relations": len(stated),
+        "relations_correct": relations_correct,
+        "exact": int(mentioned == scene_pairs),
+    }
+
+
+def _rate(num: int, den: int) -> float:
+    return num / den if den else 0.0
+
+
+def grounding_scores(captions: Sequence[str], scenes: Sequence[Scene]) -> dict[str, float]:
+    """Grounded precision/recall of (colour, shape) mentions and relation accuracy of
+    ``captions[i]`` against ``scenes[i]`` (see the module docstring for each formula)."""
+    if len(captions) != len(scenes):
+        raise ValueError(f"{len(captions)} captions but {len(scenes)} scenes")
+    total = dict.fromkeys(_COUNT_KEYS, 0)
+    for caption, scene in zip(captions, scenes):
+        for k, v in caption_grounding_counts(caption, scene).items():
+            total[k] += v
+    object_accuracy = _rate(total["objects_named"], total["objects"])
+    return {
+        "precision": _rate(total["mentions_correct"], total["mentions"]),
+        "recall": object_accuracy,
+        "object_accuracy": object_accuracy,
+        "colour_recall": _rate(total["colours_named"], total["objects"]),
+        "shape_recall": _rate(total["shapes_named"], total["objects"]),
+        "relation_accuracy": _rate(total["relations_correct"], total["relations"]),
+        "exact_match": _rate(total["exact"], len(captions)),
+        "num_captions": float(len(captions)),
+        "num_mentions": float(total["mentions"]),
+        "num_objects": float(total["objects"]),
+        "num_relations": float(total["relations"]),
+    }

@@ -1,0 +1,194 @@
+"""Tests for the disk loaders (COCO Karpathy json, image folders) and rlrefine.data.datasets
+(CaptionDataset, mixed_sampler, collate) on tiny fixtures written to tmp_path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from rlrefine.data.coco import load_karpathy_split
+from rlrefine.data.datasets import (
+    BadImageError,
+    CaptionDataset,
+    collate,
+    example_weights,
+    make_collate,
+    mixed_sampler,
+)
+from rlrefine.data.imagefolder import load_image_folder
+from rlrefine.data.shapes import ShapesConfig, generate_shapes
+from rlrefine.data.split import CaptionSplit
+from rlrefine.data.tokenizer import CaptionTokenizer
+
+
+def _write_image(path, size=(40, 30), colour=(200, 30, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+@pytest.fixture
+def coco(tmp_path):
+    root = tmp_path / "coco"
+    entries = []
+    for i, (split, folder) in enumerate(
+        [
+            ("train", "train2014"),
+            ("restval", "val2014"),
+            ("val", "val2014"),
+            ("test", "val2014"),
+            ("train", "train2014"),
+        ]
+    ):
+        name = f"COCO_{folder}_{i:012d}.jpg"
+        _write_image(root / folder / name, size=(40 + i, 30), colour=(10 * i, 100, 200))
+        entries.append(
+            {
+                "filepath": folder,
+                "filename": name,
+                "split": split,
+                "cocoid": 1000 + i,
+                "sentences": [{"raw": f" A photo number {i}. "}, {"raw": f"Image {i} of a thing"}, {"raw": "  "}],
+            }
+        )
+    ann = tmp_path / "dataset_coco.json"
+    ann.write_text(json.dumps({"images": entries, "dataset": "coco"}))
+    return ann, root
+
+
+def test_karpathy_splits(coco):
+    ann, root = coco
+    train = load_karpathy_split(ann, root, "train")
+    assert train.image_ids == [1000, 1001, 1004]  # restval merged into train
+    assert train.images[1] == str(root / "val2014" / "COCO_val2014_000000000001.jpg")
+    assert train.captions[0] == ["A photo number 0.", "Image 0 of a thing"]  # stripped, empty dropped
+    assert train.scenes is None and not train.is_label.any()
+    assert load_karpathy_split(ann, root, "train", merge_restval=False).image_ids == [1000, 1004]
+    assert load_karpathy_split(ann, root, "val").image_ids == [1002]
+    assert load_karpathy_split(ann, root, "test").image_ids == [1003]
+    assert len(load_karpathy_split(ann, root, "train", max_images=2)) == 2
+
+
+def test_karpathy_errors(coco, tmp_path):
+    ann, root = coco
+    with pytest.raises(ValueError, match="restval"):
+        load_karpathy_split(ann, root, "restval")
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_karpathy_split(tmp_path / "missing.json", root)
+    (root / "val2014" / "COCO_val2014_000000000002.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="COCO_val2014_000000000002.jpg"):
+        load_karpathy_split(ann, root, "val", check_files=True)
+
+
+def test_image_folder(tmp_path):
+    _write_image(tmp_path / "golden_retriever" / "b.png")
+    _write_image(tmp_path / "golden_retriever" / "a.JPG")
+    _write_image(tmp_path / "tabby-cat" / "c.jpeg")
+    (tmp_path / "tabby-cat" / "notes.txt").write_text("not an image")
+    (tmp_path / "empty_class").mkdir()
+    split = load_image_folder(tmp_path)
+    assert split.image_ids == ["golden_retriever/a.JPG", "golden_retriever/b.png", "tabby-cat/c.jpeg"]
+    assert split.captions == [["golden retriever"], ["golden retriever"], ["tabby cat"]]
+    assert split.is_label.all()
+    with pytest.raises(ValueError, match="no images"):
+        load_image_folder(tmp_path / "empty_class")
+    with pytest.raises(FileNotFoundError):
+        load_image_folder(tmp_path / "absent")
+
+
+def test_dataset_loads_and_resizes_paths(coco):
+    ann, root = coco
+    ds = CaptionDataset(load_karpathy_split(ann, root, "train"), seed=0, image_size=16)
+    item = ds[1]
+    assert item["image"].dtype == torch.uint8 and item["image"].shape == (16, 16, 3)
+    # The fixture image is a flat colour (10, 100, 200): JPEG + bicubic keep it within a few levels.
+    assert (item["image"].float().mean((0, 1)) - torch.tensor([10.0, 100.0, 200.0])).abs().max() < 6
+    assert item["caption"] in item["references"] and item["index"] == 1
+
+
+def test_caption_choice_deterministic():
+    split = CaptionSplit(
+        images=np.zeros((50, 8, 8, 3), np.uint8), captions=[[f"cap {i} {j}" for j in range(5)] for i in range(50)]
+    )
+    a, b, c = CaptionDataset(split, seed=1), CaptionDataset(split, seed=1), CaptionDataset(split, seed=2)
+    picks = [a[i]["caption"] for i in range(50)]
+    assert picks == [b[i]["caption"] for i in range(50)]
+    assert picks != [c[i]["caption"] for i in range(50)]
+    a.set_epoch(1)
+    assert picks != [a[i]["caption"] for i in range(50)]
+    a.set_epoch(0)
+    assert picks == [a[i]["caption"] for i in range(50)]
+    assert len({a.caption_index(0, epoch=e) for e in range(40)}) == 5  # every reference gets used
+
+
+def test_in_memory_resize():
+    split = CaptionSplit(images=np.full((2, 8, 8, 3), 77, np.uint8), captions=[["a"], ["b"]])
+    item = CaptionDataset(split, image_size=4)[0]
+    assert item["image"].shape == (4, 4, 3) and int(item["image"][0, 0, 0]) == 77
+
+
+def test_corrupt_image_error_and_skip(tmp_path):
+    good, bad = tmp_path / "good.png", tmp_path / "bad.jpg"
+    _write_image(good)
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    split = CaptionSplit(images=[str(good), str(bad)], captions=[["good"], ["bad"]])
+    with pytest.raises(BadImageError, match="bad.jpg"):
+        CaptionDataset(split, image_size=8)[1]
+    ds = CaptionDataset(split, image_size=8, bad_image="skip")
+    assert ds[1] is None and ds.num_bad_images == 1
+    tok = CaptionTokenizer.train(["good", "bad"])
+    batch = collate([ds[0], ds[1]], tok, max_len=8)
+    assert batch["images"].shape == (1, 8, 8, 3) and batch["index"].tolist() == [0]
+    assert collate([ds[1]], tok) is None
+    with pytest.raises(ValueError, match="bad_image"):
+        CaptionDataset(split, bad_image="ignore")
+
+
+def test_example_weights_hand_computed():
+    flags = np.array([False, False, False, True])
+    w = example_weights(flags, label_weight=0.25)  # 0.75 over 3 captioned, 0.25 on the label
+    assert torch.allclose(w, torch.tensor([0.25, 0.25, 0.25, 0.25], dtype=torch.float64))
+    w = example_weights(flags)  # default 5 % label data
+    assert torch.allclose(w, torch.tensor([0.95 / 3] * 3 + [0.05], dtype=torch.float64))
+    w = example_weights([3, 1], weights=[1.0, 1.0])  # two datasets of a ConcatDataset, half each
+    assert torch.allclose(w, torch.tensor([1 / 6, 1 / 6, 1 / 6, 0.5], dtype=torch.float64))
+    w = example_weights(np.zeros(4, dtype=bool))  # no label data: its share goes to the rest
+    assert torch.allclose(w, torch.full((4,), 0.25, dtype=torch.float64))
+    with pytest.raises(ValueError, match="2 groups"):
+        example_weights(flags, weights=[1.0])
+
+
+def test_mixed_sampler_fraction_and_determinism():
+    flags = np.zeros(1000, dtype=bool)
+    flags[900:] = True  # 10 % of the examples are label-only
+    idx = list(mixed_sampler(flags, num_samples=20000, seed=0))
+    frac = flags[idx].mean()
+    assert abs(frac - 0.05) < 0.01  # drawn at the 5 % default weight, not at 10 %
+    assert idx == list(mixed_sampler(flags, num_samples=20000, seed=0))
+    assert idx != list(mixed_sampler(flags, num_samples=20000, seed=1))
+
+
+def test_dataloader_end_to_end():
+    splits = generate_shapes(ShapesConfig(num_train=40, num_val=4, num_test=4, num_test_novel=4))
+    tok = CaptionTokenizer.train(splits["train"].all_captions())
+    ds = CaptionDataset(splits["train"], seed=0)
+    loader = DataLoader(
+        ds,
+        batch_size=8,
+        sampler=mixed_sampler(ds.is_label, num_samples=16, seed=0),
+        collate_fn=make_collate(tok, max_len=10),
+    )
+    batches = list(loader)
+    assert len(batches) == 2
+    b = batches[0]
+    assert b["images"].shape == (8, 64, 64, 3) and b["images"].dtype == torch.uint8
+    assert b["tokens"].shape[0] == 8 and b["tokens"].shape[1] <= 10 and (b["tokens"][:, 0] == tok.bos_id).all()
+    for row, cap, refs, i in zip(b["tokens"], b["captions"], b["references"], b["index"]):
+        assert cap in refs and refs == splits["train"].captions[int(i)]
+        assert tok.eos_id in row.tolist()
+        words = cap.split()
+        assert tok.decode(row) == " ".join(words[:8])  # max_len 10 = bos + 8 words + eos

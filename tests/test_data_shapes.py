@@ -1,0 +1,214 @@
+"""Tests for rlrefine.data.shapes and rlrefine.data.split: generation, held-out combos, captions,
+parsing, rendering and the on-disk cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rlrefine.data.shapes import (
+    COLOURS,
+    DEFAULT_HELD_OUT,
+    SHAPES,
+    SPLITS,
+    Scene,
+    SceneObject,
+    ShapesConfig,
+    generate_shapes,
+    load_or_generate_shapes,
+    parse_caption,
+    relation,
+)
+from rlrefine.data.split import CaptionSplit, load_split, save_split
+
+SMALL = ShapesConfig(num_train=300, num_val=40, num_test=40, num_test_novel=120, seed=3)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return generate_shapes(SMALL)
+
+
+def test_split_sizes_and_label_examples(splits):
+    n_label = round(SMALL.label_fraction * SMALL.num_train)  # 30
+    train = splits["train"]
+    assert len(train) == SMALL.num_train + n_label == 330
+    assert train.images.shape == (330, 64, 64, 3) and train.images.dtype == np.uint8
+    assert train.is_label.sum() == 30 and not train.is_label[:300].any() and train.is_label[300:].all()
+    for refs, scene in zip(train.captions[300:], train.scenes[300:]):
+        (obj,) = scene.objects
+        assert refs == [f"{obj.colour} {obj.shape}"]
+    assert [len(splits[s]) for s in ("val", "test", "test_novel")] == [40, 40, 120]
+    for name in ("val", "test", "test_novel"):
+        assert not splits[name].is_label.any()
+    assert len(set(train.image_ids)) == len(train)
+
+
+def test_deterministic_from_seed(splits):
+    again = generate_shapes(SMALL)
+    for name in SPLITS:
+        assert np.array_equal(again[name].images, splits[name].images)
+        assert again[name].captions == splits[name].captions
+        assert again[name].scenes == splits[name].scenes
+    other = generate_shapes(ShapesConfig(num_train=300, num_val=40, num_test=40, num_test_novel=120, seed=4))
+    assert not np.array_equal(other["train"].images, splits["train"].images)
+    assert other["train"].captions != splits["train"].captions
+
+
+def test_split_streams_are_independent():
+    # Each split draws from its own seed stream: a bigger train set leaves val/test unchanged.
+    a = generate_shapes(ShapesConfig(num_train=50, num_val=20, num_test=20, num_test_novel=20))
+    b = generate_shapes(ShapesConfig(num_train=80, num_val=20, num_test=20, num_test_novel=20))
+    assert np.array_equal(a["val"].images, b["val"].images)
+    assert a["test_novel"].captions == b["test_novel"].captions
+
+
+def test_held_out_combos(splits):
+    held = set(SMALL.held_out)
+    for name in ("train", "val", "test"):
+        for scene in splits[name].scenes:
+            assert not {o.combo for o in scene.objects} & held, name
+    for scene in splits["test_novel"].scenes:
+        assert {o.combo for o in scene.objects} & held
+    # Every colour and every shape still occurs in training, only not in the held-out pairings.
+    train_objects = [o for s in splits["train"].scenes for o in s.objects]
+    assert {o.colour for o in train_objects} == set(COLOURS)
+    assert {o.shape for o in train_objects} == set(SHAPES)
+
+
+def test_scene_invariants(splits):
+    for name in SPLITS:
+        for scene in splits[name].scenes:
+            combos = [o.combo for o in scene.objects]
+            assert 1 <= len(combos) <= SMALL.max_objects
+            assert len(set(combos)) == len(combos)  # distinct colour-shape pairs per image
+            n = len(scene.objects)
+            assert len(scene.relations) == n * (n - 1)
+            for o in scene.objects:
+                assert o.radius <= o.x < 64 - o.radius and o.radius <= o.y < 64 - o.radius
+
+
+def test_five_distinct_references(splits):
+    for name in SPLITS:
+        split = splits[name]
+        for refs, is_label in zip(split.captions, split.is_label):
+            if not is_label:
+                assert len(refs) == 5 and len(set(refs)) == 5
+
+
+def test_vocabulary_and_length(splits):
+    words = {w for name in SPLITS for refs in splits[name].captions for c in refs for w in c.split()}
+    assert set(COLOURS) | set(SHAPES) | {"above", "below", "left", "right", "small", "large"} <= words
+    assert len(words) <= 45
+    assert max(len(c.split()) for name in SPLITS for refs in splits[name].captions for c in refs) <= 17
+
+
+def test_three_object_captions_name_every_object(splits):
+    for refs, scene in zip(splits["train"].captions, splits["train"].scenes):
+        if len(scene.objects) == 3:
+            for c in refs:
+                assert set(parse_caption(c).mentions) == {o.combo for o in scene.objects}, c
+
+
+def test_rendered_object_colour_at_centre(splits):
+    # Every shape covers its centre pixel; the colour there is the palette colour +- jitter (12).
+    split = splits["test_novel"]
+    for img, scene in zip(split.images, split.scenes):
+        for o in scene.objects:
+            px = img[o.y, o.x].astype(int)
+            assert np.abs(px - np.array(COLOURS[o.colour])).max() <= 13, (o, px)
+
+
+def test_relation_dominant_axis():
+    a = SceneObject("circle", "red", "small", x=10, y=10, radius=6)
+    below_a = SceneObject("square", "blue", "large", x=14, y=40, radius=11)
+    right_of_a = SceneObject("cross", "green", "small", x=50, y=20, radius=6)
+    assert relation(a, below_a) == "above" and relation(below_a, a) == "below"
+    assert relation(a, right_of_a) == "left of" and relation(right_of_a, a) == "right of"
+    scene = Scene.from_objects([a, below_a])
+    assert scene.relations == [(0, "above", 1), (1, "below", 0)]
+    assert scene.index_of("blue", "square") == 1 and scene.index_of("blue", "circle") is None
+
+
+def test_parse_caption_templates():
+    p = parse_caption("a small red circle above a large blue square")
+    assert p.mentions == [("red", "circle"), ("blue", "square")]
+    assert p.relations == [(("red", "circle"), "above", ("blue", "square"))]
+    p = parse_caption("there is a blue square to the left of an orange cross")
+    assert p.relations == [(("blue", "square"), "left of", ("orange", "cross"))]
+    p = parse_caption("a green circle right of a yellow cross and an orange cross below the yellow cross")
+    assert p.mentions == [("green", "circle"), ("yellow", "cross"), ("orange", "cross"), ("yellow", "cross")]
+    assert p.relations == [
+        (("green", "circle"), "right of", ("yellow", "cross")),
+        (("orange", "cross"), "below", ("yellow", "cross")),
+    ]
+    p = parse_caption("an image with a red circle , a blue square and a green diamond")
+    assert len(p.mentions) == 3 and p.relations == []
+    # "on the left" is a position, not a relation; "over"/"under" are relations.
+    assert parse_caption("a red circle on the left and a blue square").relations == []
+    assert parse_caption("a purple triangle under a red square").relations[0][1] == "below"
+
+
+def test_parse_caption_arbitrary_text():
+    assert parse_caption("").mentions == []
+    p = parse_caption("Two RED circles!! zzz ,, blue")
+    assert p.mentions == [("red", "circle")] and p.colours == ["red", "blue"] and p.shapes == ["circle"]
+    p = parse_caption("circle red square above")  # colour after shape: no mention
+    assert p.mentions == [("red", "square")] and p.relations == []
+    assert parse_caption("<unk> <unk> above").mentions == []
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="not a known colour"):
+        ShapesConfig(held_out=(("pink", "circle"),))
+    with pytest.raises(ValueError, match="every shape of colour 'red'"):
+        ShapesConfig(held_out=tuple(("red", s) for s in SHAPES))
+    with pytest.raises(ValueError, match="max_objects"):
+        ShapesConfig(max_objects=4)
+    assert ShapesConfig().held_out == DEFAULT_HELD_OUT
+
+
+def test_small_images_and_one_object():
+    cfg = ShapesConfig(image_size=24, max_objects=1, num_train=20, num_val=5, num_test=5, num_test_novel=5)
+    s = generate_shapes(cfg)
+    assert s["train"].images.shape[1:] == (24, 24, 3)
+    assert all(len(sc.objects) == 1 for sc in s["test_novel"].scenes)
+
+
+def test_save_load_split_roundtrip(splits, tmp_path):
+    save_split(splits["val"], tmp_path, "val")
+    back = load_split(tmp_path, "val")
+    assert np.array_equal(back.images, splits["val"].images)
+    assert back.captions == splits["val"].captions
+    assert back.scenes == splits["val"].scenes
+    assert back.image_ids == splits["val"].image_ids
+    assert np.array_equal(back.is_label, splits["val"].is_label)
+    # Path-based splits keep their paths.
+    paths = CaptionSplit(images=["a.jpg", "b.jpg"], captions=[["x"], ["y"]], image_ids=[7, 9])
+    save_split(paths, tmp_path, "paths")
+    assert load_split(tmp_path, "paths").images == ["a.jpg", "b.jpg"]
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        load_split(tmp_path, "missing")
+
+
+def test_load_or_generate_uses_cache(tmp_path):
+    cfg = ShapesConfig(num_train=30, num_val=5, num_test=5, num_test_novel=5)
+    first = load_or_generate_shapes(cfg, tmp_path)
+    assert (tmp_path / "shapes_config.json").is_file()
+    # Tamper with the cached val captions: a cache hit returns them, proving nothing was regenerated.
+    cached = load_split(tmp_path, "val")
+    cached.captions[0] = ["tampered"]
+    save_split(cached, tmp_path, "val")
+    assert load_or_generate_shapes(cfg, tmp_path)["val"].captions[0] == ["tampered"]
+    # A different config regenerates.
+    cfg2 = ShapesConfig(num_train=30, num_val=6, num_test=5, num_test_novel=5)
+    regenerated = load_or_generate_shapes(cfg2, tmp_path)
+    assert len(regenerated["val"]) == 6 and len(first["val"]) == 5
+
+
+def test_caption_split_validates_alignment():
+    with pytest.raises(ValueError, match="row-aligned"):
+        CaptionSplit(images=np.zeros((2, 4, 4, 3), np.uint8), captions=[["a"]])
+    s = CaptionSplit(images=np.zeros((3, 4, 4, 3), np.uint8), captions=[["a"], ["b"], ["c"]])
+    sub = s.subset([2, 0])
+    assert sub.captions == [["c"], ["a"]] and sub.image_ids == [2, 0] and len(sub) == 2

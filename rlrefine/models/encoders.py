@@ -1,0 +1,488 @@
+"""Image encoders: pixels -> a sequence of image tokens V [B, N, d_enc].
+
+Where this sits: `rlrefine.data` gives uint8 images; an encoder turns them into normalised pixels
+(`preprocess`) and then into the token sequence V (`encode`) that the refinement blocks of
+`RefinementCaptioner` cross-attend to. V is a *sequence*, never a pooled vector: the refinement
+blocks need spatial detail.
+
+Three backends behind one small interface (`ImageEncoder`), chosen by `EncoderConfig.kind`:
+
+* ``tiny_vit``  - a small ViT trained from scratch (the embedded default).
+* ``open_clip`` - the visual tower of an open_clip model, built by `open_clip.create_model` from a
+  model name plus a *local* checkpoint file, or from a ``local-dir:/folder`` (open_clip's own
+  schema). Nothing is ever downloaded: a pretrained *tag* such as "openai" is refused.
+* ``hf``        - a transformers vision model (CLIPVisionModel, ViTModel, the vision half of a
+  CLIPModel, any model whose output has ``last_hidden_state``) from a local directory, with its
+  AutoImageProcessor's size / mean / std when the directory has one.
+
+Preprocessing is done with torch ops on whole batches (resize with antialiasing, centre crop,
+normalise), so it runs on the accelerator; results match the backends' own PIL pipelines up to
+resampling differences when a resize is needed, and exactly when the images already have the
+target size.
+
+`frozen=True` puts the backbone in eval mode for good (`.train()` does not undo it), turns off its
+gradients, and `encode` runs it under `torch.no_grad()`.
+
+Rebuilding without the original checkpoint: `save_architecture(dir)` writes the backbone's
+architecture description (open_clip: ``open_clip_config.json``; hf: ``config.json`` + the
+processor config) and `build_encoder(cfg, architecture_dir=dir)` builds the same architecture from
+it with random weights. `RefinementCaptioner.save_pretrained` uses this so that a saved captioner
+carries everything it needs (weights in its safetensors, architecture in ``encoder/``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+LOCAL_DIR = "local-dir:"
+
+
+@dataclass
+class EncoderConfig:
+    """Which image encoder to build.
+
+    kind: "tiny_vit" (built-in, from scratch), "open_clip" (visual tower of an open_clip model) or
+        "hf" (a transformers vision model from a local directory).
+    image_size, patch_size, width, depth, heads: the tiny ViT's dimensions (tiny_vit only).
+    model_name: open_clip architecture name, e.g. "ViT-B-32" (open_clip only; ignored when
+        `checkpoint` is a "local-dir:" folder, which carries its own config).
+    checkpoint: local weights. open_clip: a checkpoint file (.pt / .bin / .safetensors) or
+        "local-dir:/folder" with open_clip_config.json + weights. hf: a model directory
+        (config.json + weights, optionally preprocessor_config.json). Never a hub name or tag.
+    frozen: keep the backbone fixed (eval mode, no gradients).
+    """
+
+    kind: str = "tiny_vit"
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 128
+    depth: int = 2
+    heads: int = 4
+    model_name: str | None = None
+    checkpoint: str | None = None
+    frozen: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EncoderConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown EncoderConfig keys {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------- preprocessing
+def _as_float_images(images) -> list[torch.Tensor] | torch.Tensor:
+    """uint8 [B,H,W,3] tensor/array -> float [B,3,H,W] in [0,1]; list of PIL -> list of [1,3,H,W]."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if isinstance(images, torch.Tensor):
+        if images.dim() == 3:
+            images = images[None]
+        if images.dim() != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images [B, H, W, 3], got shape {tuple(images.shape)}")
+        if images.dtype != torch.uint8:
+            raise ValueError(f"expected uint8 images [B, H, W, 3], got dtype {images.dtype}")
+        return images.permute(0, 3, 1, 2).float().div_(255.0)
+    if isinstance(images, (list, tuple)):
+        out = []
+        for im in images:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float().div_(255.0))
+        return out
+    raise TypeError(f"images must be a uint8 tensor [B,H,W,3] or a list of PIL images, got {type(images).__name__}")
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    mode = interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bicubic"
+    kw = {"antialias": True, "align_corners": False} if mode != "nearest" else {}
+    return F.interpolate(x, size=size, mode=mode, **kw).clamp_(0.0, 1.0)
+
+
+def _resize_crop(x: torch.Tensor, size: tuple[int, int], mode: str, interpolation: str) -> torch.Tensor:
+    """Resize [B,3,H,W] float images to `size` (h, w).
+
+    mode "shortest": scale the shortest edge to the target, centre-crop (CLIP / open_clip default);
+    "longest": scale the longest edge to the target, pad (zeros) to square; "squash": plain resize.
+    """
+    th, tw = size
+    h, w = x.shape[-2:]
+    if mode == "squash" or (h, w) == (th, tw):
+        return _resize(x, (th, tw), interpolation)
+    if mode == "shortest":
+        s = max(th / h, tw / w)
+        nh, nw = max(th, round(h * s)), max(tw, round(w * s))
+        x = _resize(x, (nh, nw), interpolation)
+        top, left = (nh - th) // 2, (nw - tw) // 2
+        return x[..., top:top + th, left:left + tw]
+    if mode == "longest":
+        s = min(th / h, tw / w)
+        nh, nw = min(th, round(h * s)), min(tw, round(w * s))
+        x = _resize(x, (nh, nw), interpolation)
+        top, left = (th - nh) // 2, (tw - nw) // 2
+        return F.pad(x, (left, tw - nw - left, top, th - nh - top))
+    raise ValueError(f"unknown resize mode {mode!r}; allowed: shortest, longest, squash")
+
+
+def preprocess_images(images, size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
+                      resize_mode: str = "shortest", interpolation: str = "bicubic",
+                      device: torch.device | None = None) -> torch.Tensor:
+    """uint8 [B,H,W,3] tensor (batched) or list of PIL -> normalised float [B,3,h,w] (torch ops)."""
+    x = _as_float_images(images)
+    if isinstance(x, list):
+        x = torch.cat([_resize_crop(xi.to(device) if device else xi, size, resize_mode, interpolation) for xi in x])
+    else:
+        x = _resize_crop(x.to(device) if device else x, size, resize_mode, interpolation)
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+# ----------------------------------------------------------------------------------- base class
+class ImageEncoder(nn.Module):
+    """Interface: `encode(pixels [B,3,H,W]) -> V [B, N, out_dim]`, `preprocess(images)`, `out_dim`.
+
+    Subclasses implement `_encode` (the backbone call) and set `out_dim`, `image_size`, `mean`, `std`.
+    """
+
+    out_dim: int
+    image_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
+
+    def __init__(self, frozen: bool = False):
+        super().__init__()
+        self.frozen = frozen
+
+    def _freeze(self) -> None:
+        """Call at the end of a subclass __init__: applies the frozen flag."""
+        if self.frozen:
+            for p in self.parameters():
+                p.requires_grad_(False)
+            super().train(False)
+
+    def train(self, mode: bool = True) -> "ImageEncoder":
+        # a frozen backbone stays in eval mode (dropout off, norm statistics fixed) whatever the caller does
+        return super().train(mode and not self.frozen)
+
+    def _device(self) -> torch.device:
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def preprocess(self, images) -> torch.Tensor:
+        """uint8 tensor [B,H,W,3] (batched torch ops, on the images' device) or list of PIL images
+        -> normalised float pixels [B, 3, H', W'] at this encoder's input size."""
+        device = images.device if isinstance(images, torch.Tensor) else self._device()
+        return preprocess_images(images, self.image_size, self.mean, self.std, self.resize_mode,
+                                 self.interpolation, device=device)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels [B,3,H,W] -> image tokens V [B, N, out_dim]."""
+        if self.frozen:
+            with torch.no_grad():
+                return self._encode(pixels)
+        return self._encode(pixels)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encode(pixels)
+
+    def save_architecture(self, directory: str | os.PathLike) -> None:
+        """Write what `build_encoder(cfg, architecture_dir=directory)` needs (nothing for tiny_vit)."""
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _probe_out_dim(self) -> int:
+        """Run one blank image through the backbone to learn the token width (cheap, done once)."""
+        was_training = self.training
+        self.eval()
+        x = torch.zeros(1, 3, *self.image_size, device=self._device(), dtype=next(self.parameters()).dtype)
+        d = self._encode(x).shape[-1]
+        self.train(was_training)
+        return int(d)
+
+
+# ----------------------------------------------------------------------------------- tiny ViT
+class _ViTBlock(nn.Module):
+    """Pre-norm transformer block (bidirectional self-attention + MLP) for the tiny ViT."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.attn_proj = nn.Linear(width, width)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)  # [B, h, N, hd]
+        x = x + self.attn_proj(y.transpose(1, 2).reshape(B, N, C))
+        return x + self.mlp(self.ln_2(x))
+
+
+class TinyViT(ImageEncoder):
+    """A small ViT trained from scratch: patch embedding + learned positions + pre-norm blocks.
+
+    Input normalisation: x/255, mean 0.5, std 0.5. Output: one token per patch, width `width`.
+    """
+
+    resize_mode = "squash"
+    interpolation = "bilinear"
+
+    def __init__(self, image_size: int = 64, patch_size: int = 8, width: int = 128, depth: int = 2,
+                 heads: int = 4, frozen: bool = False):
+        super().__init__(frozen)
+        if image_size % patch_size:
+            raise ValueError(f"tiny_vit image_size {image_size} is not a multiple of patch_size {patch_size}")
+        if width % heads:
+            raise ValueError(f"tiny_vit width {width} is not divisible by heads {heads}")
+        self.image_size = (image_size, image_size)
+        self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        self.out_dim = width
+        n_patches = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_patches, width))
+        self.blocks = nn.ModuleList([_ViTBlock(width, heads) for _ in range(depth)])
+        self.ln_f = nn.LayerNorm(width)
+        # nanoGPT-style init; residual output projections scaled by 1/sqrt(2 * depth)
+        self.apply(_init_weights)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        for blk in self.blocks:
+            for proj in (blk.attn_proj, blk.mlp[2]):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * depth))
+        self._freeze()
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # [B, N, width]
+        x = x + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        return self.ln_f(x)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """nanoGPT init: N(0, 0.02) for linear / embedding weights, zero biases, unit LayerNorm."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+# ----------------------------------------------------------------------------------- open_clip
+class OpenCLIPVisual(ImageEncoder):
+    """The visual tower of an open_clip model, as a token sequence.
+
+    Built with `open_clip.create_model`, the same factory open_clip users call:
+    `create_model(model_name, pretrained=<local file>)` or `create_model("local-dir:/folder")`.
+    The text tower is dropped after loading.
+
+    Tokens: with `visual.output_tokens = True` open_clip's VisionTransformer returns
+    `(pooled, tokens)`: pooled = ln_post(x)[:, 0] @ proj (joint embedding space, `embed_dim`),
+    tokens = ln_post(x)[:, 1:] (transformer width, not projected). V is `[pooled; tokens @ proj]`,
+    i.e. the class token and the patch tokens, all in CLIP's joint embedding space:
+    [B, 1 + grid**2, embed_dim]. Towers without a projection give `[pooled; tokens]` at their width.
+    Preprocessing follows the model's `preprocess_cfg` (size, mean, std, resize mode).
+    """
+
+    def __init__(self, model_name: str | None, checkpoint: str | None, frozen: bool = False,
+                 architecture_dir: str | os.PathLike | None = None):
+        super().__init__(frozen)
+        import open_clip
+
+        if architecture_dir is not None:
+            # architecture only (weights come from a saved RefinementCaptioner)
+            d = Path(architecture_dir)
+            if not (d / "open_clip_config.json").is_file():
+                raise FileNotFoundError(f"open_clip architecture file not found: {d / 'open_clip_config.json'}")
+            model = open_clip.create_model(LOCAL_DIR + str(d), load_weights=False)
+            arch = json.loads((d / "open_clip_config.json").read_text())
+        elif checkpoint is None:
+            raise ValueError("open_clip encoder needs `checkpoint`: a local checkpoint file or 'local-dir:/folder' "
+                             "(rlrefine never downloads weights)")
+        elif checkpoint.startswith(LOCAL_DIR):
+            folder = Path(checkpoint[len(LOCAL_DIR):])
+            if not folder.is_dir():
+                raise FileNotFoundError(f"open_clip checkpoint folder not found: {folder} (from {checkpoint!r})")
+            model = open_clip.create_model(checkpoint, require_pretrained=True)
+            arch = {"model_cfg": json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]}
+        else:
+            if not os.path.isfile(checkpoint):
+                raise FileNotFoundError(f"open_clip checkpoint file not found: {checkpoint}")
+            if not model_name:
+                raise ValueError(f"open_clip encoder needs `model_name` (e.g. 'ViT-B-32') for checkpoint {checkpoint}")
+            model_cfg = open_clip.get_model_config(model_name)
+            if model_cfg is None:
+                raise ValueError(f"unknown open_clip model_name {model_name!r}; register a config with "
+                                 f"open_clip.add_model_config or use a 'local-dir:' folder")
+            model = open_clip.create_model(model_name, pretrained=checkpoint, require_pretrained=True)
+            arch = {"model_cfg": model_cfg}
+
+        self.visual = model.visual
+        del model  # the text tower is not needed
+        pp = dict(self.visual.preprocess_cfg)
+        self._arch = {"model_cfg": arch["model_cfg"], "preprocess_cfg": _jsonable(pp)}
+        size = pp.get("size", self.visual.image_size)
+        self.image_size = (size, size) if isinstance(size, int) else tuple(size)
+        self.mean, self.std = tuple(pp["mean"]), tuple(pp["std"])
+        self.resize_mode = pp.get("resize_mode", "shortest")
+        self.interpolation = pp.get("interpolation", "bicubic")
+        if hasattr(self.visual, "output_tokens"):
+            self.visual.output_tokens = True
+        self.out_dim = self._probe_out_dim()
+        self._freeze()
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.visual(pixels)
+        if not isinstance(out, tuple):  # a tower without token outputs: one pooled token
+            return out[:, None]
+        pooled, tokens = out[0], out[1]
+        proj = getattr(self.visual, "proj", None)
+        if tokens.shape[-1] != pooled.shape[-1] and isinstance(proj, torch.Tensor) and proj.shape[0] == tokens.shape[-1]:
+            tokens = tokens @ proj
+        if tokens.shape[-1] != pooled.shape[-1]:
+            return tokens
+        return torch.cat([pooled[:, None], tokens], dim=1)  # [B, 1 + N, d]
+
+    def save_architecture(self, directory: str | os.PathLike) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "open_clip_config.json").write_text(json.dumps(self._arch, indent=2))
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# ----------------------------------------------------------------------------------- transformers
+class HFVision(ImageEncoder):
+    """A transformers vision model from a local directory: V = `last_hidden_state` [B, N, hidden].
+
+    `AutoModel.from_pretrained(dir, local_files_only=True)`; a full CLIPModel (or any model with a
+    `vision_model`) is reduced to its vision half. Preprocessing uses the directory's
+    AutoImageProcessor (size / crop / mean / std) when present, else the config's image_size with
+    mean = std = 0.5 (a warning is logged).
+    """
+
+    def __init__(self, checkpoint: str | None, frozen: bool = False,
+                 architecture_dir: str | os.PathLike | None = None):
+        super().__init__(frozen)
+        from transformers import AutoConfig, AutoModel
+
+        if architecture_dir is not None:
+            src = Path(architecture_dir)
+            if not (src / "config.json").is_file():
+                raise FileNotFoundError(f"hf encoder architecture file not found: {src / 'config.json'}")
+            model = AutoModel.from_config(AutoConfig.from_pretrained(src, local_files_only=True))
+        else:
+            if checkpoint is None:
+                raise ValueError("hf encoder needs `checkpoint`: a local model directory (rlrefine never downloads)")
+            src = Path(checkpoint)
+            if not src.is_dir():
+                raise FileNotFoundError(f"hf encoder directory not found: {checkpoint}")
+            model = AutoModel.from_pretrained(src, local_files_only=True)
+        self._config = model.config
+        if getattr(model, "vision_model", None) is not None and hasattr(model.config, "vision_config"):
+            self._vision_config = model.config.vision_config
+            model = model.vision_model
+        else:
+            self._vision_config = model.config
+        self.model = model
+        self.processor = self._load_processor(src)
+        self._set_preprocessing()
+        self.out_dim = self._probe_out_dim()
+        self._freeze()
+
+    @staticmethod
+    def _load_processor(src: Path):
+        if not (src / "preprocessor_config.json").is_file():
+            return None
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(src, local_files_only=True)
+
+    def _set_preprocessing(self) -> None:
+        p = self.processor
+        if p is None:
+            s = getattr(self._vision_config, "image_size", 224)
+            self.image_size = (s, s) if isinstance(s, int) else tuple(s)
+            self.mean, self.std, self.resize_mode = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "squash"
+            log.warning("hf encoder: no preprocessor_config.json; using image_size %s, mean=std=0.5", self.image_size)
+            return
+        size = _hf_size(p.size)
+        crop = _hf_size(getattr(p, "crop_size", None)) if getattr(p, "do_center_crop", False) else None
+        if isinstance(size, int):  # shortest edge, then centre crop
+            self.image_size = crop or (size, size)
+            self.resize_mode = "shortest"
+        else:
+            self.image_size = crop or size
+            self.resize_mode = "squash"
+        self.mean, self.std = tuple(p.image_mean), tuple(p.image_std)
+        resample = getattr(p, "resample", None)
+        self.interpolation = {2: "bilinear", 3: "bicubic", 0: "nearest"}.get(int(resample) if resample is not None else 3, "bicubic")
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixels).last_hidden_state
+
+    def save_architecture(self, directory: str | os.PathLike) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self._config.save_pretrained(d)
+        if self.processor is not None:
+            self.processor.save_pretrained(d)
+
+
+def _hf_size(size) -> int | tuple[int, int] | None:
+    """HF processor size -> int (shortest edge) or (h, w)."""
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    size = dict(size) if not isinstance(size, dict) else size
+    if size.get("shortest_edge"):
+        return int(size["shortest_edge"])
+    return (int(size["height"]), int(size["width"]))
+
+
+# ----------------------------------------------------------------------------------- factory
+def build_encoder(cfg: EncoderConfig, architecture_dir: str | os.PathLike | None = None) -> ImageEncoder:
+    """The one constructor path for image encoders.
+
+    With `architecture_dir` the backbone's architecture is read from that folder (written by
+    `save_architecture`) and its weights are left random, to be filled from a captioner checkpoint;
+    otherwise weights come from `cfg.checkpoint` (open_clip / hf) or are initialised (tiny_vit).
+    """
+    if cfg.kind == "tiny_vit":
+        return TinyViT(cfg.image_size, cfg.patch_size, cfg.width, cfg.depth, cfg.heads, frozen=cfg.frozen)
+    if cfg.kind == "open_clip":
+        return OpenCLIPVisual(cfg.model_name, cfg.checkpoint, frozen=cfg.frozen, architecture_dir=architecture_dir)
+    if cfg.kind == "hf":
+        return HFVision(cfg.checkpoint, frozen=cfg.frozen, architecture_dir=architecture_dir)
+    raise ValueError(f"unknown encoder kind {cfg.kind!r}; allowed: tiny_vit, open_clip, hf")

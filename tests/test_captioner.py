@@ -1,0 +1,216 @@
+"""RefinementCaptioner: z_0 determinism, the readout sees only z_k, teacher forcing vs re-scoring,
+checkpoints, and a small overfit run on synthetic images."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlrefine.models import CaptionerConfig, CaptionerOutput, EncoderConfig, RefinementCaptioner
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not fight the other jobs on a shared CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_config(**kw):
+    base = dict(encoder=EncoderConfig(image_size=16, patch_size=8, width=16, depth=1, heads=2), d_model=16,
+                num_slots=4, num_refine_layers=3, n_heads=2, readout_layers=2, vocab_size=12, max_len=10)
+    base.update(kw)
+    return CaptionerConfig(**base)
+
+
+def tiny_model(seed=0, dtype=torch.float64, **kw):
+    """A tiny model with large random weights (so captions vary in length), in float64 so that exact
+    comparisons between code paths are not at the mercy of rounding."""
+    torch.manual_seed(seed)
+    model = RefinementCaptioner(tiny_config(**kw)).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def test_config_roundtrip_and_unknown_keys():
+    cfg = tiny_config(z0_std=0.5)
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert CaptionerConfig.from_dict(d) == cfg
+    with pytest.raises(ValueError, match="bogus"):
+        CaptionerConfig.from_dict({**d, "bogus": 1})
+
+
+def test_z0_is_deterministic_per_seed():
+    model = tiny_model()
+    a = model.z0(torch.tensor([5, 7, 5]))
+    assert a.shape == (3, 4, 16)
+    torch.testing.assert_close(a[0], a[2])
+    assert not torch.allclose(a[0], a[1])
+    torch.testing.assert_close(model.z0(torch.tensor([7])), a[1:2])  # same seed, any batch, any call
+    other = tiny_model(seed=1, dtype=torch.float32)  # other weights, other dtype: same noise
+    torch.testing.assert_close(other.z0(torch.tensor([5, 7])), a[:2].float())
+    z = model.z0(torch.arange(200))
+    assert abs(z.std().item() - 1.0) < 0.05
+    z_half = tiny_model(z0_std=0.5).z0(torch.tensor([5]))
+    torch.testing.assert_close(z_half, 0.5 * a[:1])
+
+
+def test_refine_stacks_all_layers():
+    model = tiny_model()
+    px, seeds = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.tensor([1, 2])
+    V = model.encode_image(px)
+    assert V.shape == (2, 4, 16)
+    Z = model.refine(V, seeds)
+    assert Z.shape == (2, 4, 4, 16)  # [B, K+1, M, d]
+    torch.testing.assert_close(Z[:, 0], model.z0(seeds))
+    z1 = model.refine_blocks[0](Z[:, 0], V)
+    torch.testing.assert_close(Z[:, 1], z1)
+
+
+def test_readout_never_sees_the_image():
+    model = tiny_model()
+    seeds = torch.tensor([1, 2])
+    px_a, px_b = torch.randn(2, 2, 3, 16, 16, dtype=torch.float64)
+    tokens = torch.tensor([[1, 4, 5, 2, 0], [1, 6, 2, 0, 0]])
+    out_a, out_b = model(px_a, tokens, seeds), model(px_b, tokens, seeds)
+    # layer 0 is z_0: its captions cannot depend on the image; refined layers do
+    torch.testing.assert_close(out_a.logits[:, 0], out_b.logits[:, 0])
+    assert not torch.allclose(out_a.logits[:, 3], out_b.logits[:, 3])
+    # feed image B but the latents of image A: the logits are those of image A exactly
+    Z_a = out_a.latents
+    model.refine = lambda V, z0_seed: Z_a
+    torch.testing.assert_close(model(px_b, tokens, seeds).logits, out_a.logits)
+
+
+def test_forward_batches_layers_and_matches_single_layer_calls():
+    model = tiny_model()
+    px, seeds = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([4, 5, 6])
+    tokens = torch.tensor([[1, 4, 5, 2, 0, 0], [1, 6, 7, 8, 9, 2], [1, 2, 0, 0, 0, 0]])
+    out = model(px, tokens, seeds, layers=[3, 1])
+    assert isinstance(out, CaptionerOutput)
+    assert out.logits.shape == (3, 2, 5, 12) and out.latents.shape == (3, 4, 4, 16)
+    torch.testing.assert_close(out.logits[:, 0], model(px, tokens, seeds, layers=[3]).logits[:, 0])
+    torch.testing.assert_close(out.logits[:, 1], model.readout(out.latents[:, 1], tokens[:, :-1]))
+    assert model(px, tokens, seeds).logits.shape[1] == 4  # default: all layers 0..K
+    with pytest.raises(ValueError, match="layers"):
+        model(px, tokens, seeds, layers=[4])
+
+
+def test_git_mask_prefix_bidirectional_text_causal():
+    model = tiny_model()
+    m = model.readout.git_mask(3, "cpu")
+    M = 4
+    assert m[:M, :M].all() and not m[:M, M:].any()  # prefix <-> prefix only
+    assert m[M:, :M].all()  # text sees the whole prefix
+    assert torch.equal(m[M:, M:], torch.ones(3, 3, dtype=torch.bool).tril())  # and earlier text
+    # causality: changing a later token leaves earlier logits unchanged
+    z = torch.randn(1, 4, 16, dtype=torch.float64)
+    a = model.readout(z, torch.tensor([[1, 4, 5, 6]]))
+    b = model.readout(z, torch.tensor([[1, 4, 9, 9]]))
+    torch.testing.assert_close(a[:, :2], b[:, :2])
+    # the prefix is order-aware (learned slot positions) but is told nothing about the layer
+    assert model.readout.prefix_pos.shape == (4, 16)
+
+
+def test_sequence_logprobs_matches_teacher_forcing():
+    model = tiny_model()
+    px, seeds = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.tensor([8, 9])
+    tokens = torch.tensor([[1, 4, 5, 2, 0, 0], [1, 6, 7, 8, 9, 2]])
+    layers = [0, 2, 3]
+    out = model(px, tokens, seeds, layers=layers)
+    logp = torch.log_softmax(out.logits, -1).gather(-1, tokens[:, None, 1:, None].expand(-1, 3, -1, 1)).squeeze(-1)
+    expected = (logp * (tokens[:, None, 1:] != 0)).sum(-1)  # [B, L]
+    # n = 3 candidates per (image, layer); candidate 1 carries junk after eos, which must not count
+    cands = tokens[:, None, None].expand(2, 3, 3, 6).clone()
+    cands[:, :, 1, 4:] = torch.where(tokens[:, 4:] == 0, 7, tokens[:, 4:])[:, None]
+    cands[0, :, 2] = torch.tensor([1, 3, 2, 0, 0, 0])
+    calls = []
+    encode = model.encoder.encode
+    model.encoder.encode = lambda px: calls.append(px.shape[0]) or encode(px)
+    got = model.sequence_logprobs(px, seeds, layers, cands)
+    assert calls == [2]  # the encoder ran once, on the images, not once per candidate
+    assert got.shape == (2, 3, 3)
+    torch.testing.assert_close(got[:, :, 0], expected)
+    torch.testing.assert_close(got[:, :, 1], expected)
+    short = model(px[:1], cands[0, 0, 2, :3][None], seeds[:1], layers=layers).logits  # [1, L, 2, V]
+    ref = torch.log_softmax(short, -1)[0, :, [0, 1], [3, 2]].sum(-1)
+    torch.testing.assert_close(got[0, :, 2], ref)
+    # differentiable (DiCO back-propagates through it)
+    got.sum().backward()
+    assert model.readout.tok_emb.weight.grad is not None
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    model = tiny_model()
+    px, seeds = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.tensor([1, 2])
+
+    class StubTokenizer:
+        def save(self, d):
+            (d / "tokenizer.json").write_text("{}")
+
+    model.save_pretrained(tmp_path / "ckpt", tokenizer=StubTokenizer())
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp folders left behind
+    loaded = RefinementCaptioner.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.config == model.config
+    assert loaded.readout.lm_head.weight is loaded.readout.tok_emb.weight  # tying survives
+    for method, n in (("greedy", 1), ("beam", 3)):
+        a = model.generate(px, seeds, None, method=method, num_candidates=n)
+        b = loaded.generate(px, seeds, None, method=method, num_candidates=n)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+        torch.testing.assert_close(a.logprobs, b.logprobs)
+    # overwriting an existing checkpoint replaces it whole
+    tiny_model(seed=3).save_pretrained(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt" / "tokenizer.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_from_pretrained_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing")):
+        RefinementCaptioner.from_pretrained(tmp_path / "missing")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text(json.dumps(tiny_config().to_dict()))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        RefinementCaptioner.from_pretrained(tmp_path / "half")
+
+
+def test_default_config_builds():
+    model = RefinementCaptioner(CaptionerConfig(vocab_size=50))
+    n = sum(p.numel() for p in model.parameters())
+    assert 1_000_000 < n < 3_000_000
+    px = torch.randn(2, 3, 64, 64)
+    out = model(px, torch.tensor([[1, 5, 2], [1, 6, 2]]), torch.tensor([0, 1]))
+    assert out.logits.shape == (2, 5, 2, 50) and out.latents.shape == (2, 5, 8, 128)
+
+
+def test_overfits_synthetic_colour_images():
+    """Image of colour X -> caption "x": after a few hundred steps the final layer's greedy caption
+    is right for every image, whatever the z_0 seed."""
+    torch.manual_seed(0)
+    colours = torch.tensor([[230, 30, 30], [30, 200, 40], [40, 60, 220], [240, 220, 40]], dtype=torch.uint8)
+    images = colours[:, None, None, :].expand(4, 16, 16, 3).contiguous()
+    # vocab: 0 pad, 1 bos, 2 eos, 3 "a", 4 red, 5 green, 6 blue, 7 yellow, 8 "square"
+    captions = torch.tensor([[1, 3, 4 + i, 8, 2] for i in range(4)])
+    cfg = CaptionerConfig(encoder=EncoderConfig(image_size=16, patch_size=8, width=32, depth=1, heads=2), d_model=32,
+                          num_slots=4, num_refine_layers=2, n_heads=2, readout_layers=1, vocab_size=9, max_len=8)
+    model = RefinementCaptioner(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    px = model.encoder.preprocess(images)
+    K = cfg.num_refine_layers
+    for step in range(150):
+        seeds = torch.randint(0, 2**31 - 1, (4,))
+        out = model(px, captions, seeds, layers=range(1, K + 1))
+        targets = captions[:, None, 1:].expand(-1, K, -1)
+        loss = F.cross_entropy(out.logits.flatten(0, 2), targets.flatten(), ignore_index=0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    gen = model.generate(px, torch.tensor([11, 12, 13, 14]), [K], method="greedy", max_len=8)
+    assert torch.equal(gen.tokens[:, 0, 0], captions)

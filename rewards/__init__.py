@@ -1,0 +1,80 @@
+"""Caption rewards for rlrefine: CLIP-S, RefCLIP-S, PAC-S, RefPAC-S, learned and distilled evaluators.
+
+Where it sits: ``rlrefine.data -> rlrefine.models -> rewards -> rlrefine.losses -> trainers``.
+This package imports nothing from ``rlrefine`` above the data layer.
+
+The reward protocol
+-------------------
+Every reward is a callable::
+
+    reward(images, captions, references=None, image_index=None) -> torch.Tensor  # [len(captions)]
+
+* ``images``: a list of PIL images, a uint8 tensor/ndarray ``[B, H, W, 3]`` of raw pixels
+  (preprocessed by the reward itself with batched torch ops: resize shortest side, centre crop,
+  normalise), or a float tensor ``[B, 3, h, w]`` already preprocessed for *that* reward.
+* ``captions``: ``N`` strings. ``image_index`` (LongTensor ``[N]``) maps caption ``i`` to image row
+  ``image_index[i]``, so ``n`` candidates per image are scored with each image encoded once;
+  default: row-aligned (``N == B``).
+* ``references``: per image row, a list of reference captions (needed by the ``Ref*`` rewards,
+  ignored by the others).
+* Returns float32 scores, higher is better, on the reward model's device, computed under
+  ``torch.no_grad()``. Work is batched internally (``batch_size``), and the text embedding of a
+  caption that occurs several times in one call (duplicate candidates, references) is computed
+  once.
+
+Every reward also exposes ``embed_images(images) -> [B, D]`` and ``embed_texts(texts) -> [N, D]``
+(L2-normalised), used e.g. for hard-pair mining and the text-embedding progress curve.
+
+Public API
+----------
+* :mod:`rewards.clip_score`: ``clip_s``, ``CLIPScore``, ``RefCLIPScore``, ``PACScore``,
+  ``RefPACScore``, ``LearnedScore`` (``.from_pretrained(model_name, checkpoint, device)``,
+  ``LearnedScore.from_dir(dir)``).
+* :mod:`rewards.loading`: ``load_open_clip(model_name, checkpoint, device)``,
+  ``register_model_config(name, cfg)``, ``BatchedPreprocess``.
+* :mod:`rewards.evaluator`: ``EvaluatorConfig``, ``train_evaluator`` (the ``train-evaluator`` stage).
+* :mod:`rewards.distill`: ``DistillConfig``, ``distill_reward``, ``DistilledScore`` (``distill-reward``).
+* :mod:`rewards.shaping`: ``schedule``, ``length_budget``, ``shape_rewards`` (DESIGN section 4).
+"""
+from .clip_score import (
+    CLIPScore,
+    LearnedScore,
+    OpenCLIPReward,
+    PACScore,
+    RefCLIPScore,
+    RefPACScore,
+    clip_s,
+    harmonic_mean,
+    ref_text_similarity,
+)
+from .distill import DistillConfig, DistilledScore, distill_reward, kendall_tau, spearman
+from .evaluator import EvaluatorConfig, swap_attribute, train_evaluator
+from .loading import BatchedPreprocess, load_open_clip, read_state_dict, register_model_config
+from .shaping import length_budget, schedule, shape_rewards
+
+__all__ = [
+    "BatchedPreprocess",
+    "CLIPScore",
+    "DistillConfig",
+    "DistilledScore",
+    "EvaluatorConfig",
+    "LearnedScore",
+    "OpenCLIPReward",
+    "PACScore",
+    "RefCLIPScore",
+    "RefPACScore",
+    "clip_s",
+    "distill_reward",
+    "harmonic_mean",
+    "kendall_tau",
+    "length_budget",
+    "load_open_clip",
+    "read_state_dict",
+    "ref_text_similarity",
+    "register_model_config",
+    "schedule",
+    "shape_rewards",
+    "spearman",
+    "swap_attribute",
+    "train_evaluator",
+]

@@ -1,0 +1,265 @@
+"""CLIP-family caption rewards: CLIP-S, RefCLIP-S, PAC-S, RefPAC-S and learned evaluators.
+
+All share one form (Hessel et al. 2021, "CLIPScore"; Sarto et al. 2023, "PAC-S"):
+
+    CLIP-S(c, v)   = w * max(cos(E_img(v), E_txt(prefix + c)), 0)                 w = 2.5
+    PAC-S(c, v)    = the same with PAC-S fine-tuned CLIP weights                   w = 2.0
+    Ref-*(c, v, R) = H-Mean(CLIP-S(c, v), max(max_{r in R} cos(E_txt(c), E_txt(r)), 0))
+    H-Mean(a, b)   = 2ab / (a + b)   (0 when a + b = 0)
+
+The text prefix ``"A photo depicts "`` is applied to candidates *and* references, as in both
+reference implementations. Each class implements the reward protocol of :mod:`rewards`
+(``reward(images, captions, references=None, image_index=None) -> Tensor[len(captions)]``).
+"""
+from __future__ import annotations
+
+import json
+import hashlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .loading import load_open_clip, register_model_config
+
+__all__ = [
+    "CLIPScore",
+    "LearnedScore",
+    "OpenCLIPReward",
+    "PACScore",
+    "RefCLIPScore",
+    "RefPACScore",
+    "clip_s",
+    "harmonic_mean",
+    "ref_text_similarity",
+]
+
+
+def clip_s(image_emb: torch.Tensor, text_emb: torch.Tensor, w: float = 2.5) -> torch.Tensor:
+    """CLIP-S on row-aligned embeddings: ``w * max(cos(image_emb[i], text_emb[i]), 0)``.
+
+    Args:
+        image_emb: ``[B, D]`` (need not be normalised; normalised here).
+        text_emb: ``[B, D]``.
+        w: rescaling weight (2.5 for CLIP-S, 2.0 for PAC-S).
+    Returns:
+        ``[B]`` scores.
+    """
+    cos = (F.normalize(image_emb.float(), dim=-1) * F.normalize(text_emb.float(), dim=-1)).sum(-1)
+    return w * cos.clamp(min=0.0)
+
+
+def ref_text_similarity(cand_emb: torch.Tensor, ref_emb: torch.Tensor, ref_owner: torch.Tensor,
+                        cand_owner: torch.Tensor) -> torch.Tensor:
+    """``max(max_{r of the candidate's image} cos(c, r), 0)``: the text side of RefCLIP-S.
+
+    Args:
+        cand_emb: ``[N, D]`` candidate text embeddings.
+        ref_emb: ``[R, D]`` reference text embeddings (all images' references, flattened).
+        ref_owner: ``[R]`` image row each reference belongs to.
+        cand_owner: ``[N]`` image row each candidate belongs to.
+    Returns:
+        ``[N]``; an image without references is an error.
+    """
+    sims = F.normalize(cand_emb.float(), dim=-1) @ F.normalize(ref_emb.float(), dim=-1).T  # [N, R]
+    own = cand_owner[:, None] == ref_owner[None, :]
+    if not bool(own.any(dim=1).all()):
+        bad = cand_owner[~own.any(dim=1)].unique().tolist()
+        raise ValueError(f"no references for image rows {bad[:10]}")
+    return sims.masked_fill(~own, float("-inf")).amax(dim=1).clamp(min=0.0)
+
+
+def harmonic_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``2ab / (a + b)``, defined as 0 where ``a + b == 0`` (both scores clamped at 0)."""
+    s = a + b
+    return torch.where(s > 0, 2 * a * b / s.clamp(min=1e-12), torch.zeros_like(s))
+
+
+class OpenCLIPReward:
+    """An open_clip dual encoder used as a caption reward (base of every reward in this module).
+
+    ``score = max(w * cos(E_img, E_txt(text_prefix + caption)) + bias, 0)`` (``clamp=True``;
+    ``bias`` is 0 for CLIP-S/PAC-S, a learned offset for the distilled student), optionally
+    harmonically mixed with the reference similarity (``uses_references``).
+
+    Batched: images and texts are encoded ``batch_size`` at a time; within one call every distinct
+    text (candidate or reference) is encoded once and image rows are encoded once however many
+    candidates point at them through ``image_index``.
+    """
+
+    default_w: float = 2.5
+    default_prefix: str = ""
+    uses_references: bool = False
+
+    def __init__(self, model: torch.nn.Module, preprocess, tokenizer, *, w: float | None = None,
+                 text_prefix: str | None = None, batch_size: int = 128, clamp: bool = True,
+                 bias: float = 0.0, name: str | None = None):
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.w = float(self.default_w if w is None else w)
+        prefix = self.default_prefix if text_prefix is None else text_prefix
+        if prefix and not prefix.endswith(" "):
+            prefix += " "  # both reference implementations add the missing space
+        self.text_prefix = prefix
+        self.batch_size = int(batch_size)
+        self.clamp = clamp
+        self.bias = float(bias)
+        self.name = name or type(self).__name__
+
+    @classmethod
+    def from_pretrained(cls, model_name: str, checkpoint: str | Path | None = None,
+                        device: str | torch.device = "cpu", **kwargs: Any) -> "OpenCLIPReward":
+        """Load ``model_name`` (open_clip name or ``local-dir:``) with local ``checkpoint`` weights."""
+        model, preprocess, tokenizer = load_open_clip(model_name, checkpoint, device)
+        return cls(model, preprocess, tokenizer, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def __repr__(self) -> str:
+        return (f"{self.name}(w={self.w}, prefix={self.text_prefix!r}, refs={self.uses_references}, "
+                f"device={self.device})")
+
+    # -- embeddings -------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed_images(self, images: Any) -> torch.Tensor:
+        """L2-normalised image embeddings ``[B, D]`` (PIL list, uint8 [B,H,W,3] or preprocessed)."""
+        pixels = self.preprocess(images, device=self.device)  # [B, 3, S, S]
+        out = [self.model.encode_image(pixels[i:i + self.batch_size])
+               for i in range(0, pixels.shape[0], self.batch_size)]
+        return F.normalize(torch.cat(out).float(), dim=-1)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str], add_prefix: bool = True) -> torch.Tensor:
+        """L2-normalised text embeddings ``[N, D]``; duplicate texts are encoded once."""
+        full = [(self.text_prefix if add_prefix else "") + t for t in texts]
+        unique = list(dict.fromkeys(full))
+        where = {t: i for i, t in enumerate(unique)}
+        chunks = []
+        for i in range(0, len(unique), self.batch_size):
+            tokens = self.tokenizer(unique[i:i + self.batch_size]).to(self.device)
+            chunks.append(self.model.encode_text(tokens))
+        emb = F.normalize(torch.cat(chunks).float(), dim=-1)  # [U, D]
+        return emb[torch.tensor([where[t] for t in full], device=emb.device, dtype=torch.long)]
+
+    # -- scoring ----------------------------------------------------------------------------
+    def score_embeddings(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """Row-aligned image/text embeddings -> scores ``[B]`` (the reward's own w, bias, clamp)."""
+        cos = (F.normalize(image_emb.float(), dim=-1) * F.normalize(text_emb.float(), dim=-1)).sum(-1)
+        score = self.w * cos + self.bias
+        return score.clamp(min=0.0) if self.clamp else score
+
+    @torch.no_grad()
+    def __call__(self, images: Any, captions: Sequence[str],
+                 references: Sequence[Sequence[str]] | None = None,
+                 image_index: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+        """Score ``captions`` against their images; see the protocol in :mod:`rewards`.
+
+        ``references`` (when given) are per *image row*: ``references[j]`` lists the reference
+        captions of ``images[j]``.
+        """
+        captions = list(captions)
+        n_images = len(images)
+        if image_index is None:
+            if n_images != len(captions):
+                raise ValueError(f"{len(captions)} captions for {n_images} images: pass image_index "
+                                 "to score several captions per image")
+            image_index = torch.arange(n_images)
+        image_index = torch.as_tensor(image_index, dtype=torch.long).flatten()
+        if image_index.numel() != len(captions):
+            raise ValueError(f"image_index has {image_index.numel()} entries for {len(captions)} captions")
+        if len(captions) and (int(image_index.min()) < 0 or int(image_index.max()) >= n_images):
+            raise ValueError(f"image_index out of range for {n_images} images")
+        if not captions:
+            return torch.zeros(0, device=self.device)
+        texts = list(captions)
+        ref_owner: list[int] = []
+        if self.uses_references:
+            if references is None:
+                raise ValueError(f"{self.name} needs references (one list of strings per image row)")
+            if len(references) != n_images:
+                raise ValueError(f"{len(references)} reference lists for {n_images} images")
+            for j, refs in enumerate(references):
+                refs = [refs] if isinstance(refs, str) else list(refs)
+                texts.extend(refs)
+                ref_owner.extend([j] * len(refs))
+        image_index = image_index.to(self.device)
+        image_emb = self.embed_images(images)  # [n_images, D], once per row
+        text_emb = self.embed_texts(texts)  # dedup inside
+        cand_emb = text_emb[:len(captions)]
+        scores = self.score_embeddings(image_emb[image_index], cand_emb)
+        if self.uses_references:
+            ref_sim = ref_text_similarity(cand_emb, text_emb[len(captions):],
+                                          torch.tensor(ref_owner, device=self.device), image_index)
+            scores = harmonic_mean(scores, ref_sim)
+        return scores.float()
+
+
+class CLIPScore(OpenCLIPReward):
+    """CLIP-S (Hessel et al. 2021): ``2.5 * max(cos(E_img, E_txt("A photo depicts " + c)), 0)``."""
+
+    default_w = 2.5
+    default_prefix = "A photo depicts "
+
+
+class RefCLIPScore(CLIPScore):
+    """RefCLIP-S: ``H-Mean(CLIP-S, max(max_r cos(E_txt(c), E_txt(r)), 0))`` (CLIP-S includes w)."""
+
+    uses_references = True
+
+
+class PACScore(OpenCLIPReward):
+    """PAC-S (Sarto et al. 2023): CLIP-S form with w = 2.0 and PAC-S fine-tuned CLIP weights.
+
+    The PAC-S release stores ``{"state_dict": <fine-tuned CLIP state dict>}``; load it with
+    ``PACScore.from_pretrained("ViT-B-32-quickgelu", "clip_ViT-B-32.pth")`` (OpenAI-architecture
+    ViT-B/32 uses QuickGELU) — any open_clip architecture + local checkpoint works the same way.
+    """
+
+    default_w = 2.0
+    default_prefix = "A photo depicts "
+
+
+class RefPACScore(PACScore):
+    """RefPAC-S: ``H-Mean(PAC-S, max(max_r cos(E_txt(c), E_txt(r)), 0))``."""
+
+    uses_references = True
+
+
+class LearnedScore(OpenCLIPReward):
+    """A learned evaluator (``rewards.evaluator.train_evaluator``) used as a CLIP-S-style reward.
+
+    No text prefix by default (it was trained on bare captions); ``w`` and the prefix are read from
+    the run folder's JSON by :meth:`from_dir`.
+    """
+
+    default_w = 2.5
+    default_prefix = ""
+    manifest_name = "evaluator.json"
+
+    @classmethod
+    def from_dir(cls, out_dir: str | Path, device: str | torch.device = "cpu",
+                 **overrides: Any) -> "OpenCLIPReward":
+        """Load from a folder written by the trainer (``<manifest>.json`` + weights beside it)."""
+        out_dir = Path(out_dir)
+        manifest = out_dir / cls.manifest_name
+        if not manifest.is_file():
+            raise FileNotFoundError(f"no {cls.manifest_name} in {out_dir}")
+        meta = json.loads(manifest.read_text())
+        name = _register_unique(meta["model_name"], meta["model_cfg"])
+        kwargs = dict(w=meta.get("w"), text_prefix=meta.get("text_prefix", ""),
+                      clamp=meta.get("clamp", True), bias=meta.get("bias", 0.0))
+        kwargs.update(overrides)
+        return cls.from_pretrained(name, out_dir / meta["weights"], device=device, **kwargs)
+
+
+def _register_unique(name: str, model_cfg: dict) -> str:
+    """Register ``model_cfg`` as ``name``, or as ``name-<hash>`` if ``name`` means another config."""
+    try:
+        return register_model_config(name, model_cfg)
+    except ValueError:
+        digest = hashlib.sha1(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:8]
+        return register_model_config(f"{name}-{digest}", model_cfg)

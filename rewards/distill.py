@@ -1,0 +1,368 @@
+"""Reward distillation: a compact student dual encoder that imitates a teacher reward.
+
+The ``distill-reward`` stage. DiCO only consumes each image's *ranking* of its candidates (the
+argmax and the softmax weights), so the student is trained to reproduce the teacher's scores and,
+above all, its per-image ordering, on the pairs that fine-tuning will actually show it:
+
+* pairs: every reference caption of an image; (when given) the captioner's own candidates from
+  every layer, as ``(image_idx, caption)`` pairs built by the caller; and HELIP-style hard pairs:
+  captions of the images nearest to each image in the *teacher's* image-embedding space.
+* loss = ``mse_weight``      * mean (s - t)^2                                  (regression)
+       + ``listwise_weight`` * mean_i KL(softmax(t_i / T) || softmax(s_i / T))  (per-image lists)
+       + ``margin_weight``   * mean relu(margin - (s_pos - s_hard))            (hard negatives)
+  where t are teacher scores, s = w * cos + b student scores (w, b learned), s_pos the student
+  score of the image's best reference (by the teacher) and s_hard of a hard pair the teacher
+  scores lower.
+* The student is an open_clip model (default ``rlrefine-student-tiny``: width-32 towers, 2
+  layers, 16 px patches) saved as ``student.pt`` + ``student.json`` and used through the reward protocol with
+  ``DistilledScore.from_dir(out_dir)``.
+* Reported on held-out images' pairs: Spearman and Kendall tau-b with the teacher (overall and
+  mean per image), argmax agreement per image, and pairs/s of student vs teacher measured in the
+  same run on the same pairs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .clip_score import LearnedScore
+from .evaluator import (_cosine_with_warmup, _image_batch, _log, _param_groups, _split_fields,
+                        build_dual_encoder, save_dual_encoder)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DistillConfig", "DistilledScore", "distill_reward", "kendall_tau", "rankdata", "spearman"]
+
+REF, CANDIDATE, HARD = 0, 1, 2  # pair kinds
+
+
+# ---------------------------------------------------------------------------------------------
+# rank correlation (no scipy)
+def rankdata(x: Sequence[float] | np.ndarray | torch.Tensor) -> np.ndarray:
+    """1-based ranks with ties given their average rank (scipy's ``rankdata(method="average")``)."""
+    x = np.asarray(torch.as_tensor(x).detach().cpu().double())
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.arange(1, len(x) + 1)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(inverse, weights=ranks) / counts)[inverse]
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rho: Pearson correlation of average ranks (nan if either side is constant)."""
+    rx, ry = rankdata(x), rankdata(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = math.sqrt(float((rx ** 2).sum() * (ry ** 2).sum()))
+    return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float], chunk: int = 2048) -> float:
+    """Kendall's tau-b: ``(C - D) / sqrt((n0 - n1)(n0 - n2))`` with n0 = n(n-1)/2 and n1, n2 the
+    pairs tied in x and in y (nan if either side is constant). O(n^2), computed in row chunks."""
+    xt = torch.as_tensor(np.asarray(x, dtype=np.float64))
+    yt = torch.as_tensor(np.asarray(y, dtype=np.float64))
+    n = xt.numel()
+    s = 0.0
+    tie_x = tie_y = 0.0
+    for i in range(0, n, chunk):
+        dx = torch.sign(xt[i:i + chunk, None] - xt[None, :])  # [c, n]
+        dy = torch.sign(yt[i:i + chunk, None] - yt[None, :])
+        s += float((dx * dy).sum())
+        tie_x += float((dx == 0).sum()) - min(chunk, n - i)  # minus the diagonal
+        tie_y += float((dy == 0).sum()) - min(chunk, n - i)
+    n0 = n * (n - 1) / 2
+    s, n1, n2 = s / 2, tie_x / 2, tie_y / 2  # every unordered pair was counted twice
+    den = math.sqrt((n0 - n1) * (n0 - n2))
+    return s / den if den > 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DistillConfig:
+    """Config of ``distill_reward`` (defaults: the embedded shapes recipe on 2 CPU cores)."""
+
+    model_name: str = "rlrefine-student-tiny"  # architecture name registered with open_clip
+    embed_dim: int = 32
+    image_size: int = 64
+    patch_size: int = 16  # 4 x 4 = 16 patches: ~4x fewer image tokens than the teacher
+    vision_width: int = 32
+    vision_layers: int = 2
+    vision_head_width: int = 16  # -> 2 heads
+    text_width: int = 32
+    text_heads: int = 2
+    text_layers: int = 2
+    context_length: int = 24
+    steps: int = 800
+    images_per_step: int = 32  # images per step; each brings up to max_pairs_per_image pairs
+    max_pairs_per_image: int = 12
+    max_images: int | None = 4000  # images of the split used (teacher scoring cost); None: all
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    hard_neighbours: int = 3  # nearest images (teacher space) whose captions give hard pairs
+    hard_captions_per_neighbour: int = 1
+    mse_weight: float = 1.0
+    listwise_weight: float = 1.0
+    listwise_temperature: float = 0.1  # T of the per-image softmax (score units)
+    margin_weight: float = 0.5
+    margin: float = 0.1  # score units
+    holdout_fraction: float = 0.2  # images whose pairs are held out for the report
+    text_prefix: str = ""  # student reads bare captions (the teacher applies its own prefix)
+    clamp: bool = True  # student's inference score max(w*cos + b, 0), like CLIP-S
+    teacher_batch_size: int | None = None  # override the teacher's internal batch size
+    seed: int = 0
+    device: str = "cpu"
+
+    def model_cfg(self) -> dict:
+        return {
+            "embed_dim": self.embed_dim,
+            "vision_cfg": {"image_size": self.image_size, "layers": self.vision_layers,
+                           "width": self.vision_width, "head_width": self.vision_head_width,
+                           "patch_size": self.patch_size},
+            "text_cfg": {"context_length": self.context_length, "vocab_size": 49408,
+                         "width": self.text_width, "heads": self.text_heads,
+                         "layers": self.text_layers},
+        }
+
+
+class DistilledScore(LearnedScore):
+    """The distilled student as a reward: ``max(w * cos(E_img, E_txt(c)) + b, 0)``.
+
+    Load with ``DistilledScore.from_dir(out_dir)`` (``student.json`` + ``student.pt``).
+    """
+
+    manifest_name = "student.json"
+
+
+@dataclass
+class _Pairs:
+    image: torch.Tensor  # [P] image row
+    caption: list[str]  # [P]
+    kind: torch.Tensor  # [P] REF / CANDIDATE / HARD
+    teacher: torch.Tensor | None = None  # [P] teacher scores
+
+
+def _build_pairs(captions: list[list[str]], rows: Sequence[int], neighbours: torch.Tensor,
+                 candidates: Sequence[tuple[int, str]] | None, cfg: DistillConfig,
+                 rng: random.Random) -> _Pairs:
+    rows_set = set(rows)
+    by_image: dict[int, dict[str, int]] = {i: {} for i in rows}
+    for i in rows:
+        for c in captions[i]:
+            by_image[i].setdefault(c, REF)
+    for i, c in candidates or ():
+        if int(i) in rows_set:
+            by_image[int(i)].setdefault(c, CANDIDATE)
+    for i in rows:
+        for j in neighbours[i].tolist():
+            for c in rng.sample(captions[j], min(cfg.hard_captions_per_neighbour, len(captions[j]))):
+                by_image[i].setdefault(c, HARD)  # an identical caption stays a reference
+    image, caption, kind = [], [], []
+    for i in rows:
+        for c, k in by_image[i].items():
+            image.append(i)
+            caption.append(c)
+            kind.append(k)
+    return _Pairs(torch.tensor(image), caption, torch.tensor(kind))
+
+
+def _score_teacher(teacher: Callable, images: Any, captions: list[list[str]], pairs: _Pairs,
+                   uses_refs: bool) -> tuple[torch.Tensor, float]:
+    """Teacher scores for ``pairs`` through the reward protocol; also returns seconds taken."""
+    rows = sorted(set(pairs.image.tolist()))
+    local = {r: k for k, r in enumerate(rows)}
+    sub = _image_batch(images, rows)
+    index = torch.tensor([local[i] for i in pairs.image.tolist()])
+    refs = [captions[r] for r in rows] if uses_refs else None
+    t0 = time.perf_counter()
+    scores = teacher(sub, pairs.caption, refs, image_index=index)
+    return scores.detach().float().cpu(), time.perf_counter() - t0
+
+
+def _groups(pairs: _Pairs) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for p, i in enumerate(pairs.image.tolist()):
+        out.setdefault(i, []).append(p)
+    return out
+
+
+def _ranking_report(student: torch.Tensor, teacher: torch.Tensor, pairs: _Pairs) -> dict[str, float]:
+    groups = _groups(pairs)
+    per_image_rho, agree = [], []
+    for idx in groups.values():
+        t, s = teacher[idx], student[idx]
+        if len(idx) > 1:
+            rho = spearman(s, t)
+            if not math.isnan(rho):
+                per_image_rho.append(rho)
+        # argmax agreement: the student's top pair is (one of) the teacher's top pairs
+        agree.append(float(t[int(s.argmax())] >= t.max() - 1e-6))
+    return {"spearman": spearman(student, teacher), "kendall": kendall_tau(student, teacher),
+            "spearman_per_image": float(np.mean(per_image_rho)) if per_image_rho else float("nan"),
+            "argmax_agreement": float(np.mean(agree)), "pairs": float(len(teacher))}
+
+
+def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: str | Path,
+                   candidates: Sequence[tuple[int, str]] | None = None,
+                   logger: Any = None) -> dict[str, float]:
+    """Distil ``teacher`` (any protocol reward with ``embed_images``) into a compact student.
+
+    Args:
+        cfg: :class:`DistillConfig`.
+        teacher: the reward to imitate (``CLIPScore``, ``PACScore``, ``LearnedScore``, ...). A
+            ``Ref*`` teacher gets each image's references.
+        split: CaptionSplit-like (``images`` uint8 [N,H,W,3] or paths, ``captions``).
+        out_dir: where ``student.pt`` / ``student.json`` go.
+        candidates: optional ``(image_idx, caption)`` pairs, e.g. the captioner's candidates from
+            every layer, generated by the caller; ``image_idx`` indexes ``split``.
+        logger: accelerate-style tracker (``.log(dict, step=)``) or callable; names ``distill/...``.
+
+    Returns:
+        metrics on held-out pairs: ``spearman``, ``kendall``, ``spearman_per_image``,
+        ``argmax_agreement`` (and ``init/...`` for the untrained student), ``pairs_per_s_student``,
+        ``pairs_per_s_teacher``, ``speedup``, ``train_time_s``.
+    """
+    out_dir = Path(out_dir)
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    images, captions = _split_fields(split)
+    n = len(captions) if cfg.max_images is None else min(cfg.max_images, len(captions))
+    if cfg.teacher_batch_size is not None and hasattr(teacher, "batch_size"):
+        teacher.batch_size = cfg.teacher_batch_size
+    uses_refs = bool(getattr(teacher, "uses_references", False))
+
+    # HELIP-style mining: nearest images in the teacher's image-embedding space
+    with torch.no_grad():
+        t_emb = torch.cat([teacher.embed_images(_image_batch(images, range(i, min(i + 256, n))))
+                           .float().cpu() for i in range(0, n, 256)])
+    sims = t_emb @ t_emb.T
+    sims.fill_diagonal_(float("-inf"))
+    neighbours = sims.topk(min(cfg.hard_neighbours, n - 1), dim=1).indices  # [n, k]
+
+    order = list(range(n))
+    rng.shuffle(order)
+    n_hold = max(1, int(round(cfg.holdout_fraction * n)))
+    held, train_rows = sorted(order[:n_hold]), sorted(order[n_hold:])
+    train_pairs = _build_pairs(captions, train_rows, neighbours, candidates, cfg, rng)
+    held_pairs = _build_pairs(captions, held, neighbours, candidates, cfg, rng)
+    train_pairs.teacher, _ = _score_teacher(teacher, images, captions, train_pairs, uses_refs)
+    held_pairs.teacher, _ = _score_teacher(teacher, images, captions, held_pairs, uses_refs)
+
+    name, model, tokenizer, preprocess = build_dual_encoder(cfg.model_name, cfg.model_cfg(), device)
+    init_w = float(getattr(teacher, "w", 2.5))
+    w = torch.nn.Parameter(torch.tensor(init_w, device=device))
+    b = torch.nn.Parameter(torch.tensor(0.0, device=device))
+
+    def student_scores(pairs: _Pairs) -> torch.Tensor:
+        """Inference scores of the current student (clamped like the saved reward)."""
+        model.eval()
+        with torch.no_grad():
+            rows = sorted(set(pairs.image.tolist()))
+            local = {r: k for k, r in enumerate(rows)}
+            img = torch.cat([model.encode_image(preprocess(_image_batch(images, rows[i:i + 256]),
+                                                           device=device), normalize=True)
+                             for i in range(0, len(rows), 256)])
+            texts = [cfg.text_prefix + c for c in pairs.caption]
+            txt = torch.cat([model.encode_text(tokenizer(texts[i:i + 512]).to(device), normalize=True)
+                             for i in range(0, len(texts), 512)])
+            own = torch.tensor([local[i] for i in pairs.image.tolist()], device=device)
+            s = w * (img[own] * txt).sum(-1) + b
+        model.train()
+        return (s.clamp(min=0) if cfg.clamp else s).float().cpu()
+
+    init = _ranking_report(student_scores(held_pairs), held_pairs.teacher, held_pairs)
+    metrics: dict[str, float] = {f"init/{k}": v for k, v in init.items()}
+
+    groups = list(_groups(train_pairs).items())
+    params = _param_groups(model, cfg.weight_decay)
+    params.append({"params": [w, b], "weight_decay": 0.0})
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine_with_warmup(cfg.warmup_steps, cfg.steps))
+    teacher_all, kind_all = train_pairs.teacher.to(device), train_pairs.kind.to(device)
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="distill-reward", dynamic_ncols=True)
+    for step in bar:
+        chosen = rng.sample(groups, min(cfg.images_per_step, len(groups)))
+        rows = [r for r, _ in chosen]
+        lists = [rng.sample(idx, min(len(idx), cfg.max_pairs_per_image)) for _, idx in chosen]
+        G, P = len(lists), max(len(x) for x in lists)
+        flat = [p for x in lists for p in x]
+        slot = torch.tensor([g * P + j for g, x in enumerate(lists) for j in range(len(x))],
+                            device=device)
+        owner = torch.tensor([g for g, x in enumerate(lists) for _ in x], device=device)
+        pix = preprocess(_image_batch(images, rows), device=device)
+        tokens = tokenizer([cfg.text_prefix + train_pairs.caption[p] for p in flat]).to(device)
+        img_f = model.encode_image(pix, normalize=True)  # [G, D]
+        txt_f = model.encode_text(tokens, normalize=True)  # [T, D]
+        s = w * (img_f[owner] * txt_f).sum(-1) + b  # [T] student scores (unclamped)
+        t = teacher_all[torch.tensor(flat, device=device)]
+        kind = kind_all[torch.tensor(flat, device=device)]
+        loss_mse = F.mse_loss(s, t)
+        # per-image lists padded to [G, P]
+        S = torch.full((G * P,), float("-inf"), device=device).index_put((slot,), s).view(G, P)
+        Tt = torch.full((G * P,), float("-inf"), device=device).index_put((slot,), t).view(G, P)
+        tau = cfg.listwise_temperature
+        p_t = torch.softmax(Tt / tau, dim=1)
+        log_p_s = torch.log_softmax(S / tau, dim=1)
+        valid = torch.isfinite(Tt)
+        kl = (p_t * (torch.log(p_t.clamp(min=1e-12)) - log_p_s)).masked_fill(~valid, 0.0).sum(1)
+        loss_list = kl.mean()
+        # margin: each image's best reference (by the teacher) above its hard pairs the teacher
+        # scores lower
+        K = torch.full((G * P,), -1, device=device, dtype=torch.long).index_put((slot,), kind).view(G, P)
+        ref_t = Tt.masked_fill(K != REF, float("-inf"))
+        best = ref_t.argmax(dim=1)  # [G]
+        has_ref = torch.isfinite(ref_t.max(dim=1).values)
+        s_pos, t_pos = S.gather(1, best[:, None]), Tt.gather(1, best[:, None])  # [G, 1]
+        hard = (K == HARD) & (Tt < t_pos) & has_ref[:, None]
+        hinge = F.relu(cfg.margin - (s_pos - S.masked_fill(~hard, 0.0)))
+        loss_margin = (hinge * hard).sum() / hard.sum().clamp(min=1)
+        loss = (cfg.mse_weight * loss_mse + cfg.listwise_weight * loss_list
+                + cfg.margin_weight * loss_margin)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            _log(logger, {"distill/loss": loss.item(), "distill/loss_mse": loss_mse.item(),
+                          "distill/loss_listwise": loss_list.item(),
+                          "distill/loss_margin": loss_margin.item(), "distill/w": w.item(),
+                          "distill/b": b.item()}, step)
+    bar.close()
+    metrics["train_time_s"] = time.perf_counter() - start
+    model.eval()
+    save_dual_encoder(model, out_dir, "student", name, cfg.model_cfg(),
+                      {"w": w.item(), "bias": b.item(), "text_prefix": cfg.text_prefix,
+                       "clamp": cfg.clamp, "teacher": repr(teacher),
+                       "config": dataclasses.asdict(cfg)})
+
+    # held-out report, with the saved student loaded through the reward protocol
+    student = DistilledScore.from_dir(out_dir, device=device)
+    student_s, student_time = _score_teacher(student, images, captions, held_pairs, False)
+    _, teacher_time = _score_teacher(teacher, images, captions, held_pairs, uses_refs)
+    metrics.update(_ranking_report(student_s, held_pairs.teacher, held_pairs))
+    metrics["pairs_per_s_student"] = len(held_pairs.caption) / max(student_time, 1e-9)
+    metrics["pairs_per_s_teacher"] = len(held_pairs.caption) / max(teacher_time, 1e-9)
+    metrics["speedup"] = metrics["pairs_per_s_student"] / metrics["pairs_per_s_teacher"]
+    metrics["train_pairs"] = float(len(train_pairs.caption))
+    _log(logger, {f"distill/{k}": v for k, v in metrics.items()}, cfg.steps)
+    save_dual_encoder(model, out_dir, "student", name, cfg.model_cfg(),
+                      {"w": w.item(), "bias": b.item(), "text_prefix": cfg.text_prefix,
+                       "clamp": cfg.clamp, "teacher": repr(teacher), "metrics": metrics,
+                       "config": dataclasses.asdict(cfg)})
+    log.info("distill-reward: saved to %s (%s)", out_dir, metrics)
+    return metrics

@@ -1,0 +1,84 @@
+"""rewards.distill: rank correlations against hand values, and a short real distillation."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rewards.distill import DistillConfig, DistilledScore, distill_reward, kendall_tau, rankdata, spearman
+
+COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (40, 60, 230)}
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The test machine is shared: one intra-op thread avoids oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def test_rank_correlations_hand_computed():
+    x, y = [1, 2, 3, 4, 5], [5, 6, 7, 8, 7]
+    assert np.allclose(rankdata(y), [1, 2, 3.5, 5, 3.5])
+    # ranks y = [1, 2, 3.5, 5, 3.5]: cov = 8, var_x = 10, var_y = 9.5
+    assert math.isclose(spearman(x, y), 8 / math.sqrt(95), rel_tol=1e-12)
+    # 8 concordant, 1 discordant, 1 pair tied in y: tau_b = 7 / sqrt(10 * 9)
+    assert math.isclose(kendall_tau(x, y), 7 / math.sqrt(90), rel_tol=1e-12)
+    assert math.isclose(kendall_tau(x, y, chunk=2), 7 / math.sqrt(90), rel_tol=1e-12)
+    assert spearman([3, 2, 1], [1, 2, 3]) == -1.0 and math.isnan(spearman([1, 1], [1, 2]))
+
+
+def tiny_colour_data(n, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    images = np.zeros((n, size, size, 3), np.uint8)
+    captions = []
+    for i in range(n):
+        c = list(COLOURS)[rng.integers(3)]
+        y, x = rng.integers(0, size - 6, size=2)
+        images[i, y:y + 6, x:x + 6] = COLOURS[c]
+        captions.append([f"a {c} square", f"one {c} block", f"a square that is {c}"])
+    return {"images": images, "captions": captions}
+
+
+class ColourTeacher:
+    """A hand-made reward: 2 if the caption names the image's colour, else 0.2; embeds images by
+    their mean colour (enough for hard-pair mining)."""
+
+    w = 2.0
+    uses_references = False
+
+    def embed_images(self, images):
+        x = torch.as_tensor(np.asarray(images)).float().flatten(1, 2).mean(1)  # [B, 3]
+        return torch.nn.functional.normalize(x + 1e-3, dim=-1)
+
+    def __call__(self, images, captions, references=None, image_index=None):
+        images = torch.as_tensor(np.asarray(images))
+        idx = torch.arange(len(captions)) if image_index is None else torch.as_tensor(image_index)
+        names = list(COLOURS)
+        rgb = torch.tensor([COLOURS[c] for c in names]).float()
+        mean = images.float().flatten(1, 2).amax(1)  # [B, 3] brightest pixel per channel
+        colour = [names[int(j)] for j in torch.cdist(mean, rgb).argmin(1)]
+        return torch.tensor([2.0 if colour[int(i)] in c else 0.2 for c, i in zip(captions, idx)])
+
+
+def test_distillation_improves_rank_correlation(tmp_path):
+    data = tiny_colour_data(80)
+    # the caller's candidates (e.g. from every captioner layer): all colours for some images
+    candidates = [(i, f"a {c} square") for i in range(0, 80, 2) for c in COLOURS]
+    cfg = DistillConfig(model_name="rlrefine-test-student", embed_dim=32, image_size=32,
+                        patch_size=8, vision_width=32, vision_layers=1, vision_head_width=16,
+                        text_width=32, text_heads=2, text_layers=1, context_length=12, steps=60,
+                        images_per_step=16, lr=3e-3, warmup_steps=5, hard_neighbours=2,
+                        holdout_fraction=0.25)
+    teacher = ColourTeacher()
+    metrics = distill_reward(cfg, teacher, data, tmp_path, candidates=candidates)
+    assert metrics["spearman"] > metrics["init/spearman"] + 0.2, metrics
+    assert metrics["spearman"] > 0.4 and -1 <= metrics["kendall"] <= 1
+    assert 0 <= metrics["argmax_agreement"] <= 1
+    assert metrics["pairs_per_s_student"] > 0 and metrics["pairs_per_s_teacher"] > 0
+    student = DistilledScore.from_dir(tmp_path)
+    imgs = torch.from_numpy(data["images"][:4])
+    out = student(imgs, ["a red square", "a blue square"], image_index=torch.tensor([0, 0]))
+    assert out.shape == (2,) and out.dtype == torch.float32 and torch.all(out >= 0)

@@ -176,12 +176,19 @@ class CaptionTokenizer:
 
     # ------------------------------------------------------------------------------- encoding
     def tokenize(self, text: str) -> list[int]:
-        """Ids of ``text`` without bos/eos."""
+        """Ids of ``text`` without bos/eos. A caption that spells a control token ("<eos>", "<pad>")
+        gets ``<unk>`` there (dropped when the backend has no unk), never the control id itself:
+        otherwise it would end the caption early or vanish from the loss."""
         if self.kind == "word":
-            return self.backend.encode(text, add_special_tokens=False).ids
-        if self.kind == "hf":
-            return list(self.backend(text, add_special_tokens=False)["input_ids"])
-        return self.backend.encode(text)
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        elif self.kind == "hf":
+            ids = list(self.backend(text, add_special_tokens=False)["input_ids"])
+        else:
+            ids = self.backend.encode(text)
+        control = (self.pad_id, self.bos_id, self.eos_id)
+        if any(i in control for i in ids):
+            ids = [self.unk_id if i in control else i for i in ids if i not in control or self.unk_id is not None]
+        return ids
 
     def encode(self, text: str, max_len: int | None = None) -> list[int]:
         """``bos + tokens + eos`` of one caption, cut to ``max_len`` ids with eos kept last."""

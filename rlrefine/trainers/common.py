@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from rlrefine.config import RecipeConfig
+from rlrefine.data.datasets import BadImageError, DataIssues, sanitize_split
 from rlrefine.data.shapes import ShapesConfig, generate_shapes
 from rlrefine.data.tokenizer import CaptionTokenizer
 from rlrefine.models import CaptionerConfig, EncoderConfig, RefinementCaptioner
@@ -36,8 +37,14 @@ def make_accelerator(cfg: RecipeConfig, stage: str, mixed_precision: str = "no")
         mixed_precision=mixed_precision,
         log_with="tensorboard",
         project_dir=str(stage_dir),
+        # batch_size is the global batch, sliced per process by `batch_stream`, so one training step
+        # is one scheduler step whatever the number of processes (accelerate would otherwise step a
+        # prepared scheduler num_processes times per optimizer step).
+        step_scheduler_with_optimizer=False,
     )
     set_seed(cfg.seed, device_specific=False)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     return acc
 
 
@@ -48,21 +55,41 @@ def tensorboard_writer(acc: Accelerator):
     return acc.get_tracker("tensorboard", unwrap=True)
 
 
-def load_splits(cfg: RecipeConfig) -> dict:
-    """The recipe's data as `{split_name: CaptionSplit}` (train, val, test, and test_novel for shapes)."""
+def load_splits(cfg: RecipeConfig, issues: DataIssues | None = None) -> dict:
+    """The recipe's data as `{split_name: CaptionSplit}` (train, val, test, and test_novel for shapes).
+
+    Every split goes through `sanitize_split` (empty captions and captionless images dropped);
+    what was dropped is added to ``issues``.
+    """
     data = cfg.data
+    issues = issues if issues is not None else DataIssues()
     if data.kind == "shapes":
         s = data.shapes
-        return generate_shapes(ShapesConfig(
+        splits = generate_shapes(ShapesConfig(
             image_size=s.image_size, num_train=s.num_train, num_val=s.num_val, num_test=s.num_test,
             num_test_novel=s.num_test_novel, max_objects=s.max_objects, seed=s.seed, label_fraction=s.label_fraction,
         ))
-    from rlrefine.data.coco import load_karpathy
+    elif data.kind == "coco":
+        from rlrefine.data.coco import load_karpathy_split
 
-    return {
-        split: load_karpathy(data.coco.annotations, data.coco.image_root, split=split, use_restval=data.coco.use_restval)
-        for split in ("train", "val", "test")
-    }
+        splits = {
+            split: load_karpathy_split(data.coco.annotations, data.coco.image_root, split=split, merge_restval=data.coco.use_restval)
+            for split in ("train", "val", "test")
+        }
+    else:  # webdataset: materialised in memory (the step-indexed stream needs random access)
+        from rlrefine.data.webdataset import load_webdataset_split
+
+        w = data.webdataset
+        train = load_webdataset_split(w.urls, data.image_size, w.max_samples, data.bad_image, issues)
+        if w.val_urls is None:
+            if len(train) <= w.num_val:
+                raise ValueError(f"data.webdataset: {len(train)} samples cannot spare num_val={w.num_val} for val; give val_urls or lower num_val")
+            train, val = train.subset(range(len(train) - w.num_val)), train.subset(range(len(train) - w.num_val, len(train)))
+        else:
+            val = load_webdataset_split(w.val_urls, data.image_size, None, data.bad_image, issues)
+        test = val if w.test_urls is None else load_webdataset_split(w.test_urls, data.image_size, None, data.bad_image, issues)
+        splits = {"train": train, "val": val, "test": test}
+    return {name: sanitize_split(split, issues, name) for name, split in splits.items()}
 
 
 def build_tokenizer(cfg: RecipeConfig, train_split, save_dir: Path | None = None) -> CaptionTokenizer:
@@ -100,6 +127,7 @@ class Batch:
     tokens: torch.Tensor  # [B, T]
     index: torch.Tensor  # [B] example indices into the split
     captions: list[str]
+    z0_seeds: torch.Tensor | None = None  # [B] `step_z0_seeds` of the examples kept (bad images dropped)
 
 
 def mixing_weights(split, label_weight: float) -> np.ndarray:
@@ -121,24 +149,96 @@ def load_images(split, index: np.ndarray, image_size: int) -> torch.Tensor:
     return torch.stack([torch.from_numpy(load_image(images[i], image_size)) for i in index])
 
 
+def drop_unreadable(split, n: int, image_size: int, bad_image: str, issues: DataIssues, name: str = "split"):
+    """Check the first `n` images of a file-backed split now (evaluation reads them at the end of a
+    run): an unreadable one raises `BadImageError` up front, or with ``bad_image="skip"`` is dropped
+    from the split and counted. In-memory splits are returned as they are."""
+    if isinstance(split.images, np.ndarray):
+        return split
+    from rlrefine.data.datasets import load_image
+
+    bad = []
+    for i in range(min(n, len(split))):
+        try:
+            load_image(split.images[i], image_size)
+        except BadImageError as e:
+            if bad_image != "skip":
+                raise BadImageError(f"{name}: {e} (set data.bad_image=skip to skip unreadable images)") from e
+            log.warning("%s: skipping bad image: %s", name, e)
+            bad.append(i)
+    if not bad:
+        return split
+    issues.bad_images += len(bad)
+    bad_set = set(bad)
+    return split.subset([i for i in range(len(split)) if i not in bad_set])
+
+
 def batch_stream(split, tokenizer: CaptionTokenizer, batch_size: int, seed: int, start_step: int, max_len: int,
-                 label_weight: float, image_size: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
-    """Batches for steps start_step, start_step+1, ...; each process takes its slice of the global batch."""
+                 label_weight: float, image_size: int, rank: int = 0, world: int = 1,
+                 bad_image: str = "error", issues: DataIssues | None = None) -> Iterator[Batch]:
+    """Batches for steps start_step, start_step+1, ...; each process takes its slice of the global batch.
+
+    Process `rank` of `world` gets rows rank, rank + world, ... of the global batch of step s, so the
+    processes together see exactly the single-process batch. Unreadable images raise
+    `BadImageError`, or with ``bad_image="skip"`` are dropped from the batch (the rest of it is kept;
+    each distinct image counted once in ``issues.bad_images`` and not read again). Captions longer
+    than ``max_len`` tokens are truncated and counted once each in ``issues.captions_truncated``.
+    """
     probs = mixing_weights(split, label_weight)
+    issues = issues if issues is not None else DataIssues()
+    known_bad: set[int] = set()
+    truncated: set[tuple[int, str]] = set()
     step = start_step
     while True:
         rng = np.random.default_rng([seed, step])
         index = rng.choice(len(probs), size=batch_size, p=probs)
         ref_draw = rng.random(batch_size)
         index, ref_draw = index[rank::world], ref_draw[rank::world]
+        seeds = step_z0_seeds(seed, step, batch_size, rank, world)
+        if isinstance(split.images, np.ndarray):
+            keep = np.arange(len(index))
+            images = torch.from_numpy(split.images[index])
+        else:
+            keep, arrays = _read_images(split, index, image_size, bad_image, known_bad, issues, step)
+            images = torch.stack(arrays)
+        index, ref_draw = index[keep], ref_draw[keep]
         captions = [split.captions[i][int(r * len(split.captions[i]))] for i, r in zip(index, ref_draw)]
+        for i, c in zip(index, captions):
+            if (int(i), c) not in truncated and len(tokenizer.tokenize(c)) > max_len - 2:
+                truncated.add((int(i), c))
+                issues.captions_truncated += 1
         yield Batch(
-            images=load_images(split, index, image_size),
+            images=images,
             tokens=tokenizer.encode_batch(captions, max_len),
             index=torch.from_numpy(index),
             captions=captions,
+            z0_seeds=seeds[torch.from_numpy(keep)],
         )
         step += 1
+
+
+def _read_images(split, index: np.ndarray, image_size: int, bad_image: str, known_bad: set[int],
+                 issues: DataIssues, step: int) -> tuple[np.ndarray, list[torch.Tensor]]:
+    """Decode the images of `index` (file paths); returns the positions kept and their uint8 tensors."""
+    from rlrefine.data.datasets import load_image
+
+    keep, arrays = [], []
+    for pos, i in enumerate(index):
+        if int(i) in known_bad:
+            continue
+        try:
+            arrays.append(torch.from_numpy(load_image(split.images[i], image_size)))
+        except BadImageError as e:
+            if bad_image != "skip":
+                raise BadImageError(f"{e} (set data.bad_image=skip to skip unreadable images)") from e
+            known_bad.add(int(i))
+            issues.bad_images += 1
+            log.warning("skipping bad image (%d so far): %s", issues.bad_images, e)
+            continue
+        keep.append(pos)
+    if not arrays:
+        raise BadImageError(f"step {step}: every image of the batch is unreadable ({len(index)} images, e.g. {split.images[index[0]]})")
+    return np.asarray(keep, dtype=np.int64), arrays
 
 
 def step_z0_seeds(seed: int, step: int, batch_size: int, rank: int = 0, world: int = 1) -> torch.Tensor:

@@ -16,25 +16,27 @@ import json
 import logging
 import math
 import time
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from rlrefine.config import RecipeConfig, dump_recipe
+from rlrefine.data.datasets import DataIssues
 from rlrefine.losses import latent_graduality_loss, layer_weights, schedule, xe_loss
 from rlrefine.models import RefinementCaptioner
 from rlrefine.trainers.checkpoint import CheckpointManager
 from rlrefine.trainers.common import (
-    batch_stream, build_tokenizer, captioner_config, eval_z0_seeds, load_images, load_splits, make_accelerator,
-    step_z0_seeds, tensorboard_writer,
+    batch_stream, build_tokenizer, captioner_config, drop_unreadable, eval_z0_seeds, load_images, load_splits,
+    make_accelerator, tensorboard_writer,
 )
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """`pretrain.max_nonfinite_steps` non-finite losses (or gradients) in a row; a checkpoint was written."""
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -101,12 +103,27 @@ def evaluate_split(model, split, tokenizer, cfg: RecipeConfig, n: int) -> dict:
     return report
 
 
-def pretrain(cfg: RecipeConfig, resume: bool = False) -> dict:
-    """Run XE pretraining as configured; returns the final report (also written to report.json)."""
+def pretrain(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[..., None] | None = None) -> dict:
+    """Run XE pretraining as configured; returns the final report (also written to report.json).
+
+    ``on_step_end(step=, model=, batch=, loss=, accelerator=)``, if given, is called on every process
+    after each optimizer step (``model`` is the unwrapped captioner, ``loss`` this process's loss):
+    a hook for tests and debugging, e.g. to compare parameters across processes.
+
+    Non-finite losses or gradients: the step is skipped on every process (no update, logged as
+    ``train/nonfinite_steps``); after ``pretrain.max_nonfinite_steps`` in a row a checkpoint is
+    written and `NonFiniteLossError` says what to change. Data problems (`DataIssues`) are logged
+    at the end and written to report.json under ``data_issues``.
+    """
     p = cfg.pretrain
     stage_dir = cfg.run_path / "pretrain"
     acc = make_accelerator(cfg, "pretrain", p.mixed_precision)
-    splits = load_splits(cfg)
+    issues = DataIssues()
+    splits = load_splits(cfg, issues)
+    for name in ("val", "test", "test_novel"):
+        if name in splits:
+            n = max(p.num_eval_images, 256 if name == "val" else 0)
+            splits[name] = drop_unreadable(splits[name], n, cfg.data.image_size, cfg.data.bad_image, issues, name)
     tokenizer = build_tokenizer(cfg, splits["train"], save_dir=stage_dir / "tokenizer" if acc.is_main_process else None)
     model = RefinementCaptioner(captioner_config(cfg, tokenizer))
     K = model.config.num_refine_layers
@@ -133,8 +150,10 @@ def pretrain(cfg: RecipeConfig, resume: bool = False) -> dict:
     layers = list(range(1, K + 1))
     log_index = np.arange(min(p.num_log_images, len(splits["val"].captions)))
 
+    stream_issues = DataIssues()  # counted while reading batches (this process's slice)
     stream = batch_stream(splits["train"], tokenizer, p.batch_size, cfg.seed, start_step, cfg.data.max_caption_len,
-                          cfg.data.label_weight, cfg.data.image_size, acc.process_index, acc.num_processes)
+                          cfg.data.label_weight, cfg.data.image_size, acc.process_index, acc.num_processes,
+                          bad_image=cfg.data.bad_image, issues=stream_issues)
     nonfinite_run = 0
     t0 = time.time()
     bar = tqdm(range(start_step, p.steps), desc="pretrain", initial=start_step, total=p.steps, disable=not acc.is_local_main_process)
@@ -143,38 +162,54 @@ def pretrain(cfg: RecipeConfig, resume: bool = False) -> dict:
         batch = next(stream)
         tokens = batch.tokens.to(acc.device)
         pixels = core.encoder.preprocess(batch.images.to(acc.device))
-        seeds = step_z0_seeds(cfg.seed, step, p.batch_size, acc.process_index, acc.num_processes).to(acc.device)
+        seeds = batch.z0_seeds.to(acc.device)
         with acc.autocast():
             out = model(pixels, tokens, seeds, layers=layers)
             loss_xe, ce_layers = xe_loss(out.logits.float(), tokens[:, 1:], weights, tokenizer.pad_id)
             loss_grad, d_mean = latent_graduality_loss(out.latents.float(), sched)
             loss = loss_xe + p.lambda_grad * loss_grad
-        if not torch.isfinite(loss):
+        # The skip decision must be the same on every process (a process that skipped backward would
+        # leave the others waiting in DDP's all-reduce): a step is skipped if any process is non-finite.
+        finite = _all_processes(acc, bool(torch.isfinite(loss)))
+        grad_norm = None
+        if finite:
+            acc.backward(loss)
+            grad_norm = acc.clip_grad_norm_(model.parameters(), p.grad_clip)  # the global (all-reduced) norm
+            finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if not finite:
             nonfinite_run += 1
             state["nonfinite_total"] = state.get("nonfinite_total", 0) + 1
-            log.warning("step %d: non-finite loss (%s); step skipped (%d in a row)", step, loss.item(), nonfinite_run)
+            what = f"non-finite gradient norm ({float(grad_norm)})" if grad_norm is not None else f"non-finite loss ({loss.item()})"
+            log.warning("step %d: %s; step skipped, no update (%d in a row, %d in total)", step, what,
+                        nonfinite_run, state["nonfinite_total"])
+            acc.log({"train/nonfinite_steps": state["nonfinite_total"]}, step=step)
             optimizer.zero_grad(set_to_none=True)
             if nonfinite_run >= p.max_nonfinite_steps:
-                ckpt.save(step, state)
+                path = ckpt.save(step, state)
                 raise NonFiniteLossError(
-                    f"{nonfinite_run} non-finite losses in a row at step {step}; checkpoint saved in {ckpt.directory}. "
-                    f"Lower pretrain.lr (now {p.lr}) or use pretrain.mixed_precision=no, then resume with --resume.")
+                    f"{nonfinite_run} non-finite losses/gradients in a row at step {step} (pretrain.max_nonfinite_steps="
+                    f"{p.max_nonfinite_steps}); checkpoint written to {path}. Lower pretrain.lr (now {p.lr}) or "
+                    f"pretrain.grad_clip (now {p.grad_clip}), or use pretrain.mixed_precision=no (now {p.mixed_precision}), "
+                    f"then continue with --resume.")
             continue
         nonfinite_run = 0
-        acc.backward(loss)
-        grad_norm = acc.clip_grad_norm_(model.parameters(), p.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if on_step_end is not None:
+            on_step_end(step=step, model=core, batch=batch, loss=loss.detach(), accelerator=acc)
 
         if step % p.log_every == 0 or step == p.steps - 1:
-            scalars = {"train/loss": loss.item(), "train/xe": loss_xe.item(), "train/latent_graduality": loss_grad.item(),
+            # Every process computed its own slice's loss: log the mean over processes.
+            mean_loss, mean_xe, mean_grad = acc.reduce(torch.stack([loss, loss_xe, loss_grad]).detach(), "mean").tolist()
+            ce_layers = acc.reduce(ce_layers.detach().to(acc.device), "mean")
+            scalars = {"train/loss": mean_loss, "train/xe": mean_xe, "train/latent_graduality": mean_grad,
                        "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
                        "train/steps_per_s": (step + 1 - start_step) / (time.time() - t0)}
             scalars.update({f"train/ce_layer_{k}": float(ce_layers[k - 1]) for k in layers})
             scalars.update({f"train/latent_distance_layer_{k}": float(d_mean[k]) for k in range(K + 1)})
             acc.log(scalars, step=step)
-            bar.set_postfix(loss=f"{loss.item():.3f}", ce_K=f"{float(ce_layers[-1]):.3f}")
+            bar.set_postfix(loss=f"{mean_loss:.3f}", ce_K=f"{float(ce_layers[-1]):.3f}")
         if (step + 1) % p.eval_every == 0 or step == p.steps - 1:
             if acc.is_main_process:
                 _log_validation(core, splits["val"], tokenizer, cfg, log_index, step, acc, writer)
@@ -182,12 +217,18 @@ def pretrain(cfg: RecipeConfig, resume: bool = False) -> dict:
             ckpt.save(step + 1, state)
     bar.close()
     train_time = time.time() - t0
+    # Load-time counts are the same on every process; those found while reading batches are per
+    # process (each reads its own slice), so they are summed.
+    counts = torch.tensor(list(stream_issues.as_dict().values()), device=acc.device)
+    issues.add(dict(zip(stream_issues.as_dict(), (int(x) for x in acc.reduce(counts, "sum").tolist()))))
+    log.info("data issues: %s; non-finite steps skipped: %d", issues.summary(), state.get("nonfinite_total", 0))
 
     report = {}
     if acc.is_main_process:
         core.eval()
         core.save_pretrained(stage_dir / "model", tokenizer=tokenizer)
-        report = {"steps": p.steps, "train_seconds": round(train_time, 1), "trainable_params": n_params}
+        report = {"steps": p.steps, "train_seconds": round(train_time, 1), "trainable_params": n_params,
+                  "data_issues": issues.as_dict(), "nonfinite_steps": state.get("nonfinite_total", 0)}
         for name in ("val", "test", "test_novel"):
             if name in splits:
                 report[name] = evaluate_split(core, splits[name], tokenizer, cfg, p.num_eval_images)
@@ -196,6 +237,14 @@ def pretrain(cfg: RecipeConfig, resume: bool = False) -> dict:
     acc.wait_for_everyone()
     acc.end_training()
     return report
+
+
+def _all_processes(acc, flag: bool) -> bool:
+    """True when `flag` is True on every process (one all-reduce; no communication on one process)."""
+    if acc.num_processes == 1:
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=acc.device)
+    return float(acc.reduce(t, "sum").item()) == 0.0
 
 
 def _log_validation(core, val_split, tokenizer, cfg, log_index, step, acc, writer) -> None:

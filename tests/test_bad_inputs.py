@@ -1,0 +1,248 @@
+"""Bad inputs, one test per case: each gives a clear message or a counted skip, and nothing else is
+lost (the policy is documented on `rlrefine.config.DataSection`).
+
+Cases: a corrupt image file (COCO-style path dataset, `data.bad_image: error|skip`), an empty or
+whitespace-only caption, an image with no caption, a caption longer than `data.max_caption_len`,
+and a non-finite loss in pretraining.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from safetensors.torch import load_file
+
+from rlrefine.config import load_recipe
+from rlrefine.data.datasets import BadImageError, CaptionDataset, DataIssues, sanitize_split
+from rlrefine.data.split import CaptionSplit
+from rlrefine.data.tokenizer import CaptionTokenizer
+from rlrefine.trainers import pretrain as pretrain_mod
+from rlrefine.trainers.common import batch_stream, drop_unreadable, load_splits, mixing_weights
+
+COLOURS = {"red": (230, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 230), "yellow": (230, 230, 20),
+           "white": (250, 250, 250), "black": (5, 5, 5), "purple": (150, 20, 150), "orange": (250, 140, 0)}
+
+TINY_MODEL = [
+    "device=cpu", "seed=1", "data.image_size=32", "data.max_caption_len=12",
+    "model.encoder.image_size=32", "model.encoder.patch_size=8", "model.encoder.width=16", "model.encoder.depth=1",
+    "model.encoder.heads=2", "model.d_model=16", "model.n_heads=2", "model.num_slots=2", "model.readout_layers=1",
+    "model.num_refine_layers=2", "pretrain.batch_size=8", "pretrain.warmup_steps=1", "pretrain.log_every=1",
+    "pretrain.eval_every=1000", "pretrain.checkpoint_every=1000", "pretrain.num_eval_images=2", "pretrain.num_log_images=0",
+]
+SHAPES = ["data.shapes.num_train=60", "data.shapes.num_val=4", "data.shapes.num_test=4", "data.shapes.num_test_novel=4",
+          "data.shapes.image_size=32"]
+
+
+def _png(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def coco_dataset(tmp_path, bad: set[tuple[str, int]] = frozenset()):
+    """A Karpathy-format dataset_coco.json over PNG files; (split, i) in `bad` is not an image."""
+    root = tmp_path / "coco"
+    (root / "train2014").mkdir(parents=True)
+    entries, names = [], list(COLOURS)
+    for split, n in (("train", 6), ("val", 2), ("test", 2)):
+        for i in range(n):
+            colour = names[(i + 3 * len(entries)) % len(names)]
+            fname = f"{split}_{i}.png"
+            data = b"\x89PNG\r\n\x1a\n truncated garbage" if (split, i) in bad else _png(COLOURS[colour])
+            (root / "train2014" / fname).write_bytes(data)
+            entries.append({"filepath": "train2014", "filename": fname, "split": split, "cocoid": len(entries),
+                            "sentences": [{"raw": f"a {colour} picture"}, {"raw": f"an image that is {colour}"}]})
+    ann = tmp_path / "dataset_coco.json"
+    ann.write_text(json.dumps({"images": entries}))
+    return [f"data.kind=coco", f"data.coco.annotations={ann}", f"data.coco.image_root={root}"]
+
+
+def _raw_draws(n: int, probs, seed: int, step: int, batch: int) -> list[int]:
+    """The global batch of `step` before any skipping (batch_stream's documented draw)."""
+    return np.random.default_rng([seed, step]).choice(n, size=batch, p=probs).tolist()
+
+
+# ------------------------------------------------------------------------------- corrupt images
+def test_corrupt_image_error_stops_with_the_file_named(tmp_path):
+    data = coco_dataset(tmp_path, bad={("train", 2)})
+    cfg = load_recipe(None, [f"run_dir={tmp_path / 'run'}", *data, *TINY_MODEL, "pretrain.steps=3", "data.bad_image=error"])
+    with pytest.raises(BadImageError, match=r"train_2\.png.*data\.bad_image=skip"):
+        pretrain_mod.pretrain(cfg)
+    assert not (tmp_path / "run" / "pretrain" / "model").exists()
+
+
+def test_corrupt_image_skip_is_counted_and_the_rest_is_used(tmp_path, caplog):
+    data = coco_dataset(tmp_path, bad={("train", 2)})
+    steps = 3
+    cfg = load_recipe(None, [f"run_dir={tmp_path / 'run'}", *data, *TINY_MODEL, f"pretrain.steps={steps}", "data.bad_image=skip"])
+    seen: dict[int, list[int]] = {}
+    with caplog.at_level(logging.INFO):
+        report = pretrain_mod.pretrain(cfg, on_step_end=lambda step, batch, **_: seen.__setitem__(step, batch.index.tolist()))
+
+    probs = mixing_weights(load_splits(cfg)["train"], cfg.data.label_weight)
+    draws = {s: _raw_draws(6, probs, cfg.seed, s, 8) for s in range(steps)}
+    assert any(2 in d for d in draws.values()), "the corrupt image must be drawn for the test to mean anything"
+    # Every step ran, with exactly the drawn examples minus the unreadable one.
+    assert seen == {s: [i for i in d if i != 2] for s, d in draws.items()}
+    assert report["data_issues"]["bad_images"] == 1  # counted once, however often it was drawn
+    assert sum("skipping bad image" in r.getMessage() and "train_2.png" in r.getMessage() for r in caplog.records) == 1
+    assert any("data issues: bad_images=1" in r.getMessage() for r in caplog.records)  # end-of-run summary
+    assert (tmp_path / "run" / "pretrain" / "model" / "model.safetensors").is_file()
+
+
+def test_corrupt_eval_image_is_checked_before_training(tmp_path):
+    data = coco_dataset(tmp_path, bad={("val", 1)})
+    cfg = load_recipe(None, [*data, *TINY_MODEL])
+    val = load_splits(cfg)["val"]
+    with pytest.raises(BadImageError, match=r"val: .*val_1\.png"):
+        drop_unreadable(val, 10, 32, "error", DataIssues(), "val")
+    issues = DataIssues()
+    kept = drop_unreadable(val, 10, 32, "skip", issues, "val")
+    assert issues.bad_images == 1 and len(kept) == 1 and kept.captions == val.captions[:1]
+
+
+# ---------------------------------------------------------------------------------- captions
+def _tokenizer() -> CaptionTokenizer:
+    return CaptionTokenizer.train(["a red square", "a blue circle left of a green triangle"])
+
+
+def test_empty_caption_encode_is_a_clear_value_error():
+    tok = _tokenizer()
+    for text in ("", "   ", "\t\n "):
+        with pytest.raises(ValueError, match="empty or whitespace-only"):
+            tok.encode(text)
+    with pytest.raises(ValueError, match="caption 1 of the batch"):
+        tok.encode_batch(["a red square", "  "])
+    assert tok.encode_batch(["a red square"]).shape == (1, 5)  # the good one still encodes
+
+
+def _split(captions: list[list[str]]) -> CaptionSplit:
+    images = np.stack([np.full((8, 8, 3), 10 * i, dtype=np.uint8) for i in range(len(captions))])
+    return CaptionSplit(images=images, captions=captions, image_ids=[f"img{i}" for i in range(len(captions))])
+
+
+def test_empty_captions_are_dropped_and_counted_when_loading(tmp_path, caplog):
+    issues = DataIssues()
+    split = _split([["a red square", "", "   "], ["a blue circle"], ["\n", "a green triangle"]])
+    with caplog.at_level(logging.WARNING):
+        clean = sanitize_split(split, issues, "train")
+    assert clean.captions == [["a red square"], ["a blue circle"], ["a green triangle"]]
+    assert np.array_equal(clean.images, split.images) and clean.image_ids == split.image_ids  # no image lost
+    assert issues.empty_captions == 3 and issues.images_without_captions == 0
+    assert "dropped 3 empty or whitespace-only captions" in caplog.text
+    assert sanitize_split(clean, issues) is clean  # clean data passes untouched
+
+    # The same through a recipe (webdataset shards): load_splits applies the policy.
+    with wds.TarWriter(str(tmp_path / "s-0.tar")) as w:
+        for i, txt in enumerate(["a red square\n\n  \n", "a blue circle", "a green triangle", "a red circle"]):
+            w.write({"__key__": f"k{i}", "png": _png(COLOURS["red"]), "txt": txt})
+    cfg = load_recipe(None, ["data.kind=webdataset", f"data.webdataset.urls={tmp_path}/s-0.tar", "data.webdataset.num_val=1",
+                             "data.image_size=16"])
+    issues = DataIssues()
+    splits = load_splits(cfg, issues)
+    assert splits["train"].captions == [["a red square"], ["a blue circle"], ["a green triangle"]]
+    assert issues.empty_captions == 2
+
+
+def test_image_without_captions_is_skipped_and_counted(caplog):
+    issues = DataIssues()
+    split = _split([["a red square"], [], ["  ", ""], ["a blue circle"]])
+    with caplog.at_level(logging.WARNING):
+        clean = sanitize_split(split, issues, "train")
+    assert clean.image_ids == ["img0", "img3"] and clean.captions == [["a red square"], ["a blue circle"]]
+    assert np.array_equal(clean.images, split.images[[0, 3]])
+    assert issues.images_without_captions == 2 and issues.empty_captions == 2
+    assert "2 images left without a caption" in caplog.text
+    # The torch Dataset refuses such a split outright (it must be sanitised first), naming the image.
+    with pytest.raises(ValueError, match="no caption.*img1"):
+        CaptionDataset(split)
+    assert len(CaptionDataset(clean)) == 2
+    with pytest.raises(ValueError, match="no image has a non-empty caption"):
+        sanitize_split(_split([[""], []]))
+
+
+def test_long_caption_is_truncated_and_counted():
+    tok = _tokenizer()
+    long = " ".join(["a red square"] * 20)  # 60 words
+    split = _split([[long], ["a blue circle"]])
+    split = CaptionSplit(images=split.images, captions=split.captions, is_label=np.array([False, False]))
+    issues = DataIssues()
+    stream = batch_stream(split, tok, batch_size=6, seed=0, start_step=0, max_len=8, label_weight=0.0, image_size=8,
+                          issues=issues)
+    batches = [next(stream) for _ in range(3)]
+    n_long = sum(int(i) == 0 for b in batches for i in b.index)
+    assert n_long > 0
+    for b in batches:
+        assert b.tokens.shape[1] <= 8 and len(b.captions) == 6  # nothing dropped
+        for row, i in zip(b.tokens, b.index):
+            if int(i) == 0:
+                assert row.tolist() == [tok.bos_id, *tok.tokenize(long)[:6], tok.eos_id]  # cut, eos kept
+            else:
+                assert tok.decode(row) == "a blue circle"
+    assert issues.captions_truncated == 1  # the distinct caption, counted once however often drawn
+
+
+def test_data_issues_are_reported_at_the_end_of_a_run(tmp_path, caplog):
+    with wds.TarWriter(str(tmp_path / "s-0.tar")) as w:
+        caps = ["a red square\n  \n", "", "a blue circle left of a green triangle " * 5, "a red circle",
+                "a green square", "a blue square", "a red triangle", "a blue triangle"]
+        for i, txt in enumerate(caps):
+            w.write({"__key__": f"k{i}", "png": _png(list(COLOURS.values())[i]), "txt": txt})
+    cfg = load_recipe(None, [f"run_dir={tmp_path / 'run'}", "data.kind=webdataset", f"data.webdataset.urls={tmp_path}/s-0.tar",
+                             "data.webdataset.num_val=2", *TINY_MODEL, "pretrain.steps=3", "pretrain.batch_size=16"])
+    with caplog.at_level(logging.INFO):
+        report = pretrain_mod.pretrain(cfg)
+    assert report["data_issues"] == {"bad_images": 0, "empty_captions": 1, "images_without_captions": 1, "captions_truncated": 1}
+    assert json.loads((tmp_path / "run" / "pretrain" / "report.json").read_text())["data_issues"] == report["data_issues"]
+    assert "data issues: bad_images=0 empty_captions=1 images_without_captions=1 captions_truncated=1" in caplog.text
+
+
+# --------------------------------------------------------------------------- non-finite losses
+def test_nonfinite_losses_stop_the_run_with_a_checkpoint(tmp_path, caplog):
+    cfg = load_recipe(None, [f"run_dir={tmp_path / 'run'}", *SHAPES, *TINY_MODEL, "pretrain.steps=20",
+                             "pretrain.lr=1e30", "pretrain.max_nonfinite_steps=3"])
+    with caplog.at_level(logging.WARNING), pytest.raises(pretrain_mod.NonFiniteLossError) as err:
+        pretrain_mod.pretrain(cfg)
+    msg = str(err.value)
+    assert "3 non-finite" in msg and "Lower pretrain.lr (now 1e+30)" in msg and "--resume" in msg
+    ckpts = sorted((tmp_path / "run" / "pretrain" / "checkpoints").glob("step_*"))
+    assert len(ckpts) == 1 and not ckpts[0].name.endswith(".tmp") and str(ckpts[0]) in msg
+    state = json.loads((ckpts[0] / "trainer_state.json").read_text())
+    assert state["nonfinite_total"] == 3 and state["step"] < 20
+    assert sum("step skipped, no update" in r.getMessage() for r in caplog.records) == 3
+    assert not (tmp_path / "run" / "pretrain" / "model").exists()
+
+
+def test_one_nonfinite_step_is_skipped_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    real_xe = pretrain_mod.xe_loss
+    calls = {"n": 0}
+
+    def flaky_xe(*args, **kwargs):
+        loss, per_layer = real_xe(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * math.nan if calls["n"] == 2 else loss), per_layer
+
+    monkeypatch.setattr(pretrain_mod, "xe_loss", flaky_xe)
+    cfg = load_recipe(None, [f"run_dir={tmp_path / 'run'}", *SHAPES, *TINY_MODEL, "pretrain.steps=4", "pretrain.max_nonfinite_steps=2"])
+    updated, params = [], {}
+
+    def on_step_end(step, model, **_):
+        updated.append(step)
+        params[step] = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+
+    with caplog.at_level(logging.WARNING):
+        report = pretrain_mod.pretrain(cfg, on_step_end=on_step_end)
+    assert updated == [0, 2, 3]  # step 1 made no update
+    assert report["nonfinite_steps"] == 1
+    assert "step 1: non-finite loss" in caplog.text
+    weights = load_file(str(tmp_path / "run" / "pretrain" / "model" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert not torch.equal(params[0], params[3])

@@ -59,13 +59,37 @@ def _run(args, cfg: RecipeConfig) -> None:
     run_pipeline(cfg, force=args.force, resume=args.resume)
 
 
+def _train_evaluator(args, cfg: RecipeConfig) -> None:
+    from rlrefine.pipeline import train_evaluator_stage
+
+    train_evaluator_stage(cfg)
+
+
+def _distill(args, cfg: RecipeConfig) -> None:
+    from rlrefine.pipeline import distill_stage
+
+    distill_stage(cfg)
+
+
 COMMANDS = {
+    "train-evaluator": (
+        _train_evaluator, "train the learned CLIP-style evaluator (the teacher reward) on the recipe's data",
+        "Trains a small open_clip dual encoder contrastively with hard negatives (attribute-swapped captions, captions "
+        "of nearest images) (DESIGN.md §3). Writes <run_dir>/evaluator (open_clip-loadable) and report.json with the "
+        "swap accuracy (true caption preferred over one with a colour/shape swapped) and retrieval R@1.",
+    ),
     "pretrain": (
         _pretrain, "teacher-forced (XE) pretraining of the refinement captioner",
         "Trains every refinement layer to caption the image (layer-weighted cross-entropy) with the latent "
         "graduality regulariser (DESIGN.md §2). Writes <run_dir>/pretrain/model (the captioner), report.json "
         "(per-layer val/test cross-entropy and grounded accuracy), TensorBoard logs (tensorboard --logdir <run_dir>) "
         "and checkpoints.",
+    ),
+    "distill-reward": (
+        _distill, "distil the teacher reward into a compact student that scores every layer's candidates",
+        "Trains a small student on references, the pretrained captioner's candidates from every layer and mined hard "
+        "pairs (regression + listwise KL + hard-negative margin). Writes <run_dir>/distill and report.json with "
+        "Spearman / Kendall vs the teacher, argmax agreement and pairs/s of student vs teacher.",
     ),
     "finetune": (
         _finetune, "DiCO (or SCST: finetune.method=scst) fine-tuning with the reward at every refinement layer",

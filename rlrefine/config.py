@@ -13,11 +13,21 @@ defaults follow the DiCO paper (Cornia et al. 2024: β = 0.2, 5 beams, lr 1e-6 a
 from __future__ import annotations
 
 import copy
+import dataclasses
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rewards.distill import DistillConfig
+from rewards.evaluator import EvaluatorConfig
+
+# The rewards package's own config dataclasses are recipe sections too (one schema, one name);
+# unknown keys in them are errors like everywhere else.
+EvaluatorConfig.__pydantic_config__ = ConfigDict(extra="forbid")
+DistillConfig.__pydantic_config__ = ConfigDict(extra="forbid")
 
 LayerWeighting = Literal["linear", "log", "uniform", "final"]
 ScheduleKind = Literal["linear", "geometric"]
@@ -261,6 +271,16 @@ class FinetuneSection(Section):
         return self
 
 
+class DistillSection(Section):
+    """`distill-reward`: a compact student imitates `teacher` on references, the pretrained captioner's
+    candidates from every layer (`candidate_images` training images, beam + sampled), and mined hard pairs."""
+
+    teacher: RewardSection = RewardSection(kind="learned")
+    candidate_images: int = Field(1000, ge=0, description="training images whose per-layer candidates join the pairs (0: none)")
+    candidate_beams: int = Field(3, ge=1, description="beam candidates per image and layer (plus one sampled)")
+    student: DistillConfig = Field(default_factory=DistillConfig)
+
+
 class EvaluateSection(Section):
     """Per-layer evaluation and the graduality score, DESIGN.md §5."""
 
@@ -278,10 +298,13 @@ class RecipeConfig(Section):
     run_dir: str = "runs/default"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice, all cores)")
     data: DataSection = DataSection()
     tokenizer: TokenizerSection = TokenizerSection()
     model: ModelSection = ModelSection()
+    evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig, description="train-evaluator (rewards.evaluator)")
     pretrain: PretrainSection = PretrainSection()
+    distill: DistillSection = DistillSection()
     finetune: FinetuneSection = FinetuneSection()
     evaluate: EvaluateSection = EvaluateSection()
     compare: dict[str, dict[str, Any]] = Field(
@@ -317,19 +340,29 @@ class RecipeConfig(Section):
 
 
 # ------------------------------------------------------------------------------ loading, errors
-def _model_at(path: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
+def _field_types(section: Any) -> dict[str, Any] | None:
+    """Field name -> annotation of a pydantic section or a (stdlib) dataclass config."""
+    if isinstance(section, type) and issubclass(section, BaseModel):
+        return {k: f.annotation for k, f in section.model_fields.items()}
+    if dataclasses.is_dataclass(section):
+        hints = typing.get_type_hints(section)
+        return {f.name: hints.get(f.name) for f in dataclasses.fields(section)}
+    return None
+
+
+def _section_at(path: tuple, root: type) -> Any:
     """The section class reached by following `path` (a pydantic error location) from `root`."""
-    model: Any = root
+    section: Any = root
     for part in path:
-        fields = getattr(model, "model_fields", None)
+        fields = _field_types(section)
         if fields is None or part not in fields:
-            return model if fields is not None else None
-        annotation = fields[part].annotation
+            return section if fields is not None else None
+        annotation = fields[part]
         candidates = [annotation, *getattr(annotation, "__args__", ())]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None:
+        section = next((c for c in candidates if _field_types(c) is not None), None)
+        if section is None:
             return None
-    return model
+    return section
 
 
 def format_validation_error(err: ValidationError, root: type[BaseModel] = RecipeConfig, source: str = "recipe") -> str:
@@ -338,9 +371,9 @@ def format_validation_error(err: ValidationError, root: type[BaseModel] = Recipe
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not isinstance(p, int))
         key = ".".join(str(p) for p in loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            parent = _model_at(loc[:-1], root)
-            allowed = ", ".join(sorted(parent.model_fields)) if parent is not None else "?"
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            parent = _field_types(_section_at(loc[:-1], root))
+            allowed = ", ".join(sorted(parent)) if parent is not None else "?"
             lines.append(f"  - unknown key '{key}'. Allowed keys here: {allowed}")
         else:
             msg = e["msg"].removeprefix("Value error, ")

@@ -28,6 +28,79 @@ class Stage:
     run: Callable[[RecipeConfig, bool, bool], object]  # (cfg, resume, force)
 
 
+def train_evaluator_stage(cfg: RecipeConfig, resume: bool = False, force: bool = False) -> dict:
+    """`train-evaluator`: the learned CLIP-style evaluator on the recipe's data -> <run_dir>/evaluator."""
+    import dataclasses
+
+    from rewards.evaluator import train_evaluator
+    from rlrefine.trainers.common import load_splits, make_accelerator
+
+    acc = make_accelerator(cfg, "evaluator")
+    acc.init_trackers("tb")
+    splits = load_splits(cfg)
+    ecfg = dataclasses.replace(cfg.evaluator, device=str(acc.device))
+    metrics = train_evaluator(ecfg, splits["train"], splits["val"], cfg.run_path / "evaluator", logger=acc)
+    (cfg.run_path / "evaluator" / "report.json").write_text(json.dumps(metrics, indent=1))
+    acc.end_training()
+    log.info("evaluator: swap accuracy %.3f, R@1 i2t %.3f", metrics.get("swap_acc", float("nan")), metrics.get("r1_i2t", float("nan")))
+    return metrics
+
+
+def captioner_candidates(cfg: RecipeConfig, split, num_images: int, beams: int) -> list[tuple[int, str]]:
+    """(image index, caption) pairs: the pretrained captioner's beam + sampled candidates at every layer."""
+    import numpy as np
+    import torch
+
+    from rlrefine.data.tokenizer import CaptionTokenizer
+    from rlrefine.models import RefinementCaptioner
+    from rlrefine.trainers.common import eval_z0_seeds, load_images
+
+    model_dir = cfg.run_path / "pretrain" / "model"
+    model = RefinementCaptioner.from_pretrained(model_dir).eval()
+    tokenizer = CaptionTokenizer.from_dir(model_dir)
+    K = model.config.num_refine_layers
+    index = np.flatnonzero(~np.asarray(split.is_label, dtype=bool))[:num_images]
+    g = torch.Generator().manual_seed(cfg.seed)
+    pairs: list[tuple[int, str]] = []
+    with torch.no_grad():
+        for start in range(0, len(index), 64):
+            idx = index[start:start + 64]
+            pixels = model.encoder.preprocess(load_images(split, idx, cfg.data.image_size))
+            seeds = eval_z0_seeds(idx, seed=cfg.seed)
+            for method, n in (("beam", beams), ("sample", 1)):
+                gen = model.generate(pixels, seeds, list(range(K + 1)), method=method, num_candidates=n,
+                                     max_len=cfg.data.max_caption_len, generator=g)
+                for i, per_img in zip(idx, tokenizer.decode_batch(gen.tokens)):
+                    pairs.extend((int(i), c) for layer in per_img for c in set(layer) if c.strip())
+    return pairs
+
+
+def distill_stage(cfg: RecipeConfig, resume: bool = False, force: bool = False) -> dict:
+    """`distill-reward`: a compact student imitating the teacher reward -> <run_dir>/distill."""
+    import dataclasses
+
+    from rewards.distill import distill_reward
+    from rlrefine.trainers.common import build_reward, load_splits, make_accelerator
+
+    d = cfg.distill
+    acc = make_accelerator(cfg, "distill")
+    acc.init_trackers("tb")
+    splits = load_splits(cfg)
+    teacher = build_reward(d.teacher, cfg, acc.device)
+    candidates = None
+    if d.candidate_images > 0 and (cfg.run_path / "pretrain" / "model").is_dir():
+        candidates = captioner_candidates(cfg, splits["train"], d.candidate_images, d.candidate_beams)
+        log.info("distill: %d captioner candidate pairs from every layer", len(candidates))
+    scfg = dataclasses.replace(d.student, device=str(acc.device))
+    metrics = distill_reward(scfg, teacher, splits["train"], cfg.run_path / "distill", candidates=candidates, logger=acc)
+    (cfg.run_path / "distill" / "report.json").write_text(json.dumps(metrics, indent=1))
+    acc.end_training()
+    log.info("distilled reward: spearman %.3f, kendall %.3f, argmax agreement %.3f, %.0f vs %.0f pairs/s (student vs teacher)",
+             metrics.get("spearman", float("nan")), metrics.get("kendall", float("nan")), metrics.get("argmax_agreement", float("nan")),
+             metrics.get("pairs_per_s_student", float("nan")), metrics.get("pairs_per_s_teacher", float("nan")))
+    return metrics
+
+
 def evaluate_checkpoint(cfg: RecipeConfig, model_dir: Path, name: str, out_dir: Path, reference_dir: Path | None = None) -> dict:
     """Evaluate one saved captioner on the recipe's evaluate.split; writes metrics.{json,md,png} + TensorBoard."""
     import torch
@@ -102,7 +175,9 @@ def report(cfg: RecipeConfig, resume: bool = False) -> str:
 def stages(cfg: RecipeConfig) -> list[Stage]:
     from rlrefine.trainers.pretrain import pretrain
 
-    out = [Stage("pretrain", "pretrain/model/config.json", lambda c, r, f: pretrain(c, resume=r))]
+    out = [Stage("train-evaluator", "evaluator/report.json", train_evaluator_stage),
+           Stage("pretrain", "pretrain/model/config.json", lambda c, r, f: pretrain(c, resume=r)),
+           Stage("distill-reward", "distill/report.json", distill_stage)]
     out.append(Stage("finetune", "", run_finetune_variants))  # each variant is skipped on its own
     out.append(Stage("report", "report/compare.md", lambda c, r, f: print("\n" + report(c, r))))
     return out

@@ -62,7 +62,7 @@ class EvaluatorConfig:
     image_size: int = 64  # input resolution (shapes images are 64 x 64)
     patch_size: int = 8  # ViT patch size -> 8 x 8 = 64 patches
     vision_width: int = 64
-    vision_layers: int = 2
+    vision_layers: int | tuple[int, ...] = 2  # an int: ViT depth; a tuple: open_clip ModifiedResNet stage depths
     vision_head_width: int = 32  # -> 2 heads
     text_width: int = 64
     text_heads: int = 2

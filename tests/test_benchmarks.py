@@ -1,0 +1,62 @@
+"""benchmarks/*.py run in-process with the tiniest settings: each prints one JSON line with its keys,
+and the decode benchmark checked the cached and naive decodes agree. No timing assertions."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+COMMON = ["benchmark", "peak_memory_mb", "device", "threads", "load_average"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(name, argv, capsys):
+    result = load(name).main(argv + ["--threads", "1", "--repeats", "1", "--warmup", "0"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == json.loads(json.dumps(result))  # the last line is the JSON result
+    assert result["benchmark"] == name
+    assert all(k in result for k in COMMON), [k for k in COMMON if k not in result]
+    assert result["threads"] == 1 and len(result["load_average"]) == 3
+    return result
+
+
+def test_decode(capsys):
+    r = run("decode", ["--K", "2", "--n", "2", "--length", "4", "--batch", "2", "--naive-repeats", "1"], capsys)
+    for k in ("tokens_per_s", "naive_tokens_per_s", "speedup"):
+        assert r[k] > 0
+    assert r["same_tokens"] is True
+    assert r["tokens"] == 2 * 2 * 2 * 4  # images x layers x beams x length: every caption ran to --length
+
+
+def test_step(capsys):
+    r = run("step", ["--K", "2", "--n", "2", "--length", "4", "--batch", "2", "--reward", "free"], capsys)
+    for k in ("ratio", "floor", "floor_with_reward", "peak_memory_mb_small", "peak_memory_mb_large"):
+        assert isinstance(r[k], float), k
+    assert r["ratio"] > 0 and r["floor"] > 1
+    assert (r["kn_small"], r["kn_large"]) == (2, 4)
+    assert {"generation", "reward", "policy_forward", "policy_backward", "reference_forward"} <= set(r["breakdown_s"])
+
+
+def test_reward(capsys):
+    r = run("reward", ["--layers", "2", "--n", "2", "--batch", "2", "--rollouts", "1"], capsys)
+    for k in ("student_pairs_per_s", "teacher_pairs_per_s", "student_speedup", "dedup_speedup_student",
+              "dedup_speedup_teacher"):
+        assert r[k] > 0, k
+    assert r["dedup_scores_equal"] is True
+    assert r["pairs"] == 2 * 2 * 2 and 0 < r["unique_fraction"] <= 1

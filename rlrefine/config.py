@@ -152,6 +152,7 @@ class EncoderSection(Section):
     width: int = Field(128, ge=8)
     depth: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
+    stem_channels: int = Field(32, ge=0, description="tiny_vit: channels of a 3x3 conv stem before the patch embedding (0 = plain ViT); learns colours/shapes much faster from scratch")
     model_name: str | None = Field(None, description="open_clip architecture name, e.g. ViT-B-32")
     checkpoint: str | None = Field(None, description="local open_clip checkpoint file or local-dir: folder, or HF model dir")
     frozen: bool = False

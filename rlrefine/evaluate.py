@@ -106,18 +106,22 @@ def evaluate_model(model: RefinementCaptioner, tokenizer, split, evaluator, *, n
 
     sched = schedule(schedule_kind, K, schedule_eps)
     ideal = (1 - sched).tolist()
-    progress_latent = progress_curve(Z.transpose(0, 1)).tolist()  # [K+1, N, D] -> [K+1]
+    progress_latent = progress_curve(Z).tolist()  # [N, K+1, M·d] -> [K+1]
     out = {"num_images": int(len(index)), "K": K, "layers": per_layer, "ideal_progress": ideal,
            "progress_latent": progress_latent, "G_latent": graduality(progress_latent, sched)}
+    perf_key = "evaluator" if text_emb else None
+    progress_text = None
     if text_emb:
-        progress_text = progress_curve(torch.stack(text_emb), distance="cosine").tolist()
-        perf = torch.tensor([r["evaluator"] for r in per_layer[1:]])
-        G = graduality(progress_text, sched)
-        out.update({"progress_text": progress_text, "G_text": G, "G": G,
-                    "P": layer_score(perf, layer_weights(weights_kind, K)),
-                    "RS": refinement_score(float(perf[-1]), G, alpha), "alpha": alpha})
-    else:
-        out["G"] = out["G_latent"]
+        try:
+            progress_text = progress_curve(torch.stack(text_emb, dim=1), distance="cosine").tolist()  # [N, K+1, D]
+        except ValueError:  # every image's layer-0 caption equals its layer-K caption: no text progress to measure
+            log.warning("text progress undefined (layer-0 and layer-K captions coincide for every image); G uses latents")
+    G = graduality(progress_text, sched) if progress_text is not None else out["G_latent"]
+    out.update({"progress_text": progress_text, "G_text": G if progress_text is not None else None, "G": G})
+    if perf_key is not None:
+        perf = torch.tensor([r[perf_key] for r in per_layer[1:]])
+        out.update({"P": layer_score(perf, layer_weights(weights_kind, K)), "RS": refinement_score(float(perf[-1]), G, alpha),
+                    "alpha": alpha})
     if reference is not None:
         out["kl_ref"] = sampled_kl(model, reference, split, index[: min(200, len(index))], image_size, max_len)
     out["final"] = per_layer[-1]
@@ -142,7 +146,7 @@ def markdown_table(result: dict) -> str:
             if any(k in r for r in rows)]
     keys += [k for k in rows[0] if k not in keys and k != "layer" and not isinstance(rows[0][k], (list, dict))]
     ideal = result["ideal_progress"]
-    prog = result.get("progress_text", result["progress_latent"])
+    prog = result.get("progress_text") or result["progress_latent"]
     lines = ["| layer | " + " | ".join(keys) + " | progress | ideal |", "|" + "---|" * (len(keys) + 3)]
     for r, p, s in zip(rows, prog, ideal):
         lines.append(f"| {r['layer']} | " + " | ".join(_fmt(r.get(k)) for k in keys) + f" | {p:.3f} | {s:.3f} |")
@@ -180,8 +184,8 @@ def plot_layers(results: dict[str, dict], path: Path, metrics: list[str] | None 
     ks = list(range(first["K"] + 1))
     ax.plot(ks, first["ideal_progress"], "k--", label="ideal 1 − s(k)")
     for name, res in results.items():
-        key = "progress_text" if "progress_text" in res else "progress_latent"
-        ax.plot(ks, res[key], marker="o", label=f"{name} (G={res['G']:.2f})")
+        curve = res.get("progress_text") or res["progress_latent"]
+        ax.plot(ks, curve, marker="o", label=f"{name} (G={res['G']:.2f})")
     ax.set_title("progress vs ideal schedule (text embeddings)")
     ax.set_xlabel("layer k")
     ax.set_ylabel("progress π_k")
@@ -208,7 +212,7 @@ def write_report(result: dict, out_dir: Path, name: str = "model", writer=None) 
                 if isinstance(v, (int, float)) and k != "layer":
                     writer.add_scalar(f"eval/{k}", v, r["layer"])
         for k in ("G", "G_latent", "P", "RS", "kl_ref"):
-            if k in result:
+            if result.get(k) is not None:
                 writer.add_scalar(f"eval/{k}", result[k], 0)
         writer.add_text("eval/table", markdown_table(result), 0)
         from PIL import Image

@@ -56,6 +56,10 @@ class EncoderConfig:
     kind: "tiny_vit" (built-in, from scratch), "open_clip" (visual tower of an open_clip model) or
         "hf" (a transformers vision model from a local directory).
     image_size, patch_size, width, depth, heads: the tiny ViT's dimensions (tiny_vit only).
+    stem_channels: tiny_vit only. 0: the plain ViT patch embedding (one linear map per patch);
+        c > 0: a convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see
+        better"): log2(patch_size) 3x3 stride-2 convs with c, 2c, ... channels, the last to `width`,
+        so the token grid is the same. It learns colours and shapes from scratch much faster.
     model_name: open_clip architecture name, e.g. "ViT-B-32" (open_clip only; ignored when
         `checkpoint` is a "local-dir:" folder, which carries its own config).
     checkpoint: local weights. open_clip: a checkpoint file (.pt / .bin / .safetensors) or
@@ -70,6 +74,7 @@ class EncoderConfig:
     width: int = 128
     depth: int = 2
     heads: int = 4
+    stem_channels: int = 0
     model_name: str | None = None
     checkpoint: str | None = None
     frozen: bool = False
@@ -243,6 +248,22 @@ class _ViTBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def _conv_stem(patch_size: int, channels: int, width: int) -> nn.Sequential:
+    """3x3 stride-2 convs (BatchNorm-free: GELU between) that downsample by `patch_size` (a power of 2)."""
+    n = int(math.log2(patch_size))
+    if 2 ** n != patch_size or n < 1:
+        raise ValueError(f"tiny_vit stem_channels needs a power-of-two patch_size >= 2, got {patch_size}")
+    layers: list[nn.Module] = []
+    c_in = 3
+    for i in range(n):
+        c_out = width if i == n - 1 else channels * 2 ** i
+        layers.append(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1))
+        if i < n - 1:
+            layers.append(nn.GELU())
+        c_in = c_out
+    return nn.Sequential(*layers)
+
+
 class TinyViT(ImageEncoder):
     """A small ViT trained from scratch: patch embedding + learned positions + pre-norm blocks.
 
@@ -253,7 +274,7 @@ class TinyViT(ImageEncoder):
     interpolation = "bilinear"
 
     def __init__(self, image_size: int = 64, patch_size: int = 8, width: int = 128, depth: int = 2,
-                 heads: int = 4, frozen: bool = False):
+                 heads: int = 4, frozen: bool = False, stem_channels: int = 0):
         super().__init__(frozen)
         if image_size % patch_size:
             raise ValueError(f"tiny_vit image_size {image_size} is not a multiple of patch_size {patch_size}")
@@ -263,7 +284,10 @@ class TinyViT(ImageEncoder):
         self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
         self.out_dim = width
         n_patches = (image_size // patch_size) ** 2
-        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        if stem_channels:
+            self.patch_embed = _conv_stem(patch_size, stem_channels, width)
+        else:
+            self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, n_patches, width))
         self.blocks = nn.ModuleList([_ViTBlock(width, heads) for _ in range(depth)])
         self.ln_f = nn.LayerNorm(width)
@@ -480,7 +504,8 @@ def build_encoder(cfg: EncoderConfig, architecture_dir: str | os.PathLike | None
     otherwise weights come from `cfg.checkpoint` (open_clip / hf) or are initialised (tiny_vit).
     """
     if cfg.kind == "tiny_vit":
-        return TinyViT(cfg.image_size, cfg.patch_size, cfg.width, cfg.depth, cfg.heads, frozen=cfg.frozen)
+        return TinyViT(cfg.image_size, cfg.patch_size, cfg.width, cfg.depth, cfg.heads, frozen=cfg.frozen,
+                       stem_channels=cfg.stem_channels)
     if cfg.kind == "open_clip":
         return OpenCLIPVisual(cfg.model_name, cfg.checkpoint, frozen=cfg.frozen, architecture_dir=architecture_dir)
     if cfg.kind == "hf":

@@ -111,7 +111,7 @@ def captioner_config(cfg: RecipeConfig, tokenizer: CaptionTokenizer) -> Captione
     m, e = cfg.model, cfg.model.encoder
     encoder = EncoderConfig(
         kind=e.kind, image_size=e.image_size, patch_size=e.patch_size, width=e.width, depth=e.depth,
-        heads=e.heads, model_name=e.model_name, checkpoint=e.checkpoint, frozen=e.frozen,
+        heads=e.heads, stem_channels=e.stem_channels, model_name=e.model_name, checkpoint=e.checkpoint, frozen=e.frozen,
     )
     return CaptionerConfig(
         encoder=encoder, d_model=m.d_model, num_slots=m.num_slots, num_refine_layers=m.num_refine_layers,

@@ -1,0 +1,66 @@
+"""`rlrefine run` end to end on a micro version of recipes/tiny.yaml: every stage runs, is skipped
+when its output exists, and the report compares XE with every fine-tuned variant."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlrefine.cli import main
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+
+MICRO = [
+    "data.shapes.num_train=96", "data.shapes.num_val=16", "data.shapes.num_test=16", "data.shapes.num_test_novel=16",
+    "model.d_model=32", "model.n_heads=2", "model.num_slots=4", "model.num_refine_layers=2", "model.readout_layers=1",
+    "model.encoder.width=32", "model.encoder.depth=1", "model.encoder.heads=2", "model.encoder.stem_channels=8",
+    "pretrain.steps=4", "pretrain.batch_size=8", "pretrain.eval_every=4", "pretrain.num_eval_images=8", "pretrain.warmup_steps=1",
+    "evaluator.steps=3", "evaluator.batch_size=8", "evaluator.eval_max_images=8",
+    "distill.candidate_images=4", "distill.candidate_beams=2", "distill.student.steps=3", "distill.student.images_per_step=4",
+    "finetune.steps=2", "finetune.batch_size=2", "finetune.num_candidates=2", "finetune.max_len=12", "finetune.warmup_steps=1",
+    "evaluate.num_images=6",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline")
+    assert main(["run", str(RECIPE), f"run_dir={out}", "threads=1", *MICRO]) == 0
+    return out
+
+
+def test_every_stage_writes_its_output(run_dir):
+    for marker in ("evaluator/report.json", "pretrain/model/config.json", "pretrain/report.json", "distill/report.json",
+                   "finetune_dico/model/config.json", "finetune_scst/model/config.json", "report/compare.md",
+                   "report/compare.png", "report/XE/metrics.json", "report/dico/metrics.md"):
+        assert (run_dir / marker).exists(), marker
+    assert list((run_dir / "pretrain" / "tb").rglob("events.out.tfevents*"))
+
+
+def test_report_compares_xe_and_every_variant_per_layer(run_dir):
+    table = (run_dir / "report" / "compare.md").read_text()
+    for name in ("| XE |", "| dico |", "| scst |"):
+        assert name in table
+    result = json.loads((run_dir / "report" / "compare.json").read_text())
+    dico = result["dico"]
+    assert len(dico["layers"]) == 3  # layers 0..K with K = 2
+    assert set(dico) >= {"G", "G_latent", "P", "RS", "kl_ref", "progress_text", "ideal_progress"}
+    assert dico["ideal_progress"] == pytest.approx([0.0, 0.5, 1.0])
+    assert result["XE"].get("kl_ref") is None  # the reference itself
+    for row in dico["layers"]:
+        assert 0.0 <= row["object_accuracy"] <= 1.0 and row["CIDEr-D"] >= 0.0 and row["evaluator"] >= 0.0
+
+
+def test_run_skips_done_stages(run_dir, caplog):
+    before = (run_dir / "pretrain" / "model" / "model.safetensors").stat().st_mtime_ns
+    caplog.set_level("INFO")
+    assert main(["run", str(RECIPE), f"run_dir={run_dir}", "threads=1", *MICRO]) == 0
+    assert (run_dir / "pretrain" / "model" / "model.safetensors").stat().st_mtime_ns == before
+    assert "skipped" in caplog.text
+
+
+def test_bad_recipe_is_rejected_before_any_work(tmp_path, capsys):
+    assert main(["pretrain", "--config", str(RECIPE), f"run_dir={tmp_path}", "pretrain.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'pretrain.stepz'" in err and "steps" in err
+    assert not (tmp_path / "pretrain").exists()

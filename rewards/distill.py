@@ -97,7 +97,7 @@ class DistillConfig:
     image_size: int = 64
     patch_size: int = 16  # 4 x 4 = 16 patches: ~4x fewer image tokens than the teacher
     vision_width: int = 32
-    vision_layers: int = 2
+    vision_layers: int | tuple[int, ...] = 2  # an int: ViT depth; a tuple: open_clip ModifiedResNet stage depths
     vision_head_width: int = 16  # -> 2 heads
     text_width: int = 32
     text_heads: int = 2

@@ -68,7 +68,7 @@ def test_refine_stacks_all_layers():
     Z = model.refine(V, seeds)
     assert Z.shape == (2, 4, 4, 16)  # [B, K+1, M, d]
     torch.testing.assert_close(Z[:, 0], model.z0(seeds))
-    z1 = model.refine_blocks[0](Z[:, 0], V)
+    z1 = model.refine_blocks[0](Z[:, 0], V, model.slot_pos)
     torch.testing.assert_close(Z[:, 1], z1)
 
 

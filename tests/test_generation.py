@@ -30,9 +30,16 @@ def tiny_model(seed=0, dtype=torch.float64, vocab=12, **kw):
 
 @pytest.fixture(scope="module")
 def setup():
-    model = tiny_model()
+    """The first random model (by seed) whose greedy captions stop at several different lengths, so
+    the comparisons below exercise early stopping and padding."""
     px = torch.randn(4, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    return model, px, torch.tensor([10, 11, 12, 13])
+    seeds = torch.tensor([10, 11, 12, 13])
+    for seed in range(50):
+        model = tiny_model(seed)
+        lengths = model.generate(px, seeds, [0, 1, 3], method="greedy").lengths
+        if len(set(lengths.flatten().tolist())) > 2:
+            return model, px, seeds
+    raise AssertionError("no seed gives varied caption lengths")
 
 
 def _check_well_formed(out: GenerationOutput, cfg):
@@ -90,7 +97,9 @@ def test_beams_sorted_distinct_and_best_first(setup):
 def test_decode_stops_when_all_finished():
     model = tiny_model(seed=0)
     with torch.no_grad():
-        model.readout.tok_emb.weight[model.config.eos_id] *= 3  # eos very likely: everything ends soon
+        e = model.readout.tok_emb.weight[model.config.eos_id]
+        e *= 50 / e.norm()  # (tied weights) a long eos direction that the final bias points along:
+        model.readout.ln_f.bias += 10 * e / e.norm()  # eos logit dominates at every position, everything ends soon
     px, seeds = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.tensor([1, 2])
     out = model.generate(px, seeds, None, method="greedy", max_len=10)
     assert out.tokens.shape[-1] == 1 + int(out.lengths.max()) < 10

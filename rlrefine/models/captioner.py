@@ -161,9 +161,11 @@ class RefineBlock(nn.Module):
         self.ln_mlp = nn.LayerNorm(d)
         self.mlp = MLP(d, mlp_ratio, dropout)
 
-    def forward(self, z, V):  # z [B, M, d], V [B, N, d] -> z_next [B, M, d]
-        z = z + self.self_attn(self.ln_self(z))
-        z = z + self.cross_attn(self.ln_cross(z), V)
+    def forward(self, z, V, slot_pos):  # z [B, M, d], V [B, N, d], slot_pos [M, d] -> z_next [B, M, d]
+        # slot_pos gives every slot an identity (as DETR's query embeddings), so slot i can learn what
+        # to look for while z itself starts totally random
+        z = z + self.self_attn(self.ln_self(z) + slot_pos)
+        z = z + self.cross_attn(self.ln_cross(z) + slot_pos, V)
         return z + self.mlp(self.ln_mlp(z))
 
 
@@ -295,6 +297,7 @@ class RefinementCaptioner(nn.Module):
         self.image_proj = nn.Linear(self.encoder.out_dim, d)
         self.image_norm = nn.LayerNorm(d)
         self.refine_blocks = nn.ModuleList([RefineBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(K)])
+        self.slot_pos = nn.Parameter(torch.zeros(cfg.num_slots, d))  # slot identities for the refinement blocks
         self.readout = Readout(cfg)
 
         # nanoGPT-style init for everything but the (possibly pretrained) encoder; residual
@@ -302,6 +305,7 @@ class RefinementCaptioner(nn.Module):
         for m in (self.image_proj, self.image_norm, self.refine_blocks, self.readout):
             m.apply(_init_weights)
         nn.init.normal_(self.readout.prefix_pos, std=0.02)
+        nn.init.normal_(self.slot_pos, std=1.0)  # comparable to the layer-normed slots it is added to
         for blocks, n_branches in ((self.refine_blocks, 3 * K), (self.readout.blocks, 2 * cfg.readout_layers)):
             for name, p in blocks.named_parameters():
                 if name.endswith("proj.weight"):
@@ -329,7 +333,7 @@ class RefinementCaptioner(nn.Module):
         z = self.z0(z0_seed)
         Z = [z]
         for block in self.refine_blocks:
-            z = block(z, V)
+            z = block(z, V, self.slot_pos)
             Z.append(z)
         return torch.stack(Z, dim=1)
 

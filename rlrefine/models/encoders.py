@@ -297,6 +297,10 @@ class TinyViT(ImageEncoder):
         for blk in self.blocks:
             for proj in (blk.attn_proj, blk.mlp[2]):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * depth))
+        if stem_channels:  # variance-preserving init, or the signal shrinks ~0.02·sqrt(fan_in) per conv
+            for conv in self.patch_embed:
+                if isinstance(conv, nn.Conv2d):
+                    nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
         self._freeze()
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,14 @@ anything heavy starts, and writes into the recipe's `run_dir`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
 from rlrefine.config import RecipeConfig, RecipeError, load_recipe
+from rlrefine.data.datasets import BadImageError
 
 log = logging.getLogger("rlrefine")
 
@@ -45,6 +47,25 @@ def _evaluate(args, cfg: RecipeConfig) -> None:
 
     print(markdown_table(result))
     print(f"written: {out_dir}/metrics.json, metrics.md, metrics.png")
+
+
+def _caption(args, cfg: RecipeConfig) -> None:
+    from rlrefine.pipeline import caption_folder
+
+    model_dir = Path(args.model) if args.model else cfg.run_path / cfg.finetune.output / "model"
+    if args.layer in ("final", "all"):
+        layers = None if args.layer == "final" else "all"
+    else:
+        try:
+            layers = [int(x) for x in args.layer.split(",")]
+        except ValueError:
+            raise RecipeError(f"--layer '{args.layer}' is not an index, a comma list of indices, 'final' or 'all'") from None
+    result = caption_folder(model_dir, Path(args.images), layers=layers, method=args.method, beams=args.beams,
+                            image_size=cfg.data.image_size, max_len=cfg.finetune.max_len, bad_image=cfg.data.bad_image)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
 
 
 def _report(args, cfg: RecipeConfig) -> None:
@@ -104,6 +125,12 @@ COMMANDS = {
         "BLEU-4, ROUGE-L, CIDEr-D, the evaluator's score, text statistics, grounded accuracy (shapes), progress "
         "curves and G / P / RS (DESIGN.md §5). Writes metrics.json, metrics.md and metrics.png.",
     ),
+    "caption": (
+        _caption, "caption a folder of images at a chosen layer (or every layer) and print / write JSON",
+        "Loads a captioner (--model DIR, default <run_dir>/finetune/model) and captions every image in --images "
+        "at --layer (e.g. 4, or 1,2,4, or all; default: the final layer K), greedy or beam search. Prints JSON "
+        "{image file: {layer: caption}} and writes it to --out if given.",
+    ),
     "report": (
         _report, "evaluate XE and every fine-tuned variant of the recipe side by side",
         "Writes <run_dir>/report/compare.md (the XE vs SCST vs DiCO table), compare.json and compare.png.",
@@ -140,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, short, long) in COMMANDS.items():
         p = sub.add_parser(name, help=short, description=long)
         _add_common(p)
+        if name == "caption":
+            p.add_argument("--images", required=True, help="folder of images (jpg, png, webp, bmp)")
+            p.add_argument("--model", help="captioner directory (default: <run_dir>/finetune/model)")
+            p.add_argument("--layer", default="final", help="layer(s) to decode: an index, a comma list, 'final' or 'all'")
+            p.add_argument("--method", default="greedy", choices=["greedy", "beam"])
+            p.add_argument("--beams", type=int, default=3, help="beam size for --method beam (the best beam is printed)")
+            p.add_argument("--out", help="write the JSON here too")
         if name == "evaluate":
             p.add_argument("--model", help="captioner directory to evaluate (default: <run_dir>/finetune/model)")
             p.add_argument("--out", help="output directory (default: <run_dir>/eval/<model name>)")
@@ -157,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:
         print(f"rlrefine: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, BadImageError) as exc:
         print(f"rlrefine: {exc}", file=sys.stderr)
         return 2
     return 0

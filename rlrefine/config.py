@@ -187,6 +187,7 @@ class PretrainSection(Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     min_lr_ratio: float = Field(0.05, ge=0.0, le=1.0, description="cosine decay floor as a fraction of lr")
+    encoder_lr_mult: float = Field(1.0, gt=0.0, description="learning-rate multiplier of the image encoder (a from-scratch encoder learns shapes too slowly at the captioner's lr: its signal arrives through the refinement blocks)")
     weight_decay: float = Field(0.01, ge=0.0)
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, gt=0.0)

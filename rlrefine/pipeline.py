@@ -131,6 +131,57 @@ def evaluate_checkpoint(cfg: RecipeConfig, model_dir: Path, name: str, out_dir: 
     return result
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def caption_folder(model_dir: Path, folder: Path, layers: list[int] | str | None = None, method: str = "greedy",
+                   beams: int = 3, image_size: int = 64, max_len: int = 24, bad_image: str = "error",
+                   batch_size: int = 32) -> dict[str, dict[str, str]]:
+    """Caption every image of a folder: {file name: {"layer_k": caption}}; layers None = the final layer,
+    "all" = every layer 0..K.
+
+    Unreadable images raise an error naming the file, or with bad_image="skip" are reported as
+    {"error": ...} and the rest are still captioned."""
+    import torch
+
+    from rlrefine.data.datasets import BadImageError, load_image
+    from rlrefine.data.tokenizer import CaptionTokenizer
+    from rlrefine.models import RefinementCaptioner
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder '{folder}' not found")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}'")
+    model = RefinementCaptioner.from_pretrained(model_dir).eval()
+    tokenizer = CaptionTokenizer.from_dir(model_dir)
+    K = model.config.num_refine_layers
+    layers = [K] if layers is None else (list(range(K + 1)) if layers == "all" else layers)
+    bad = [k for k in layers if not 0 <= k <= K]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: this captioner has layers 0..{K}")
+    out: dict[str, dict[str, str]] = {}
+    images, names = [], []
+    for path in files:
+        try:
+            images.append(torch.from_numpy(load_image(path, image_size)))
+            names.append(path.name)
+        except Exception as exc:  # noqa: BLE001 - reported per file under the documented policy
+            if bad_image != "skip":
+                raise BadImageError(f"cannot read image '{path}': {exc} (use data.bad_image=skip to skip it)") from None
+            out[path.name] = {"error": str(exc)}
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack(images[start:start + batch_size])
+            pixels = model.encoder.preprocess(batch)
+            seeds = torch.arange(start, start + len(batch))  # fixed z_0 per image position
+            gen = model.generate(pixels, seeds, layers, method=method, num_candidates=beams if method == "beam" else 1,
+                                 max_len=max_len)
+            for name, per_layer in zip(names[start:], tokenizer.decode_batch(gen.tokens[:, :, 0])):
+                out[name] = {f"layer_{k}": c for k, c in zip(layers, per_layer)}
+    return out
+
+
 def finetune_variants(cfg: RecipeConfig) -> dict[str, object]:
     """name -> FinetuneSection for every fine-tuning run of the recipe (the `compare` variants, or `finetune`)."""
     if cfg.compare:

@@ -64,3 +64,25 @@ def test_bad_recipe_is_rejected_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown key 'pretrain.stepz'" in err and "steps" in err
     assert not (tmp_path / "pretrain").exists()
+
+
+def test_caption_command_writes_json_for_a_folder(run_dir, tmp_path, capsys):
+    from PIL import Image
+    import numpy as np
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, dtype=np.uint8)).save(folder / f"im{i}.png")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "caps.json"
+    model = run_dir / "finetune_dico" / "model"
+    assert main(["caption", "--config", str(RECIPE), f"run_dir={run_dir}", "data.bad_image=skip", "--images", str(folder),
+                 "--model", str(model), "--layer", "all", "--out", str(out)]) == 0
+    caps = json.loads(out.read_text())
+    assert set(caps) == {"im0.png", "im1.png", "im2.png", "broken.jpg"}
+    assert set(caps["im0.png"]) == {"layer_0", "layer_1", "layer_2"} and "error" in caps["broken.jpg"]
+    # without the skip policy a corrupt image is an error that names it
+    capsys.readouterr()
+    assert main(["caption", "--config", str(RECIPE), f"run_dir={run_dir}", "--images", str(folder), "--model", str(model)]) == 2
+    assert "broken.jpg" in capsys.readouterr().err

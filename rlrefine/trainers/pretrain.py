@@ -130,7 +130,11 @@ def pretrain(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[...,
     n_params = sum(t.numel() for t in model.parameters() if t.requires_grad)
     log.info("captioner: %.2fM trainable parameters, K=%d", n_params / 1e6, K)
 
-    optimizer = torch.optim.AdamW([t for t in model.parameters() if t.requires_grad], lr=p.lr, weight_decay=p.weight_decay, betas=(0.9, 0.98))
+    encoder_params = [t for t in model.encoder.parameters() if t.requires_grad]
+    encoder_ids = {id(t) for t in encoder_params}
+    rest = [t for t in model.parameters() if t.requires_grad and id(t) not in encoder_ids]
+    optimizer = torch.optim.AdamW([{"params": rest}, {"params": encoder_params, "lr": p.lr * p.encoder_lr_mult}],
+                                  lr=p.lr, weight_decay=p.weight_decay, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, p.warmup_steps, p.steps, p.min_lr_ratio))
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     core = acc.unwrap_model(model)

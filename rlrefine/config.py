@@ -146,7 +146,11 @@ class TokenizerSection(Section):
 
 # ---------------------------------------------------------------------------------------- model
 class EncoderSection(Section):
-    kind: Literal["tiny_vit", "open_clip", "hf"] = "tiny_vit"
+    """The captioner's image encoder. `evaluator` = the visual tower of this run's learned evaluator
+    (written by train-evaluator to <run_dir>/evaluator), loaded through the open_clip backend: on small
+    data it is a far better start than a from-scratch encoder, as a CLIP tower is at scale."""
+
+    kind: Literal["tiny_vit", "open_clip", "hf", "evaluator"] = "tiny_vit"
     image_size: int = Field(64, ge=8)
     patch_size: int = Field(8, ge=1)
     width: int = Field(128, ge=8)
@@ -159,8 +163,9 @@ class EncoderSection(Section):
 
     @model_validator(mode="after")
     def _backend_fields(self) -> "EncoderSection":
-        if self.kind == "open_clip" and (self.model_name is None or self.checkpoint is None):
-            raise ValueError("model.encoder.kind 'open_clip' needs model.encoder.model_name and model.encoder.checkpoint (a local path)")
+        if self.kind == "open_clip" and (self.checkpoint is None or (self.model_name is None and not self.checkpoint.startswith("local-dir:"))):
+            raise ValueError("model.encoder.kind 'open_clip' needs model.encoder.checkpoint (a local file, with model_name, "
+                             "or a 'local-dir:' folder that carries its own config)")
         if self.kind == "hf" and self.checkpoint is None:
             raise ValueError("model.encoder.kind 'hf' needs model.encoder.checkpoint (a local model directory)")
         _existing_path(self.checkpoint, "model.encoder.checkpoint")

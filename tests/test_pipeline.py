@@ -86,3 +86,9 @@ def test_caption_command_writes_json_for_a_folder(run_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["caption", "--config", str(RECIPE), f"run_dir={run_dir}", "--images", str(folder), "--model", str(model)]) == 2
     assert "broken.jpg" in capsys.readouterr().err
+
+
+def test_pretrain_on_the_evaluator_tower_needs_the_evaluator_first(tmp_path, capsys):
+    code = main(["pretrain", "--config", str(RECIPE), f"run_dir={tmp_path}", "model.encoder.kind=evaluator", *MICRO])
+    assert code == 2
+    assert "rlrefine train-evaluator" in capsys.readouterr().err

@@ -109,9 +109,17 @@ def build_tokenizer(cfg: RecipeConfig, train_split, save_dir: Path | None = None
 
 def captioner_config(cfg: RecipeConfig, tokenizer: CaptionTokenizer) -> CaptionerConfig:
     m, e = cfg.model, cfg.model.encoder
+    kind, checkpoint = e.kind, e.checkpoint
+    if kind == "evaluator":
+        folder = cfg.run_path / "evaluator"
+        if not (folder / "open_clip_config.json").is_file():
+            raise FileNotFoundError(
+                f"model.encoder.kind is 'evaluator' but no learned evaluator in '{folder}': run "
+                f"`rlrefine train-evaluator --config <recipe>` first (`rlrefine run` does it for you)")
+        kind, checkpoint = "open_clip", f"local-dir:{folder}"
     encoder = EncoderConfig(
-        kind=e.kind, image_size=e.image_size, patch_size=e.patch_size, width=e.width, depth=e.depth,
-        heads=e.heads, stem_channels=e.stem_channels, model_name=e.model_name, checkpoint=e.checkpoint, frozen=e.frozen,
+        kind=kind, image_size=e.image_size, patch_size=e.patch_size, width=e.width, depth=e.depth,
+        heads=e.heads, stem_channels=e.stem_channels, model_name=e.model_name, checkpoint=checkpoint, frozen=e.frozen,
     )
     return CaptionerConfig(
         encoder=encoder, d_model=m.d_model, num_slots=m.num_slots, num_refine_layers=m.num_refine_layers,

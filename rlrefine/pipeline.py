@@ -223,6 +223,16 @@ def report(cfg: RecipeConfig, resume: bool = False) -> str:
     return table
 
 
+def _report_stage(cfg: RecipeConfig, resume: bool = False, force: bool = False) -> None:
+    """The report, redone whenever the set of compared models changed (e.g. a variant was added)."""
+    done = cfg.run_path / "report" / "compare.json"
+    wanted = {"XE", *finetune_variants(cfg)}
+    if done.is_file() and not force and set(json.loads(done.read_text())) == wanted:
+        log.info("report: %s already compares %s, skipped (--force redoes it)", done, ", ".join(sorted(wanted)))
+        return
+    print("\n" + report(cfg, resume))
+
+
 def stages(cfg: RecipeConfig) -> list[Stage]:
     from rlrefine.trainers.pretrain import pretrain
 
@@ -230,7 +240,7 @@ def stages(cfg: RecipeConfig) -> list[Stage]:
            Stage("pretrain", "pretrain/model/config.json", lambda c, r, f: pretrain(c, resume=r)),
            Stage("distill-reward", "distill/report.json", distill_stage)]
     out.append(Stage("finetune", "", run_finetune_variants))  # each variant is skipped on its own
-    out.append(Stage("report", "report/compare.md", lambda c, r, f: print("\n" + report(c, r))))
+    out.append(Stage("report", "", _report_stage))
     return out
 
 

@@ -15,7 +15,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 def test_tiny_recipe_loads_with_its_values():
     cfg = load_recipe(RECIPES / "tiny.yaml")
-    assert cfg.data.kind == "shapes" and cfg.model.encoder.kind == "tiny_vit"
+    assert cfg.data.kind == "shapes" and cfg.model.encoder.kind == "evaluator" and cfg.model.encoder.frozen
     assert cfg.model.num_refine_layers == 4
     assert cfg.pretrain.layer_weights == "linear"
 

@@ -25,7 +25,7 @@ OVERRIDES = [
     "device=cpu", "seed=5",
     "data.shapes.num_train=120", "data.shapes.num_val=6", "data.shapes.num_test=6", "data.shapes.num_test_novel=6",
     "data.max_caption_len=12",
-    "model.d_model=16", "model.encoder.width=16", "model.encoder.depth=1", "model.num_slots=2", "model.readout_layers=1",
+    "model.encoder.kind=tiny_vit", "model.d_model=16", "model.encoder.width=16", "model.encoder.depth=1", "model.num_slots=2", "model.readout_layers=1",
     "model.num_refine_layers=2", "model.n_heads=2", "model.encoder.heads=2", "model.dropout=0.1",
     f"pretrain.steps={STEPS}", f"pretrain.batch_size={BATCH}", "pretrain.warmup_steps=1", "pretrain.checkpoint_every=2",
     "pretrain.log_every=1", "pretrain.eval_every=1000", "pretrain.num_eval_images=2", "pretrain.num_log_images=1",

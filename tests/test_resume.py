@@ -28,7 +28,7 @@ TINY = [
     "device=cpu", "seed=3",
     "data.shapes.num_train=200", "data.shapes.num_val=8", "data.shapes.num_test=8", "data.shapes.num_test_novel=8",
     "data.max_caption_len=16",
-    "model.d_model=32", "model.encoder.width=32", "model.encoder.depth=1", "model.num_slots=4", "model.readout_layers=1",
+    "model.encoder.kind=tiny_vit", "model.d_model=32", "model.encoder.width=32", "model.encoder.depth=1", "model.num_slots=4", "model.readout_layers=1",
     "model.dropout=0.1",  # dropout draws from the torch RNG: resume must restore it
     f"pretrain.steps={STEPS}", "pretrain.batch_size=8", "pretrain.warmup_steps=4", "pretrain.checkpoint_every=5",
     "pretrain.log_every=5", "pretrain.eval_every=1000", "pretrain.num_eval_images=4", "pretrain.num_log_images=0",

@@ -58,6 +58,24 @@ def test_missing_user_paths_are_errors_before_training(tmp_path):
     assert cfg.model.encoder.model_name == "ViT-B-32"
 
 
+def test_dico_recipe_validates_with_user_paths_and_keeps_the_paper_hyperparameters(tmp_path):
+    ann = tmp_path / "dataset_coco.json"
+    ann.write_text('{"images": []}')
+    ckpt, pacs = tmp_path / "vitb32.pt", tmp_path / "pacs.pth"
+    ckpt.write_bytes(b"")
+    pacs.write_bytes(b"")
+    paths = [f"data.coco.annotations={ann}", f"data.coco.image_root={tmp_path}", f"model.encoder.checkpoint={ckpt}"]
+    with pytest.raises(RecipeError, match="pacs_vitb32.pth' does not exist"):
+        load_recipe(RECIPES / "coco_vitb32_dico.yaml", paths)
+    pac_paths = [f"{key}.checkpoint={pacs}" for key in ("distill.teacher", "finetune.reward", "evaluate.evaluator",
+                                                          "evaluate.extra_rewards.pac")]
+    cfg = load_recipe(RECIPES / "coco_vitb32_dico.yaml", paths + pac_paths)
+    f = cfg.finetune
+    assert (f.method, f.beta, f.num_candidates, f.generation, f.max_len, f.lr) == ("dico", 0.2, 5, "beam", 30, 1e-6)
+    assert (f.reward.kind, f.reward.model_name, f.reward.checkpoint) == ("pac", "ViT-B-32", str(pacs))
+    assert cfg.variant("scst").method == "scst"
+
+
 def test_missing_recipe_file_and_bad_yaml(tmp_path):
     with pytest.raises(RecipeError, match="not found"):
         load_recipe(tmp_path / "nope.yaml")

@@ -1,4 +1,4 @@
-"""Two processes on CPU (gloo) through `accelerate launch`: the real `pretrain` of a tiny recipe.
+"""Two processes on CPU (gloo) through `accelerate launch`: the real `pretrain` and `finetune` of a tiny recipe.
 
 Checks that both ranks run the same steps, take disjoint slices that together make the
 single-process global batch, end every step with identical parameters (DDP all-reduce), and that
@@ -131,6 +131,83 @@ def test_two_process_pretrain_keeps_ranks_identical(tmp_path):
     lrs = {e.step: e.value for e in acc.Scalars("train/lr")}
     for step in range(STEPS):
         assert abs(lrs[step] - p.lr * warmup_cosine(step + 1, p.warmup_steps, p.steps, p.min_lr_ratio)) < 1e-9
+
+
+FINETUNE_STEPS = 2
+FINETUNE_BATCH = 4
+FINETUNE_WORKER = r"""
+import json, sys
+from pathlib import Path
+import torch
+from rlrefine.config import load_recipe
+from rlrefine.trainers.finetune import finetune
+
+out = Path(sys.argv[1])
+cfg = load_recipe(sys.argv[2], sys.argv[3:])
+
+def on_step_end(step, model, loss, rollout, accelerator):
+    rank = accelerator.process_index
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.save(flat, out / f"ft_params_rank{rank}_step{step}.pt")
+    with open(out / f"ft_steps_rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "world": accelerator.num_processes, "loss": float(loss),
+                            "captions": rollout.captions}) + "\n")
+
+finetune(cfg, on_step_end=on_step_end)
+"""
+
+
+def test_two_process_finetune_keeps_ranks_identical(tmp_path):
+    """`finetune` (DiCO at every layer, learned reward, frozen reference) on two processes."""
+    from rlrefine.cli import main
+
+    run_dir = tmp_path / "run"
+    setup = [f"run_dir={run_dir}", "threads=1", *OVERRIDES, "evaluator.steps=2", "evaluator.batch_size=8",
+             "evaluator.eval_max_images=8"]
+    assert main(["train-evaluator", "--config", str(REPO / "recipes" / "tiny.yaml"), *setup]) == 0
+    assert main(["pretrain", "--config", str(REPO / "recipes" / "tiny.yaml"), *setup]) == 0
+
+    worker = tmp_path / "ft_worker.py"
+    worker.write_text(FINETUNE_WORKER)
+    ft = [f"finetune.steps={FINETUNE_STEPS}", f"finetune.batch_size={FINETUNE_BATCH}", "finetune.num_candidates=2",
+          "finetune.max_len=10", "finetune.warmup_steps=0", "finetune.lr=1e-3", "finetune.log_every=1",
+          "finetune.checkpoint_every=1", "finetune.eval_every=1000", "finetune.reward.kind=learned"]
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port()),
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(worker), str(tmp_path), str(REPO / "recipes" / "tiny.yaml"), f"run_dir={run_dir}", *OVERRIDES, *ft,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    records = [[json.loads(line) for line in (tmp_path / f"ft_steps_rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]] == list(range(FINETUNE_STEPS))
+    assert all(r["world"] == 2 for rank in records for r in rank)
+    for step in range(FINETUNE_STEPS):
+        # each rank rolled out its own half of the batch: B/2 images x K layers x n candidates
+        assert len(records[0][step]["captions"]) == FINETUNE_BATCH // 2 * 2 * 2
+        p0 = torch.load(tmp_path / f"ft_params_rank0_step{step}.pt")
+        p1 = torch.load(tmp_path / f"ft_params_rank1_step{step}.pt")
+        assert torch.equal(p0, p1), f"ranks diverged at fine-tuning step {step}"
+    assert not torch.equal(torch.load(tmp_path / "ft_params_rank0_step0.pt"),  # it did train
+                           torch.load(tmp_path / f"ft_params_rank0_step{FINETUNE_STEPS - 1}.pt"))
+
+    stage = run_dir / "finetune"
+    assert (stage / "model" / "model.safetensors").is_file()
+    assert json.loads((stage / "report.json").read_text())["steps"] == FINETUNE_STEPS
+    ckpt = stage / "checkpoints" / "step_00000001"
+    assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(stage / "tb"))
+    acc.Reload()
+    logged = {e.step: e.value for e in acc.Scalars("train/loss")}
+    for step in range(FINETUNE_STEPS):  # the logged loss is the mean over both ranks
+        mean = (records[0][step]["loss"] + records[1][step]["loss"]) / 2
+        assert abs(logged[step] - mean) < 1e-5, (step, logged[step], mean)
+    assert {"layer_1/reward", "layer_2/kl_ref", "layer_2/progress_target"} <= set(acc.Tags()["scalars"])
 
 
 # ------------------------------------------------------------------ accelerate config files

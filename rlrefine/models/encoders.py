@@ -388,6 +388,8 @@ class OpenCLIPVisual(ImageEncoder):
         self._freeze()
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.visual, "attnpool") and hasattr(self.visual, "layer4"):
+            return resnet_tokens(self.visual, pixels)
         out = self.visual(pixels)
         if not isinstance(out, tuple):  # a tower without token outputs: one pooled token
             return out[:, None]
@@ -403,6 +405,27 @@ class OpenCLIPVisual(ImageEncoder):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / "open_clip_config.json").write_text(json.dumps(self._arch, indent=2))
+
+
+def resnet_tokens(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Token sequence of an open_clip ``ModifiedResNet`` tower: [pooled; dense] in the joint space.
+
+    The tower itself returns only the attention-pooled vector, which squeezes a whole scene into
+    one token. The dense tokens are the attention pool's value path applied at every grid cell
+    (``c_proj(v_proj(x + pos))``, MaskCLIP's dense CLIP features), so they live in the same space
+    as the pooled token: [B, 1 + H*W, embed_dim], pooled first exactly as ``visual(pixels)``.
+    """
+    x = visual.stem(pixels) if hasattr(visual, "stem") else pixels
+    x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+    pool = visual.attnpool
+    pooled = pool(x)
+    grid = x.flatten(2).transpose(1, 2)  # [B, HW, C]
+    pos = pool.positional_embedding[1:].to(grid.dtype)
+    if pos.shape[0] != grid.shape[1]:
+        raise ValueError(f"ResNet tower grid {grid.shape[1]} cells but {pos.shape[0]} positional embeddings: "
+                         f"images must have the tower's image_size")
+    dense = pool.c_proj(pool.v_proj(grid + pos))
+    return torch.cat([pooled[:, None], dense], dim=1)
 
 
 def _jsonable(d: dict) -> dict:

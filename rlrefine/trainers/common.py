@@ -48,6 +48,14 @@ def make_accelerator(cfg: RecipeConfig, stage: str, mixed_precision: str = "no")
     return acc
 
 
+def all_processes(acc: Accelerator, flag: bool) -> bool:
+    """True when `flag` is True on every process (one all-reduce; no communication on one process)."""
+    if acc.num_processes == 1:
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=acc.device)
+    return float(acc.reduce(t, "sum").item()) == 0.0
+
+
 def tensorboard_writer(acc: Accelerator):
     """The underlying `SummaryWriter` (for text, images and figures), or None off the main process."""
     if not acc.is_main_process:

@@ -23,6 +23,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from rlrefine.losses import dico_loss, kl_to_reference, layer_weights, schedule,
 from rlrefine.models import RefinementCaptioner
 from rlrefine.trainers.checkpoint import CheckpointManager
 from rlrefine.trainers.common import (
-    batch_stream, build_reward, eval_z0_seeds, load_images, load_splits, make_accelerator, step_z0_seeds,
+    all_processes, batch_stream, build_reward, eval_z0_seeds, load_images, load_splits, make_accelerator, step_z0_seeds,
     tensorboard_writer,
 )
 from rlrefine.trainers.pretrain import NonFiniteLossError, greedy_captions, warmup_cosine
@@ -150,7 +151,13 @@ def compute_loss(core: RefinementCaptioner, policy, reference: RefinementCaption
     return loss, ro, metrics
 
 
-def finetune(cfg: RecipeConfig, resume: bool = False) -> dict:
+def finetune(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[..., None] | None = None) -> dict:
+    """`rlrefine finetune`: DiCO (or SCST) at every configured layer, from `finetune.init` (default: the
+    run's XE model), which is also the frozen reference. Returns the report written to report.json.
+
+    ``on_step_end(step=, model=, loss=, rollout=, accelerator=)``, if given, is called on every process
+    after each optimizer step (tests use it to compare ranks).
+    """
     f = cfg.finetune
     stage_dir = cfg.run_path / f.output
     init = Path(f.init) if f.init else cfg.run_path / "pretrain" / "model"
@@ -197,35 +204,54 @@ def finetune(cfg: RecipeConfig, resume: bool = False) -> dict:
         sampler = torch.Generator(device=acc.device).manual_seed(int(step_z0_seeds(cfg.seed + 2, step, 1)[0]))
         loss, ro, metrics = compute_loss(core, policy, reference, reward, images, pixels, seeds, layers, f, tokenizer,
                                          sched, weights, acc, generator=sampler)
-        if not torch.isfinite(loss):
+        # One skip decision for all processes (a process that skipped backward would leave the others
+        # waiting in DDP's all-reduce): the step is skipped if the loss or the global gradient norm is
+        # non-finite anywhere.
+        finite = all_processes(acc, bool(torch.isfinite(loss)))
+        grad_norm = None
+        if finite:
+            acc.backward(loss)
+            grad_norm = acc.clip_grad_norm_(policy.parameters(), f.grad_clip)
+            finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if not finite:
             nonfinite_run += 1
             state["nonfinite_total"] = state.get("nonfinite_total", 0) + 1
-            log.warning("step %d: non-finite loss; step skipped (%d in a row)", step, nonfinite_run)
+            what = f"non-finite gradient norm ({float(grad_norm)})" if grad_norm is not None else f"non-finite loss ({loss.item()})"
+            log.warning("step %d: %s; step skipped, no update (%d in a row, %d in total)", step, what,
+                        nonfinite_run, state["nonfinite_total"])
+            acc.log({"train/nonfinite_steps": state["nonfinite_total"]}, step=step)
             optimizer.zero_grad(set_to_none=True)
             if nonfinite_run >= f.max_nonfinite_steps:
-                ckpt.save(step, state)
-                raise NonFiniteLossError(f"{nonfinite_run} non-finite losses in a row at step {step}; checkpoint saved in "
-                                         f"{ckpt.directory}. Lower finetune.lr or finetune.beta, then resume with --resume.")
+                path = ckpt.save(step, state)
+                raise NonFiniteLossError(f"{nonfinite_run} non-finite losses/gradients in a row at step {step} "
+                                         f"(finetune.max_nonfinite_steps={f.max_nonfinite_steps}); checkpoint written to "
+                                         f"{path}. Lower finetune.lr (now {f.lr}) or finetune.beta (now {f.beta}), then "
+                                         f"continue with --resume.")
             continue
         nonfinite_run = 0
-        acc.backward(loss)
-        grad_norm = acc.clip_grad_norm_(policy.parameters(), f.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if on_step_end is not None:
+            on_step_end(step=step, model=core, loss=loss.detach(), rollout=ro, accelerator=acc)
 
         if step % f.log_every == 0 or step == f.steps - 1:
-            scalars = {"train/loss": loss.item(), "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0]}
+            scalars = {"train/loss": loss.detach()}
             for l, k in enumerate(layers):
-                scalars[f"layer_{k}/reward"] = float(ro.rewards[:, l].mean())
-                scalars[f"layer_{k}/reward_best"] = float(ro.rewards[:, l].max(-1).values.mean())
-                scalars[f"layer_{k}/shaped_reward"] = float(ro.shaped[:, l].mean())
-                scalars[f"layer_{k}/progress"] = float(ro.progress[:, l].mean())
-                scalars[f"layer_{k}/progress_target"] = float(1 - sched[k])
-                scalars[f"layer_{k}/length"] = float(word_lengths(ro.captions).view(ro.rewards.shape)[:, l].mean())
-                scalars.update({f"layer_{k}/{name}": v for name, v in metrics[l].items()})
+                scalars[f"layer_{k}/reward"] = ro.rewards[:, l].mean()
+                scalars[f"layer_{k}/reward_best"] = ro.rewards[:, l].max(-1).values.mean()
+                scalars[f"layer_{k}/shaped_reward"] = ro.shaped[:, l].mean()
+                scalars[f"layer_{k}/progress"] = ro.progress[:, l].mean()
+                scalars[f"layer_{k}/length"] = word_lengths(ro.captions).view(ro.rewards.shape)[:, l].mean()
+                scalars.update({f"layer_{k}/{name}": torch.tensor(v) for name, v in metrics[l].items()})
+            # every process's batch counts: the logged numbers are means over processes
+            means = acc.reduce(torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()) for v in scalars.values()])
+                               .to(acc.device), "mean").tolist()
+            scalars = dict(zip(scalars, means))
+            scalars.update({"train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0]})
+            scalars.update({f"layer_{k}/progress_target": float(1 - sched[k]) for k in layers})
             acc.log(scalars, step=step)
-            bar.set_postfix(loss=f"{loss.item():.3f}", r_K=f"{float(ro.rewards[:, -1].mean()):.3f}")
+            bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", r_K=f"{scalars[f'layer_{layers[-1]}/reward']:.3f}")
         if writer is not None and ((step + 1) % f.eval_every == 0 or step == f.steps - 1):
             core.eval()
             caps = greedy_captions(core, splits["val"], tokenizer, log_index, list(range(K + 1)), cfg.data.image_size, f.max_len)

@@ -28,7 +28,7 @@ from rlrefine.losses import latent_graduality_loss, layer_weights, schedule, xe_
 from rlrefine.models import RefinementCaptioner
 from rlrefine.trainers.checkpoint import CheckpointManager
 from rlrefine.trainers.common import (
-    batch_stream, build_tokenizer, captioner_config, drop_unreadable, eval_z0_seeds, load_images, load_splits,
+    all_processes, batch_stream, build_tokenizer, captioner_config, drop_unreadable, eval_z0_seeds, load_images, load_splits,
     make_accelerator, tensorboard_writer,
 )
 
@@ -174,7 +174,7 @@ def pretrain(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[...,
             loss = loss_xe + p.lambda_grad * loss_grad
         # The skip decision must be the same on every process (a process that skipped backward would
         # leave the others waiting in DDP's all-reduce): a step is skipped if any process is non-finite.
-        finite = _all_processes(acc, bool(torch.isfinite(loss)))
+        finite = all_processes(acc, bool(torch.isfinite(loss)))
         grad_norm = None
         if finite:
             acc.backward(loss)
@@ -241,14 +241,6 @@ def pretrain(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[...,
     acc.wait_for_everyone()
     acc.end_training()
     return report
-
-
-def _all_processes(acc, flag: bool) -> bool:
-    """True when `flag` is True on every process (one all-reduce; no communication on one process)."""
-    if acc.num_processes == 1:
-        return flag
-    t = torch.tensor([0.0 if flag else 1.0], device=acc.device)
-    return float(acc.reduce(t, "sum").item()) == 0.0
 
 
 def _log_validation(core, val_split, tokenizer, cfg, log_index, step, acc, writer) -> None:

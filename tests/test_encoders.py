@@ -137,6 +137,33 @@ def test_open_clip_local_dir(tiny_clip, tmp_path):
         torch.testing.assert_close(enc.encode(px), _reference_tokens(model, px))
 
 
+def test_open_clip_resnet_tower_gives_pooled_plus_dense_tokens(tmp_path):
+    """A ModifiedResNet tower (the learned evaluator's kind) returns one pooled vector; the encoder
+    returns it first, then the attention pool's value path at every grid cell (hand-computed here)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+           "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 16, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**cfg).eval()
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "open_clip_model.safetensors")
+    enc = build_encoder(EncoderConfig(kind="open_clip", checkpoint=f"local-dir:{tmp_path}", frozen=True))
+    px = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        V = enc.encode(px)
+        v = model.visual
+        x = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(px)))))  # [2, C, 2, 2]: 64 px / 32
+        cells = x.flatten(2).transpose(1, 2) + v.attnpool.positional_embedding[1:]
+        dense = cells @ v.attnpool.v_proj.weight.T + v.attnpool.v_proj.bias
+        dense = dense @ v.attnpool.c_proj.weight.T + v.attnpool.c_proj.bias
+        assert V.shape == (2, 1 + 4, 16) and enc.out_dim == 16
+        torch.testing.assert_close(V[:, 0], model.encode_image(px))
+        torch.testing.assert_close(V[:, 1:], dense)
+        assert not torch.allclose(V[:, 1], V[:, 2])  # the cells differ: spatial detail survives
+
+
 def test_open_clip_missing_paths(tmp_path):
     missing = tmp_path / "nope.pt"
     with pytest.raises(FileNotFoundError, match=str(missing)):

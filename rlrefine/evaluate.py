@@ -170,13 +170,24 @@ def plot_layers(results: dict[str, dict], path: Path, metrics: list[str] | None 
     n_panels = len(metrics) + 1
     cols = 3
     rows = (n_panels + cols - 1) // cols
+    # The empty panels of the last row zoom into layers 1..K of the headline scores: layer 0 (noise)
+    # sets the y-range of the full panels and hides the differences between models.
+    zooms = [m for m in ("evaluator", "object_accuracy", "CIDEr-D") if m in metrics][: rows * cols - n_panels]
+    if len(results) < 2 or first["K"] < 2:
+        zooms = []
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    for ax, metric in zip(axes.flat, metrics):
+    panels = [(m, 0) for m in metrics] + [("progress", 0)] + [(m, 1) for m in zooms]
+    for ax, (metric, start) in zip(axes.flat, panels):
+        if metric == "progress":
+            continue
         for name, res in results.items():
-            ks = [r["layer"] for r in res["layers"]]
-            ax.plot(ks, [r.get(metric) if r.get(metric) is not None else np.nan for r in res["layers"]], marker="o", label=name)
-        ax.set_title(f"{metric} per refinement layer")
-        ax.set_xlabel("layer k (0 = noise z_0)")
+            rows_k = [r for r in res["layers"] if r["layer"] >= start]
+            ax.plot([r["layer"] for r in rows_k], [r.get(metric) if r.get(metric) is not None else np.nan for r in rows_k],
+                    marker="o", label=name)
+        ax.set_title(f"{metric} per refinement layer" if start == 0 else f"{metric}, layers 1..K (zoom)")
+        ax.set_xlabel("layer k (0 = noise z_0)" if start == 0 else "layer k")
+        if start:
+            ax.set_xticks(range(start, first["K"] + 1))
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -185,13 +196,13 @@ def plot_layers(results: dict[str, dict], path: Path, metrics: list[str] | None 
     ax.plot(ks, first["ideal_progress"], "k--", label="ideal 1 − s(k)")
     for name, res in results.items():
         curve = res.get("progress_text") or res["progress_latent"]
-        ax.plot(ks, curve, marker="o", label=f"{name} (G={res['G']:.2f})")
+        ax.plot(ks, curve, marker="o", label=f"{name} (G={res['G']:.3f})")
     ax.set_title("progress vs ideal schedule (text embeddings)")
     ax.set_xlabel("layer k")
     ax.set_ylabel("progress π_k")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    for extra in list(axes.flat)[n_panels:]:
+    for extra in list(axes.flat)[len(panels):]:
         extra.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

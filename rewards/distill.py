@@ -13,6 +13,8 @@ above all, its per-image ordering, on the pairs that fine-tuning will actually s
   where t are teacher scores, s = w * cos + b student scores (w, b learned), s_pos the student
   score of the image's best reference (by the teacher) and s_hard of a hard pair the teacher
   scores lower.
+  + ``embedding_weight`` * mean (1 - cos(student emb, teacher emb)) over the step's images and
+                           captions (feature distillation; 0 = off)
 * The student is an open_clip model (default ``rlrefine-student-tiny``: width-32 towers, 2
   layers, 16 px patches) saved as ``student.pt`` + ``student.json`` and used through the reward protocol with
   ``DistilledScore.from_dir(out_dir)``.
@@ -117,6 +119,8 @@ class DistillConfig:
     listwise_temperature: float = 0.1  # T of the per-image softmax (score units)
     margin_weight: float = 0.5
     margin: float = 0.1  # score units
+    embedding_weight: float = 0.0  # feature distillation: 1 - cos to the teacher's image and text embeddings
+                                   # (needs embed_dim == the teacher's and a teacher with embed_texts)
     holdout_fraction: float = 0.2  # images whose pairs are held out for the report
     text_prefix: str = ""  # student reads bare captions (the teacher applies its own prefix)
     clamp: bool = True  # student's inference score max(w*cos + b, 0), like CLIP-S
@@ -260,6 +264,17 @@ def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: s
     train_pairs.teacher, _ = _score_teacher(teacher, images, captions, train_pairs, uses_refs)
     held_pairs.teacher, _ = _score_teacher(teacher, images, captions, held_pairs, uses_refs)
 
+    t_txt = None
+    if cfg.embedding_weight > 0:
+        if not hasattr(teacher, "embed_texts") or t_emb.shape[1] != cfg.embed_dim:
+            raise ValueError(f"distill embedding_weight > 0 needs a teacher with embed_texts and student embed_dim "
+                             f"equal to the teacher's ({t_emb.shape[1]}); got embed_dim={cfg.embed_dim}. Set "
+                             f"embed_dim={t_emb.shape[1]} or embedding_weight=0.")
+        with torch.no_grad():
+            t_txt = torch.cat([teacher.embed_texts(train_pairs.caption[i:i + 4096]).float().cpu()
+                               for i in range(0, len(train_pairs.caption), 4096)]).to(device)
+        t_img = t_emb.to(device)
+
     name, model, tokenizer, preprocess = build_dual_encoder(cfg.model_name, cfg.model_cfg(), device)
     init_w = float(getattr(teacher, "w", 2.5))
     w = torch.nn.Parameter(torch.tensor(init_w, device=device))
@@ -332,6 +347,11 @@ def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: s
         loss_margin = (hinge * hard).sum() / hard.sum().clamp(min=1)
         loss = (cfg.mse_weight * loss_mse + cfg.listwise_weight * loss_list
                 + cfg.margin_weight * loss_margin)
+        loss_emb = torch.zeros((), device=device)
+        if t_txt is not None:
+            loss_emb = ((1 - (img_f * t_img[torch.tensor(rows, device=device)]).sum(-1)).mean()
+                        + (1 - (txt_f * t_txt[torch.tensor(flat, device=device)]).sum(-1)).mean())
+            loss = loss + cfg.embedding_weight * loss_emb
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -340,7 +360,8 @@ def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: s
             bar.set_postfix(loss=f"{loss.item():.3f}")
             _log(logger, {"distill/loss": loss.item(), "distill/loss_mse": loss_mse.item(),
                           "distill/loss_listwise": loss_list.item(),
-                          "distill/loss_margin": loss_margin.item(), "distill/w": w.item(),
+                          "distill/loss_margin": loss_margin.item(), "distill/loss_embedding": loss_emb.item(),
+                          "distill/w": w.item(),
                           "distill/b": b.item()}, step)
     bar.close()
     metrics["train_time_s"] = time.perf_counter() - start

@@ -28,6 +28,12 @@ OVERRIDES_HELP = "recipe overrides as dotted.key=value, e.g. pretrain.steps=200 
 def _pretrain(args, cfg: RecipeConfig) -> None:
     from rlrefine.trainers.pretrain import pretrain
 
+    if cfg.model.encoder.kind == "evaluator" and not (cfg.run_path / "evaluator" / "open_clip_config.json").is_file():
+        from rlrefine.pipeline import train_evaluator_stage
+
+        log.info("model.encoder.kind is 'evaluator' and %s has none yet: training the evaluator first "
+                 "(the train-evaluator stage)", cfg.run_path / "evaluator")
+        train_evaluator_stage(cfg)
     pretrain(cfg, resume=args.resume)
 
 
@@ -104,7 +110,8 @@ COMMANDS = {
         "Trains every refinement layer to caption the image (layer-weighted cross-entropy) with the latent "
         "graduality regulariser (DESIGN.md §2). Writes <run_dir>/pretrain/model (the captioner), report.json "
         "(per-layer val/test cross-entropy and grounded accuracy), TensorBoard logs (tensorboard --logdir <run_dir>) "
-        "and checkpoints.",
+        "and checkpoints. With model.encoder.kind=evaluator (the embedded default) the run's learned evaluator "
+        "is trained first when <run_dir>/evaluator does not exist yet.",
     ),
     "distill-reward": (
         _distill, "distil the teacher reward into a compact student that scores every layer's candidates",

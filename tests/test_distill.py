@@ -82,3 +82,42 @@ def test_distillation_improves_rank_correlation(tmp_path):
     imgs = torch.from_numpy(data["images"][:4])
     out = student(imgs, ["a red square", "a blue square"], image_index=torch.tensor([0, 0]))
     assert out.shape == (2,) and out.dtype == torch.float32 and torch.all(out >= 0)
+
+
+class ColourEmbeddingTeacher(ColourTeacher):
+    """ColourTeacher with embeddings: one-hot colour for images and for the colour a caption names."""
+
+    dim = 32
+
+    def _one_hot(self, names):
+        out = torch.full((len(names), self.dim), 1e-3)
+        for row, name in enumerate(names):
+            if name is not None:
+                out[row, list(COLOURS).index(name)] = 1.0
+        return torch.nn.functional.normalize(out, dim=-1)
+
+    def embed_images(self, images):
+        rgb = torch.tensor(list(COLOURS.values())).float()
+        brightest = torch.as_tensor(np.asarray(images)).float().flatten(1, 2).amax(1)
+        return self._one_hot([list(COLOURS)[int(j)] for j in torch.cdist(brightest, rgb).argmin(1)])
+
+    def embed_texts(self, texts, add_prefix=True):
+        return self._one_hot([next((c for c in COLOURS if c in t), None) for t in texts])
+
+
+def test_feature_distillation_matches_teacher_embeddings(tmp_path):
+    data = tiny_colour_data(80)
+    candidates = [(i, f"a {c} square") for i in range(0, 80, 2) for c in COLOURS]
+    base = dict(model_name="rlrefine-test-student", image_size=32, patch_size=8, vision_width=32, vision_layers=1,
+                vision_head_width=16, text_width=32, text_heads=2, text_layers=1, context_length=12, steps=60,
+                images_per_step=16, lr=3e-3, warmup_steps=5, hard_neighbours=2, holdout_fraction=0.25)
+    teacher = ColourEmbeddingTeacher()
+    with pytest.raises(ValueError, match="embed_dim equal to the teacher's \\(32\\)"):
+        distill_reward(DistillConfig(embed_dim=16, embedding_weight=1.0, **base), teacher, data, tmp_path / "bad",
+                       candidates=candidates)
+    logged = {}
+    metrics = distill_reward(DistillConfig(embed_dim=32, embedding_weight=1.0, **base), teacher, data, tmp_path,
+                             candidates=candidates, logger=lambda d, step: logged.setdefault(step, d))
+    assert metrics["spearman"] > metrics["init/spearman"] + 0.2, metrics
+    losses = [d["distill/loss_embedding"] for _, d in sorted(logged.items()) if "distill/loss_embedding" in d]
+    assert len(losses) >= 3 and losses[-1] < 0.5 * losses[0], losses

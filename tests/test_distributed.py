@@ -31,27 +31,35 @@ OVERRIDES = [
     "pretrain.log_every=1", "pretrain.eval_every=1000", "pretrain.num_eval_images=2", "pretrain.num_log_images=1",
 ]
 
-# Runs on every rank: the real trainer, with the on_step_end hook recording what each rank saw.
-WORKER = r'''
+# Runs on every rank: the real trainer (pretrain or finetune), with the on_step_end hook recording
+# what each rank saw.
+WORKER = r"""
 import json, sys
 from pathlib import Path
 import torch
 from rlrefine.config import load_recipe
-from rlrefine.trainers.pretrain import pretrain
 
-out = Path(sys.argv[1])
-cfg = load_recipe(sys.argv[2], sys.argv[3:])
+out, stage = Path(sys.argv[1]), sys.argv[2]
+cfg = load_recipe(sys.argv[3], sys.argv[4:])
 
-def on_step_end(step, model, batch, loss, accelerator):
+def on_step_end(step, model, loss, accelerator, batch=None, rollout=None):
     rank = accelerator.process_index
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    torch.save(flat, out / f"params_rank{rank}_step{step}.pt")
-    with open(out / f"steps_rank{rank}.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "world": accelerator.num_processes, "index": batch.index.tolist(),
-                            "z0_seeds": batch.z0_seeds.tolist(), "loss": float(loss)}) + "\n")
+    torch.save(flat, out / f"{stage}_params_rank{rank}_step{step}.pt")
+    record = {"step": step, "world": accelerator.num_processes, "loss": float(loss)}
+    if batch is not None:
+        record.update(index=batch.index.tolist(), z0_seeds=batch.z0_seeds.tolist())
+    if rollout is not None:
+        record["captions"] = rollout.captions
+    with open(out / f"{stage}_steps_rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
 
-pretrain(cfg, on_step_end=on_step_end)
-'''
+if stage == "pretrain":
+    from rlrefine.trainers.pretrain import pretrain as train
+else:
+    from rlrefine.trainers.finetune import finetune as train
+train(cfg, on_step_end=on_step_end)
+"""
 
 
 def _free_port() -> int:
@@ -60,21 +68,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_pretrain_keeps_ranks_identical(tmp_path):
+def _launch_two_processes(tmp_path, stage: str, overrides: list[str], timeout: int) -> list[list[dict]]:
+    """`accelerate launch --num_processes 2` of WORKER for `stage`; returns each rank's step records."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    run_dir = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port()),
         "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(worker), str(tmp_path), str(REPO / "recipes" / "tiny.yaml"), f"run_dir={run_dir}", *OVERRIDES,
+        str(worker), str(tmp_path), stage, str(REPO / "recipes" / "tiny.yaml"), *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, cwd=tmp_path)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return [[json.loads(line) for line in (tmp_path / f"{stage}_steps_rank{r}.jsonl").read_text().splitlines()]
+            for r in (0, 1)]
 
-    records = [[json.loads(line) for line in (tmp_path / f"steps_rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+
+def _params(tmp_path, stage: str, rank: int, step: int) -> torch.Tensor:
+    return torch.load(tmp_path / f"{stage}_params_rank{rank}_step{step}.pt")
+
+
+def test_two_process_pretrain_keeps_ranks_identical(tmp_path):
+    run_dir = tmp_path / "run"
+    records = _launch_two_processes(tmp_path, "pretrain", [f"run_dir={run_dir}", *OVERRIDES], timeout=150)
+
     # Same steps on both ranks, each knowing it is one of two.
     assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]] == list(range(STEPS))
     assert all(r["world"] == 2 for rank in records for r in rank)
@@ -99,10 +117,9 @@ def test_two_process_pretrain_keeps_ranks_identical(tmp_path):
         assert merged_seeds.tolist() == single.z0_seeds.tolist()
 
         # After every optimizer step the parameters are bit-identical on both ranks.
-        p0 = torch.load(tmp_path / f"params_rank0_step{step}.pt")
-        p1 = torch.load(tmp_path / f"params_rank1_step{step}.pt")
-        assert torch.equal(p0, p1), f"ranks diverged at step {step}"
-    assert not torch.equal(torch.load(tmp_path / "params_rank0_step0.pt"), torch.load(tmp_path / f"params_rank0_step{STEPS - 1}.pt"))
+        assert torch.equal(_params(tmp_path, "pretrain", 0, step), _params(tmp_path, "pretrain", 1, step)), \
+            f"ranks diverged at step {step}"
+    assert not torch.equal(_params(tmp_path, "pretrain", 0, 0), _params(tmp_path, "pretrain", 0, STEPS - 1))
 
     stage = run_dir / "pretrain"
     # Checkpoint: one trainer_state.json (main), one RNG state per process.
@@ -135,26 +152,6 @@ def test_two_process_pretrain_keeps_ranks_identical(tmp_path):
 
 FINETUNE_STEPS = 2
 FINETUNE_BATCH = 4
-FINETUNE_WORKER = r"""
-import json, sys
-from pathlib import Path
-import torch
-from rlrefine.config import load_recipe
-from rlrefine.trainers.finetune import finetune
-
-out = Path(sys.argv[1])
-cfg = load_recipe(sys.argv[2], sys.argv[3:])
-
-def on_step_end(step, model, loss, rollout, accelerator):
-    rank = accelerator.process_index
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    torch.save(flat, out / f"ft_params_rank{rank}_step{step}.pt")
-    with open(out / f"ft_steps_rank{rank}.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "world": accelerator.num_processes, "loss": float(loss),
-                            "captions": rollout.captions}) + "\n")
-
-finetune(cfg, on_step_end=on_step_end)
-"""
 
 
 def test_two_process_finetune_keeps_ranks_identical(tmp_path):
@@ -167,32 +164,20 @@ def test_two_process_finetune_keeps_ranks_identical(tmp_path):
     assert main(["train-evaluator", "--config", str(REPO / "recipes" / "tiny.yaml"), *setup]) == 0
     assert main(["pretrain", "--config", str(REPO / "recipes" / "tiny.yaml"), *setup]) == 0
 
-    worker = tmp_path / "ft_worker.py"
-    worker.write_text(FINETUNE_WORKER)
     ft = [f"finetune.steps={FINETUNE_STEPS}", f"finetune.batch_size={FINETUNE_BATCH}", "finetune.num_candidates=2",
           "finetune.max_len=10", "finetune.warmup_steps=0", "finetune.lr=1e-3", "finetune.log_every=1",
           "finetune.checkpoint_every=1", "finetune.eval_every=1000", "finetune.reward.kind=learned"]
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port()),
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(worker), str(tmp_path), str(REPO / "recipes" / "tiny.yaml"), f"run_dir={run_dir}", *OVERRIDES, *ft,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    records = _launch_two_processes(tmp_path, "finetune", [f"run_dir={run_dir}", *OVERRIDES, *ft], timeout=200)
 
-    records = [[json.loads(line) for line in (tmp_path / f"ft_steps_rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
     assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]] == list(range(FINETUNE_STEPS))
     assert all(r["world"] == 2 for rank in records for r in rank)
     for step in range(FINETUNE_STEPS):
         # each rank rolled out its own half of the batch: B/2 images x K layers x n candidates
         assert len(records[0][step]["captions"]) == FINETUNE_BATCH // 2 * 2 * 2
-        p0 = torch.load(tmp_path / f"ft_params_rank0_step{step}.pt")
-        p1 = torch.load(tmp_path / f"ft_params_rank1_step{step}.pt")
-        assert torch.equal(p0, p1), f"ranks diverged at fine-tuning step {step}"
-    assert not torch.equal(torch.load(tmp_path / "ft_params_rank0_step0.pt"),  # it did train
-                           torch.load(tmp_path / f"ft_params_rank0_step{FINETUNE_STEPS - 1}.pt"))
+        assert torch.equal(_params(tmp_path, "finetune", 0, step), _params(tmp_path, "finetune", 1, step)), \
+            f"ranks diverged at fine-tuning step {step}"
+    assert not torch.equal(_params(tmp_path, "finetune", 0, 0),  # it did train
+                           _params(tmp_path, "finetune", 0, FINETUNE_STEPS - 1))
 
     stage = run_dir / "finetune"
     assert (stage / "model" / "model.safetensors").is_file()

@@ -56,6 +56,51 @@ def all_processes(acc: Accelerator, flag: bool) -> bool:
     return float(acc.reduce(t, "sum").item()) == 0.0
 
 
+class NonFiniteLossError(RuntimeError):
+    """``max_nonfinite_steps`` non-finite losses (or gradients) in a row; a checkpoint was written."""
+
+
+class NonFiniteGuard:
+    """Backward + gradient clipping that skips a step whose loss or gradient is non-finite.
+
+    The skip decision is the same on every process (a process that skipped backward would leave the
+    others waiting in DDP's all-reduce): a step is skipped if any process is non-finite. After
+    `limit` skipped steps in a row, a checkpoint is written and `NonFiniteLossError` says what to
+    change (`advice`). `state["nonfinite_total"]` counts all skips (it is saved with checkpoints).
+    """
+
+    def __init__(self, acc: Accelerator, optimizer, ckpt, state: dict, limit: int, section: str, advice: str):
+        self.acc, self.optimizer, self.ckpt, self.state = acc, optimizer, ckpt, state
+        self.limit, self.section, self.advice = limit, section, advice
+        self.run = 0
+
+    def backward(self, step: int, loss: torch.Tensor, params, grad_clip: float) -> float | None:
+        """The global (all-reduced) gradient norm, or None when the step must be skipped (no update)."""
+        acc = self.acc
+        grad_norm = None
+        finite = all_processes(acc, bool(torch.isfinite(loss)))
+        if finite:
+            acc.backward(loss)
+            grad_norm = acc.clip_grad_norm_(params, grad_clip)
+            finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if finite:
+            self.run = 0
+            return float(grad_norm)
+        self.run += 1
+        self.state["nonfinite_total"] = self.state.get("nonfinite_total", 0) + 1
+        what = f"non-finite gradient norm ({float(grad_norm)})" if grad_norm is not None else f"non-finite loss ({loss.item()})"
+        log.warning("step %d: %s; step skipped, no update (%d in a row, %d in total)", step, what, self.run,
+                    self.state["nonfinite_total"])
+        acc.log({"train/nonfinite_steps": self.state["nonfinite_total"]}, step=step)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.run >= self.limit:
+            path = self.ckpt.save(step, self.state)
+            raise NonFiniteLossError(
+                f"{self.run} non-finite losses/gradients in a row at step {step} ({self.section}.max_nonfinite_steps="
+                f"{self.limit}); checkpoint written to {path}. {self.advice}, then continue with --resume.")
+        return None
+
+
 def tensorboard_writer(acc: Accelerator):
     """The underlying `SummaryWriter` (for text, images and figures), or None off the main process."""
     if not acc.is_main_process:

@@ -35,10 +35,10 @@ from rlrefine.losses import dico_loss, kl_to_reference, layer_weights, schedule,
 from rlrefine.models import RefinementCaptioner
 from rlrefine.trainers.checkpoint import CheckpointManager
 from rlrefine.trainers.common import (
-    all_processes, batch_stream, build_reward, eval_z0_seeds, load_images, load_splits, make_accelerator, step_z0_seeds,
+    NonFiniteGuard, batch_stream, build_reward, eval_z0_seeds, load_images, load_splits, make_accelerator, step_z0_seeds,
     tensorboard_writer,
 )
-from rlrefine.trainers.pretrain import NonFiniteLossError, greedy_captions, warmup_cosine
+from rlrefine.trainers.pretrain import greedy_captions, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,8 @@ def finetune(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[...,
     stream = batch_stream(splits["train"], tokenizer, f.batch_size, cfg.seed + 1, start_step, cfg.data.max_caption_len,
                           0.0, cfg.data.image_size, acc.process_index, acc.num_processes)
     log_index = np.arange(min(4, len(splits["val"].captions)))
-    nonfinite_run = 0
+    guard = NonFiniteGuard(acc, optimizer, ckpt, state, f.max_nonfinite_steps, "finetune",
+                           f"Lower finetune.lr (now {f.lr}) or finetune.beta (now {f.beta})")
     t0 = time.time()
     bar = tqdm(range(start_step, f.steps), desc=f"finetune[{f.method}]", initial=start_step, total=f.steps,
                disable=not acc.is_local_main_process)
@@ -204,31 +205,9 @@ def finetune(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[...,
         sampler = torch.Generator(device=acc.device).manual_seed(int(step_z0_seeds(cfg.seed + 2, step, 1)[0]))
         loss, ro, metrics = compute_loss(core, policy, reference, reward, images, pixels, seeds, layers, f, tokenizer,
                                          sched, weights, acc, generator=sampler)
-        # One skip decision for all processes (a process that skipped backward would leave the others
-        # waiting in DDP's all-reduce): the step is skipped if the loss or the global gradient norm is
-        # non-finite anywhere.
-        finite = all_processes(acc, bool(torch.isfinite(loss)))
-        grad_norm = None
-        if finite:
-            acc.backward(loss)
-            grad_norm = acc.clip_grad_norm_(policy.parameters(), f.grad_clip)
-            finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
-        if not finite:
-            nonfinite_run += 1
-            state["nonfinite_total"] = state.get("nonfinite_total", 0) + 1
-            what = f"non-finite gradient norm ({float(grad_norm)})" if grad_norm is not None else f"non-finite loss ({loss.item()})"
-            log.warning("step %d: %s; step skipped, no update (%d in a row, %d in total)", step, what,
-                        nonfinite_run, state["nonfinite_total"])
-            acc.log({"train/nonfinite_steps": state["nonfinite_total"]}, step=step)
-            optimizer.zero_grad(set_to_none=True)
-            if nonfinite_run >= f.max_nonfinite_steps:
-                path = ckpt.save(step, state)
-                raise NonFiniteLossError(f"{nonfinite_run} non-finite losses/gradients in a row at step {step} "
-                                         f"(finetune.max_nonfinite_steps={f.max_nonfinite_steps}); checkpoint written to "
-                                         f"{path}. Lower finetune.lr (now {f.lr}) or finetune.beta (now {f.beta}), then "
-                                         f"continue with --resume.")
+        grad_norm = guard.backward(step, loss, policy.parameters(), f.grad_clip)
+        if grad_norm is None:
             continue
-        nonfinite_run = 0
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -237,12 +216,13 @@ def finetune(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[...,
 
         if step % f.log_every == 0 or step == f.steps - 1:
             scalars = {"train/loss": loss.detach()}
+            lengths = word_lengths(ro.captions).view(ro.rewards.shape)
             for l, k in enumerate(layers):
                 scalars[f"layer_{k}/reward"] = ro.rewards[:, l].mean()
                 scalars[f"layer_{k}/reward_best"] = ro.rewards[:, l].max(-1).values.mean()
                 scalars[f"layer_{k}/shaped_reward"] = ro.shaped[:, l].mean()
                 scalars[f"layer_{k}/progress"] = ro.progress[:, l].mean()
-                scalars[f"layer_{k}/length"] = word_lengths(ro.captions).view(ro.rewards.shape)[:, l].mean()
+                scalars[f"layer_{k}/length"] = lengths[:, l].mean()
                 scalars.update({f"layer_{k}/{name}": torch.tensor(v) for name, v in metrics[l].items()})
             # every process's batch counts: the logged numbers are means over processes
             means = acc.reduce(torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()) for v in scalars.values()])

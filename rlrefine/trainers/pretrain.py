@@ -28,15 +28,11 @@ from rlrefine.losses import latent_graduality_loss, layer_weights, schedule, xe_
 from rlrefine.models import RefinementCaptioner
 from rlrefine.trainers.checkpoint import CheckpointManager
 from rlrefine.trainers.common import (
-    all_processes, batch_stream, build_tokenizer, captioner_config, drop_unreadable, eval_z0_seeds, load_images, load_splits,
-    make_accelerator, tensorboard_writer,
+    NonFiniteGuard, NonFiniteLossError, batch_stream, build_tokenizer, captioner_config, drop_unreadable,
+    eval_z0_seeds, load_images, load_splits, make_accelerator, tensorboard_writer,
 )
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """`pretrain.max_nonfinite_steps` non-finite losses (or gradients) in a row; a checkpoint was written."""
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -158,7 +154,9 @@ def pretrain(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[...,
     stream = batch_stream(splits["train"], tokenizer, p.batch_size, cfg.seed, start_step, cfg.data.max_caption_len,
                           cfg.data.label_weight, cfg.data.image_size, acc.process_index, acc.num_processes,
                           bad_image=cfg.data.bad_image, issues=stream_issues)
-    nonfinite_run = 0
+    guard = NonFiniteGuard(acc, optimizer, ckpt, state, p.max_nonfinite_steps, "pretrain",
+                           f"Lower pretrain.lr (now {p.lr}) or pretrain.grad_clip (now {p.grad_clip}), or use "
+                           f"pretrain.mixed_precision=no (now {p.mixed_precision})")
     t0 = time.time()
     bar = tqdm(range(start_step, p.steps), desc="pretrain", initial=start_step, total=p.steps, disable=not acc.is_local_main_process)
     for step in bar:
@@ -172,31 +170,9 @@ def pretrain(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[...,
             loss_xe, ce_layers = xe_loss(out.logits.float(), tokens[:, 1:], weights, tokenizer.pad_id)
             loss_grad, d_mean = latent_graduality_loss(out.latents.float(), sched)
             loss = loss_xe + p.lambda_grad * loss_grad
-        # The skip decision must be the same on every process (a process that skipped backward would
-        # leave the others waiting in DDP's all-reduce): a step is skipped if any process is non-finite.
-        finite = all_processes(acc, bool(torch.isfinite(loss)))
-        grad_norm = None
-        if finite:
-            acc.backward(loss)
-            grad_norm = acc.clip_grad_norm_(model.parameters(), p.grad_clip)  # the global (all-reduced) norm
-            finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
-        if not finite:
-            nonfinite_run += 1
-            state["nonfinite_total"] = state.get("nonfinite_total", 0) + 1
-            what = f"non-finite gradient norm ({float(grad_norm)})" if grad_norm is not None else f"non-finite loss ({loss.item()})"
-            log.warning("step %d: %s; step skipped, no update (%d in a row, %d in total)", step, what,
-                        nonfinite_run, state["nonfinite_total"])
-            acc.log({"train/nonfinite_steps": state["nonfinite_total"]}, step=step)
-            optimizer.zero_grad(set_to_none=True)
-            if nonfinite_run >= p.max_nonfinite_steps:
-                path = ckpt.save(step, state)
-                raise NonFiniteLossError(
-                    f"{nonfinite_run} non-finite losses/gradients in a row at step {step} (pretrain.max_nonfinite_steps="
-                    f"{p.max_nonfinite_steps}); checkpoint written to {path}. Lower pretrain.lr (now {p.lr}) or "
-                    f"pretrain.grad_clip (now {p.grad_clip}), or use pretrain.mixed_precision=no (now {p.mixed_precision}), "
-                    f"then continue with --resume.")
+        grad_norm = guard.backward(step, loss, model.parameters(), p.grad_clip)
+        if grad_norm is None:
             continue
-        nonfinite_run = 0
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

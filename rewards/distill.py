@@ -25,22 +25,26 @@ above all, its per-image ordering, on the pairs that fine-tuning will actually s
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .clip_score import LearnedScore
+from .clip_score import LearnedScore, OpenCLIPReward
 from .evaluator import (_cosine_with_warmup, _image_batch, _log, _param_groups, _split_fields,
                         build_dual_encoder, save_dual_encoder)
+
+if TYPE_CHECKING:
+    from rlrefine.data.tokenizer import CaptionTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,9 @@ class DistillConfig:
     text_heads: int = 2
     text_layers: int = 2
     context_length: int = 24
+    tokenizer: Literal["open_clip", "word"] = "open_clip"  # "open_clip": the bundled BPE (vocab 49408); "word": a word-level vocabulary
+                                  # trained on the distillation captions (saved beside the student; unknown
+                                  # words -> <unk>), far cheaper per caption than BPE
     steps: int = 800
     images_per_step: int = 32  # images per step; each brings up to max_pairs_per_image pairs
     max_pairs_per_image: int = 12
@@ -128,25 +135,63 @@ class DistillConfig:
     seed: int = 0
     device: str = "cpu"
 
-    def model_cfg(self) -> dict:
+    def __post_init__(self) -> None:
+        if self.tokenizer not in ("open_clip", "word"):
+            raise ValueError(f"distill tokenizer must be 'open_clip' or 'word', got {self.tokenizer!r}")
+
+    def model_cfg(self, vocab: "CaptionTokenizer | None" = None) -> dict:
+        """open_clip architecture config; ``vocab``: the word-level tokenizer of a ``word`` student
+        (its vocabulary size, and the text tower pools at its eos token)."""
+        text_cfg = {"context_length": self.context_length, "vocab_size": 49408,
+                    "width": self.text_width, "heads": self.text_heads, "layers": self.text_layers}
+        if vocab is not None:
+            text_cfg.update(vocab_size=vocab.vocab_size, pad_id=vocab.pad_id, eos_id=vocab.eos_id, pool_type="eos")
         return {
             "embed_dim": self.embed_dim,
             "vision_cfg": {"image_size": self.image_size, "layers": self.vision_layers,
                            "width": self.vision_width, "head_width": self.vision_head_width,
                            "patch_size": self.patch_size},
-            "text_cfg": {"context_length": self.context_length, "vocab_size": 49408,
-                         "width": self.text_width, "heads": self.text_heads,
-                         "layers": self.text_layers},
+            "text_cfg": text_cfg,
         }
+
+
+class WordTokens:
+    """open_clip-style tokenizer over a word-level :class:`CaptionTokenizer`: captions ->
+    LongTensor ``[N, context_length]`` = ``bos + words + eos``, padded with ``pad_id`` (a long
+    caption is cut with eos kept last; an empty one is just ``bos eos``)."""
+
+    def __init__(self, vocab: "CaptionTokenizer", context_length: int):
+        self.vocab, self.context_length = vocab, int(context_length)
+
+    def __call__(self, texts: Sequence[str] | str) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        v, n = self.vocab, self.context_length
+        out = np.full((len(texts), n), v.pad_id, dtype=np.int64)
+        for row, words in enumerate(v.tokenize_batch(texts)):
+            words = words[:n - 2]
+            out[row, 0], out[row, 1:len(words) + 1], out[row, len(words) + 1] = v.bos_id, words, v.eos_id
+        return torch.from_numpy(out)
 
 
 class DistilledScore(LearnedScore):
     """The distilled student as a reward: ``max(w * cos(E_img, E_txt(c)) + b, 0)``.
 
-    Load with ``DistilledScore.from_dir(out_dir)`` (``student.json`` + ``student.pt``).
+    Load with ``DistilledScore.from_dir(out_dir)`` (``student.json`` + ``student.pt``, and for a
+    ``word`` student its ``tokenizer.json``).
     """
 
     manifest_name = "student.json"
+
+    @classmethod
+    def from_dir(cls, out_dir: str | Path, device: str | torch.device = "cpu", **overrides: Any) -> "OpenCLIPReward":
+        reward = super().from_dir(out_dir, device=device, **overrides)
+        meta = json.loads((Path(out_dir) / cls.manifest_name).read_text())
+        if meta.get("tokenizer", "open_clip") == "word":
+            from rlrefine.data.tokenizer import CaptionTokenizer
+
+            reward.tokenizer = WordTokens(CaptionTokenizer.from_dir(out_dir),
+                                          meta["model_cfg"]["text_cfg"]["context_length"])
+        return reward
 
 
 @dataclass
@@ -275,7 +320,16 @@ def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: s
                                for i in range(0, len(train_pairs.caption), 4096)]).to(device)
         t_img = t_emb.to(device)
 
-    name, model, tokenizer, preprocess = build_dual_encoder(cfg.model_name, cfg.model_cfg(), device)
+    vocab = None
+    if cfg.tokenizer == "word":  # the student's own word vocabulary: every caption it is trained or tested on
+        from rlrefine.data.tokenizer import CaptionTokenizer
+
+        vocab = CaptionTokenizer.train([c for caps in captions for c in caps]
+                                       + [c for _, c in candidates or ()])
+    model_cfg = cfg.model_cfg(vocab)
+    name, model, tokenizer, preprocess = build_dual_encoder(cfg.model_name, model_cfg, device)
+    if vocab is not None:
+        tokenizer = WordTokens(vocab, cfg.context_length)
     init_w = float(getattr(teacher, "w", 2.5))
     w = torch.nn.Parameter(torch.tensor(init_w, device=device))
     b = torch.nn.Parameter(torch.tensor(0.0, device=device))
@@ -366,10 +420,11 @@ def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: s
     bar.close()
     metrics["train_time_s"] = time.perf_counter() - start
     model.eval()
-    save_dual_encoder(model, out_dir, "student", name, cfg.model_cfg(),
-                      {"w": w.item(), "bias": b.item(), "text_prefix": cfg.text_prefix,
-                       "clamp": cfg.clamp, "teacher": repr(teacher),
-                       "config": dataclasses.asdict(cfg)})
+    manifest = {"w": w.item(), "bias": b.item(), "text_prefix": cfg.text_prefix, "clamp": cfg.clamp,
+                "tokenizer": cfg.tokenizer, "teacher": repr(teacher), "config": dataclasses.asdict(cfg)}
+    if vocab is not None:
+        vocab.save(out_dir)
+    save_dual_encoder(model, out_dir, "student", name, model_cfg, manifest)
 
     # held-out report, with the saved student loaded through the reward protocol
     student = DistilledScore.from_dir(out_dir, device=device)
@@ -381,9 +436,6 @@ def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: s
     metrics["speedup"] = metrics["pairs_per_s_student"] / metrics["pairs_per_s_teacher"]
     metrics["train_pairs"] = float(len(train_pairs.caption))
     _log(logger, {f"distill/{k}": v for k, v in metrics.items()}, cfg.steps)
-    save_dual_encoder(model, out_dir, "student", name, cfg.model_cfg(),
-                      {"w": w.item(), "bias": b.item(), "text_prefix": cfg.text_prefix,
-                       "clamp": cfg.clamp, "teacher": repr(teacher), "metrics": metrics,
-                       "config": dataclasses.asdict(cfg)})
+    save_dual_encoder(model, out_dir, "student", name, model_cfg, {**manifest, "metrics": metrics})
     log.info("distill-reward: saved to %s (%s)", out_dir, metrics)
     return metrics

@@ -121,3 +121,44 @@ def test_feature_distillation_matches_teacher_embeddings(tmp_path):
     assert metrics["spearman"] > metrics["init/spearman"] + 0.2, metrics
     losses = [d["distill/loss_embedding"] for _, d in sorted(logged.items()) if "distill/loss_embedding" in d]
     assert len(losses) >= 3 and losses[-1] < 0.5 * losses[0], losses
+
+
+def test_word_tokens_layout():
+    from rlrefine.data.tokenizer import CaptionTokenizer
+    from rewards.distill import WordTokens
+
+    vocab = CaptionTokenizer.train(["a red square", "a blue circle"])
+    tok = WordTokens(vocab, context_length=5)
+    red, square, a = (vocab.backend.token_to_id(w) for w in ("red", "square", "a"))
+    ids = tok(["a red square", "", "a red red red square zebra"])
+    assert ids.shape == (3, 5)
+    assert ids[0].tolist() == [vocab.bos_id, a, red, square, vocab.eos_id]
+    assert ids[1].tolist() == [vocab.bos_id, vocab.eos_id, vocab.pad_id, vocab.pad_id, vocab.pad_id]  # empty: scored, not an error
+    assert ids[2].tolist() == [vocab.bos_id, a, red, red, vocab.eos_id]  # cut, eos kept last
+
+
+def test_word_student_distils_and_reloads_with_its_vocabulary(tmp_path):
+    data = tiny_colour_data(80)
+    candidates = [(i, f"a {c} square") for i in range(0, 80, 2) for c in COLOURS]
+    cfg = DistillConfig(model_name="rlrefine-test-word-student", embed_dim=32, image_size=32, patch_size=8,
+                        vision_width=32, vision_layers=1, vision_head_width=16, text_width=32, text_heads=2,
+                        text_layers=1, context_length=12, tokenizer="word", embedding_weight=1.0, steps=200,
+                        images_per_step=16, lr=3e-3, warmup_steps=5, hard_neighbours=2, holdout_fraction=0.25)
+    metrics = distill_reward(cfg, ColourEmbeddingTeacher(), data, tmp_path, candidates=candidates)
+    assert metrics["spearman"] > 0.4, metrics  # the untrained student scores every pair 0 (nan correlation)
+    assert (tmp_path / "tokenizer.json").is_file()
+    student = DistilledScore.from_dir(tmp_path)
+    assert student.model.vocab_size < 100  # the word vocabulary, not open_clip's 49408 BPE tokens
+    from rewards.distill import WordTokens
+
+    assert isinstance(student.tokenizer, WordTokens)
+    imgs = torch.from_numpy(data["images"][:40])
+    caps = [f"a {c} square" for c in COLOURS] * 40 + [""]
+    index = torch.cat([torch.arange(40).repeat_interleave(3), torch.zeros(1, dtype=torch.long)])
+    out = student(imgs, caps, image_index=index)
+    assert out.shape == (121,) and torch.isfinite(out).all()  # the empty caption is scored too
+    # the reloaded student scores the image's true colour above the other two, on average
+    right = ColourTeacher()(imgs, caps[:120], image_index=index[:120]) == 2.0
+    assert out[:120][right].mean() > out[:120][~right].mean() + 0.05, (out[:120][right].mean(), out[:120][~right].mean())
+    with pytest.raises(ValueError, match="tokenizer"):
+        DistillConfig(tokenizer="bpe")

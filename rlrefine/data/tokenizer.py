@@ -179,16 +179,21 @@ class CaptionTokenizer:
         """Ids of ``text`` without bos/eos. A caption that spells a control token ("<eos>", "<pad>")
         gets ``<unk>`` there (dropped when the backend has no unk), never the control id itself:
         otherwise it would end the caption early or vanish from the loss."""
+        return self.tokenize_batch([text])[0]
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`tokenize` of many captions, in one call to the backend where it has a batch encoder."""
         if self.kind == "word":
-            ids = self.backend.encode(text, add_special_tokens=False).ids
+            rows = [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
         elif self.kind == "hf":
-            ids = list(self.backend(text, add_special_tokens=False)["input_ids"])
+            rows = [list(r) for r in self.backend(list(texts), add_special_tokens=False)["input_ids"]]
         else:
-            ids = self.backend.encode(text)
+            rows = [self.backend.encode(t) for t in texts]
         control = (self.pad_id, self.bos_id, self.eos_id)
-        if any(i in control for i in ids):
-            ids = [self.unk_id if i in control else i for i in ids if i not in control or self.unk_id is not None]
-        return ids
+        for r, ids in enumerate(rows):
+            if any(i in control for i in ids):
+                rows[r] = [self.unk_id if i in control else i for i in ids if i not in control or self.unk_id is not None]
+        return rows
 
     def encode(self, text: str, max_len: int | None = None) -> list[int]:
         """``bos + tokens + eos`` of one caption, cut to ``max_len`` ids with eos kept last."""

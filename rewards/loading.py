@@ -117,8 +117,11 @@ class BatchedPreprocess:
             if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
                 raise ValueError(f"raw images must be uint8 [B, H, W, 3]; got {images.dtype} "
                                  f"{tuple(images.shape)}")
-            x = images.to(device).permute(0, 3, 1, 2).float() / 255.0  # [B, 3, H, W]
-            return self._normalise(self._resize_crop(x))
+            x = images.to(device).permute(0, 3, 1, 2).contiguous().float()  # [B, 3, H, W], 0..255
+            if tuple(x.shape[-2:]) == self.size:  # no resize: uint8 needs no clamp; scale and normalise in one pass
+                std = self.std.to(x.device)
+                return torch.addcmul(-self.mean.to(x.device) / std, x, 1.0 / (255.0 * std))
+            return self._normalise(self._resize_crop(x / 255.0))
         # a list of PIL images (any sizes): each is resized on its own, then stacked
         out = []
         for im in images:

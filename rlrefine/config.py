@@ -200,6 +200,8 @@ class PretrainSection(Section):
     schedule: ScheduleKind = "linear"
     schedule_eps: float = Field(0.01, gt=0.0, lt=1.0)
     lambda_grad: float = Field(0.1, ge=0.0, description="weight of the latent graduality regulariser")
+    coarse_to_fine: bool = Field(False, description="layer k learns the first 1 − s(k) of each caption's tokens (then eos), "
+                                 "layer K the whole caption (DESIGN.md §2, optional coarse-to-fine targets)")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     log_every: int = Field(50, ge=1)
     eval_every: int = Field(500, ge=1)

@@ -32,6 +32,7 @@ __all__ = [
     "schedule",
     "shape_rewards",
     "xe_loss",
+    "coarse_to_fine_targets",
     "latent_distances",
     "latent_graduality_loss",
     "dico_loss",
@@ -93,35 +94,62 @@ def xe_loss(logits: Tensor, targets: Tensor, weights: Tensor, pad_id: int) -> tu
     """Layer-weighted teacher-forced cross entropy.
 
     ``logits`` [B, L, T, V] are the readout's predictions for the L selected layers; ``targets``
-    [B, T] are the token ids they predict, already shifted (for the captioner that is
-    ``tokens[:, 1:]``: logit position t predicts target t). Target positions equal to ``pad_id``
-    are ignored.
+    [B, T] (the same for every layer) or [B, L, T] (one per layer, e.g. `coarse_to_fine_targets`)
+    are the token ids they predict, already shifted (for the captioner that is ``tokens[:, 1:]``:
+    logit position t predicts target t). Target positions equal to ``pad_id`` are ignored.
 
-        CE_l = Σ_{b,t: y_bt ≠ pad} −log softmax(logits[b, l, t])[y_bt]  /  #{b,t: y_bt ≠ pad}
+        CE_l = Σ_{b,t: y_blt ≠ pad} −log softmax(logits[b, l, t])[y_blt]  /  #{b,t: y_blt ≠ pad}
         loss = Σ_l w_l CE_l / Σ_l w_l
 
     i.e. a token mean over the whole batch per layer (every non-pad token counts equally, as
     ``F.cross_entropy(..., ignore_index=pad_id)`` does), then a weighted mean over layers.
-    Returns ``(loss, per_layer_ce)``; ``per_layer_ce`` [L] is detached, for logging. A batch with
+    Returns ``(loss, per_layer_ce)``; ``per_layer_ce`` [L] is detached, for logging. A layer with
     no non-pad target has CE_l = 0.
     """
     if logits.dim() != 4:
         raise ValueError(f"logits must be [B, L, T, V], got shape {tuple(logits.shape)}")
     B, L, T, V = logits.shape
-    if targets.shape != (B, T):
-        raise ValueError(f"targets must be [B, T] = [{B}, {T}] to match logits, got {tuple(targets.shape)}")
+    if targets.shape == (B, T):
+        targets = targets.unsqueeze(1).expand(B, L, T)  # the same caption at every layer
+    elif targets.shape != (B, L, T):
+        raise ValueError(f"targets must be [B, T] = [{B}, {T}] or [B, L, T] = [{B}, {L}, {T}] to match logits, "
+                         f"got {tuple(targets.shape)}")
     w = _check_weights(weights, L, "xe_loss").to(logits.device)
 
-    # [B, L, T, V] -> [B*L*T, V]; targets broadcast over layers.
-    flat_logits = logits.reshape(B * L * T, V)
-    flat_targets = targets.unsqueeze(1).expand(B, L, T).reshape(-1)
-    token_ce = F.cross_entropy(flat_logits.float(), flat_targets, ignore_index=pad_id, reduction="none")
-    token_ce = token_ce.view(B, L, T)
-    mask = (targets != pad_id).unsqueeze(1).to(token_ce.dtype)  # [B, 1, T]
-    n_tokens = mask.sum().clamp_min(1.0)
-    per_layer_ce = (token_ce * mask).sum(dim=(0, 2)) / n_tokens  # [L]
+    token_ce = F.cross_entropy(logits.reshape(B * L * T, V).float(), targets.reshape(-1), ignore_index=pad_id,
+                               reduction="none").view(B, L, T)
+    mask = (targets != pad_id).to(token_ce.dtype)  # [B, L, T]
+    per_layer_ce = (token_ce * mask).sum(dim=(0, 2)) / mask.sum(dim=(0, 2)).clamp_min(1.0)  # [L]
     loss = (w * per_layer_ce).sum() / w.sum()
     return loss, per_layer_ce.detach()
+
+
+def coarse_to_fine_targets(targets: Tensor, fractions: Tensor, eos_id: int, pad_id: int) -> Tensor:
+    """Per-layer XE targets that grow with the layer: layer l predicts the first
+    ``n_l = clamp(ceil(fractions[l] · n), 1, n)`` tokens of the caption, then eos (DESIGN.md §2,
+    optional coarse-to-fine targets).
+
+    ``targets`` [B, T]: shifted caption ids (tokens, eos, pads; n = the tokens before the first
+    eos); ``fractions`` [L] in (0, 1], e.g. ``1 − s(k)`` for k = 1..K -> [B, L, T]. Row (b, l) is
+    ``targets[b, :n_l]``, eos, pads. Teacher-forced inputs need no change: the readout is causal, so
+    positions up to n_l see the same prefix as the short caption would give them.
+    """
+    if targets.dim() != 2:
+        raise ValueError(f"targets must be [B, T], got shape {tuple(targets.shape)}")
+    fractions = torch.as_tensor(fractions, dtype=torch.float64, device=targets.device).flatten()
+    if fractions.numel() == 0 or bool(((fractions <= 0) | (fractions > 1)).any()):
+        raise ValueError(f"fractions must be in (0, 1], got {fractions.tolist()}")
+    B, T = targets.shape
+    is_eos = targets == eos_id
+    pos = torch.arange(T, device=targets.device)
+    n = torch.where(is_eos.any(1), torch.where(is_eos, pos, T).amin(1), (targets != pad_id).sum(1))  # [B]
+    keep = torch.ceil(fractions[None, :] * n[:, None].double() - 1e-6).long()  # [B, L]; the 1e-6 absorbs float
+    # error in fractions such as 1 - s(k) = 0.7500001
+    keep = torch.minimum(keep.clamp_min(1), n[:, None])
+    t = pos[None, None, :]  # [1, 1, T]
+    out = targets[:, None, :].expand(B, fractions.numel(), T)
+    out = torch.where(t < keep[..., None], out, torch.full_like(out, pad_id))
+    return torch.where(t == keep[..., None], torch.full_like(out, eos_id), out)
 
 
 def latent_distances(Z: Tensor, eps: float = 1e-8) -> Tensor:

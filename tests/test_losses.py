@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from rlrefine.losses import (
+    coarse_to_fine_targets,
     dico_loss,
     kl_to_reference,
     latent_distances,
@@ -87,6 +88,36 @@ def test_xe_loss_matches_token_mean_cross_entropy_per_layer():
     assert torch.allclose(loss, (w * expected).sum() / w.sum(), atol=1e-6)
     loss.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_xe_loss_per_layer_targets_match_cross_entropy_per_layer():
+    g = torch.Generator().manual_seed(1)
+    B, L, T, V, pad = 3, 2, 5, 7, 0
+    logits = torch.randn(B, L, T, V, generator=g)
+    targets = torch.randint(1, V, (B, L, T), generator=g)
+    targets[:, 0, 2:] = pad  # layer 0: 2 tokens per row, layer 1: 5
+    loss, per_layer = xe_loss(logits, targets, torch.tensor([1.0, 2.0]), pad_id=pad)
+    expected = torch.stack(
+        [F.cross_entropy(logits[:, l].reshape(-1, V), targets[:, l].reshape(-1), ignore_index=pad) for l in range(L)]
+    )
+    assert torch.allclose(per_layer, expected, atol=1e-6)
+    assert loss.item() == pytest.approx((expected[0] + 2 * expected[1]).item() / 3, abs=1e-6)
+
+
+def test_coarse_to_fine_targets_hand_value():
+    eos, pad = 2, 0
+    targets = torch.tensor([[5, 6, 7, 8, eos, pad, pad], [9, 10, eos, pad, pad, pad, pad]])
+    fractions = 1 - schedule("linear", 4)[1:]  # 0.25, 0.5, 0.75, 1
+    out = coarse_to_fine_targets(targets, fractions, eos, pad)
+    assert out.shape == (2, 4, 7)
+    # row 0: n = 4 tokens -> ceil(1, 2, 3, 4) tokens; row 1: n = 2 -> ceil(0.5, 1, 1.5, 2) = 1, 1, 2, 2
+    assert out[0].tolist() == [[5, eos, pad, pad, pad, pad, pad], [5, 6, eos, pad, pad, pad, pad],
+                               [5, 6, 7, eos, pad, pad, pad], [5, 6, 7, 8, eos, pad, pad]]
+    assert out[1].tolist() == [[9, eos] + [pad] * 5, [9, eos] + [pad] * 5, [9, 10, eos] + [pad] * 4, [9, 10, eos] + [pad] * 4]
+    # the last layer (fraction 1) is the caption itself
+    assert torch.equal(out[:, -1], targets)
+    with pytest.raises(ValueError, match="fractions"):
+        coarse_to_fine_targets(targets, torch.tensor([0.0, 1.0]), eos, pad)
 
 
 def test_xe_loss_shape_errors():

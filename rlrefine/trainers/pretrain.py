@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from rlrefine.config import RecipeConfig, dump_recipe
 from rlrefine.data.datasets import DataIssues
-from rlrefine.losses import latent_graduality_loss, layer_weights, schedule, xe_loss
+from rlrefine.losses import coarse_to_fine_targets, latent_graduality_loss, layer_weights, schedule, xe_loss
 from rlrefine.models import RefinementCaptioner
 from rlrefine.trainers.checkpoint import CheckpointManager
 from rlrefine.trainers.common import (
@@ -167,7 +167,10 @@ def pretrain(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[...,
         seeds = batch.z0_seeds.to(acc.device)
         with acc.autocast():
             out = model(pixels, tokens, seeds, layers=layers)
-            loss_xe, ce_layers = xe_loss(out.logits.float(), tokens[:, 1:], weights, tokenizer.pad_id)
+            targets = tokens[:, 1:]
+            if p.coarse_to_fine:
+                targets = coarse_to_fine_targets(targets, 1 - sched[1:], tokenizer.eos_id, tokenizer.pad_id)
+            loss_xe, ce_layers = xe_loss(out.logits.float(), targets, weights, tokenizer.pad_id)
             loss_grad, d_mean = latent_graduality_loss(out.latents.float(), sched)
             loss = loss_xe + p.lambda_grad * loss_grad
         grad_norm = guard.backward(step, loss, model.parameters(), p.grad_clip)

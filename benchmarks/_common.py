@@ -233,12 +233,14 @@ def benchmark_captioner(vocab_size: int, num_refine_layers: int, max_len: int, p
 
 def random_score(kind: str, device: torch.device, seed: int = 0):
     """A reward with the architecture of the embedded default's teacher (`kind="teacher"`: the learned
-    evaluator, rewards.EvaluatorConfig) or distilled student (`"student"`: rewards.DistillConfig), with
-    random weights: what it costs does not depend on what it learned. `kind` may also be a folder
-    written by train-evaluator / distill-reward (evaluator.json or student.json), loaded as such."""
+    evaluator, `evaluator` in recipes/tiny.yaml) or distilled student (`"student"`: `distill.student`
+    there, with its word vocabulary trained on shapes captions), with random weights: what it costs does
+    not depend on what it learned. `kind` may also be a folder written by train-evaluator /
+    distill-reward (evaluator.json or student.json), loaded as such."""
     from rewards import DistilledScore, LearnedScore
-    from rewards.distill import DistillConfig
-    from rewards.evaluator import EvaluatorConfig, build_dual_encoder
+    from rewards.distill import WordTokens
+    from rewards.evaluator import build_dual_encoder
+    from rlrefine.config import load_recipe
 
     path = Path(kind)
     if kind not in ("teacher", "student"):
@@ -248,8 +250,13 @@ def random_score(kind: str, device: torch.device, seed: int = 0):
             return LearnedScore.from_dir(path, device=device)
         raise FileNotFoundError(f"reward {kind!r}: neither 'teacher', 'student' nor a folder with "
                                 f"{LearnedScore.manifest_name} or {DistilledScore.manifest_name}")
-    cfg = EvaluatorConfig() if kind == "teacher" else DistillConfig()
+    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml")
+    cfg = recipe.evaluator if kind == "teacher" else recipe.distill.student
     cls = LearnedScore if kind == "teacher" else DistilledScore
+    vocab = shapes_data(1)[2] if getattr(cfg, "tokenizer", "open_clip") == "word" else None
     torch.manual_seed(seed)
-    _, model, tokenizer, preprocess = build_dual_encoder(cfg.model_name, cfg.model_cfg(), device=device)
+    _, model, tokenizer, preprocess = build_dual_encoder(cfg.model_name, cfg.model_cfg(vocab) if vocab else cfg.model_cfg(),
+                                                         device=device)
+    if vocab is not None:
+        tokenizer = WordTokens(vocab, cfg.context_length)
     return cls(model, preprocess, tokenizer, w=2.5, text_prefix=cfg.text_prefix, name=f"{cls.__name__}[{kind}, random init]")

@@ -51,6 +51,24 @@ def test_report_compares_xe_and_every_variant_per_layer(run_dir):
         assert 0.0 <= row["object_accuracy"] <= 1.0 and row["CIDEr-D"] >= 0.0 and row["evaluator"] >= 0.0
 
 
+def test_distill_benchmark_rescores_the_held_out_pairs(run_dir, capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "distill.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_distill", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.main(["--config", str(RECIPE), "--threads", "1", "--repeats", "1", "--warmup", "0", f"run_dir={run_dir}", *MICRO])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "distill"
+    held = json.loads((run_dir / "distill" / "heldout_pairs.json").read_text())
+    assert r["pairs"] == len(held["caption"]) > 0
+    report = json.loads((run_dir / "distill" / "report.json").read_text())
+    # the same student and teacher on the same pairs: the distill stage's own figures again
+    for k in ("spearman", "kendall", "argmax_agreement"):
+        assert r[k] == pytest.approx(report[k], abs=1e-3, nan_ok=True), k
+    assert r["speedup"] > 0 and set(r["met"]) == {"spearman", "argmax_agreement", "speedup"}
+
+
 def test_run_skips_done_stages(run_dir, caplog):
     before = (run_dir / "pretrain" / "model" / "model.safetensors").stat().st_mtime_ns
     caplog.set_level("INFO")

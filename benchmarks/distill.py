@@ -1,0 +1,75 @@
+"""Distilled reward vs its teacher on the held-out pairs of a distillation run: rank agreement and speed.
+
+    python benchmarks/distill.py --config recipes/tiny.yaml          # after `rlrefine distill-reward`
+
+`rlrefine distill-reward` writes `<run_dir>/distill/heldout_pairs.json`: the pairs of the images it held
+out (their references, the captioner's candidates from every layer, mined hard pairs). This script
+loads the trained student and the teacher, scores those pairs with both through the reward protocol
+(best of `--repeats` timed calls each, same pairs, same threads) and prints one JSON line:
+
+* `spearman`, `kendall`: rank correlation of student and teacher scores over all held-out pairs;
+  `spearman_per_image`: the mean within each image's pairs.
+* `argmax_agreement`: share of images whose best pair under the student is (one of) the teacher's best.
+* `student_pairs_per_s`, `teacher_pairs_per_s`, `speedup`.
+* `targets`: the issue's targets (Spearman >= 0.9, argmax agreement >= 0.75, speedup >= 3) and `met`.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+TARGETS = {"spearman": 0.9, "argmax_agreement": 0.75, "speedup": 3.0}
+
+
+def parse_args(argv=None):
+    p = C.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--config", default="recipes/tiny.yaml", help="the recipe whose run to measure")
+    p.add_argument("--student", default=None, help="distill folder (default <run_dir>/distill)")
+    p.add_argument("--teacher", default=None, help="teacher evaluator folder (default: the recipe's distill.teacher)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. run_dir=runs/x")
+    args = p.parse_args(argv)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    return args
+
+
+def main(argv=None) -> dict:
+    from rewards.distill import HELDOUT_FILE, DistilledScore, compare_to_teacher, load_pairs
+    from rewards.evaluator import _split_fields
+    from rlrefine.config import RewardSection, load_recipe
+    from rlrefine.trainers.common import build_reward, load_splits
+
+    args = parse_args(argv)
+    device = C.setup(args)
+    mem = C.PeakMemory(device)
+    cfg = load_recipe(args.config, args.overrides)
+    student_dir = Path(args.student) if args.student else cfg.run_path / "distill"
+    pairs = load_pairs(student_dir / HELDOUT_FILE)
+    teacher_section = cfg.distill.teacher if args.teacher is None else RewardSection(kind="learned", path=args.teacher)
+    teacher = build_reward(teacher_section, cfg, device)
+    student = DistilledScore.from_dir(student_dir, device=device)
+    student.batch_size = teacher.batch_size = max(teacher.batch_size, 512)
+    images, captions = _split_fields(load_splits(cfg)["train"])
+    m = compare_to_teacher(student, teacher, images, captions, pairs, repeats=args.repeats)
+    result = {
+        "benchmark": "distill",
+        "spearman": round(m["spearman"], 4), "kendall": round(m["kendall"], 4),
+        "spearman_per_image": round(m["spearman_per_image"], 4),
+        "argmax_agreement": round(m["argmax_agreement"], 4),
+        "student_pairs_per_s": round(m["pairs_per_s_student"], 1),
+        "teacher_pairs_per_s": round(m["pairs_per_s_teacher"], 1),
+        "speedup": round(m["speedup"], 2),
+        "pairs": len(pairs.caption), "images": len(set(pairs.image.tolist())),
+        "targets": TARGETS, "met": {k: bool(m[k] >= v) for k, v in TARGETS.items()},
+        "student": str(student_dir), "teacher": repr(teacher),
+        "peak_memory_mb": mem.peak_mb(),
+        **C.environment(args, device),
+    }
+    return C.emit(result)
+
+
+if __name__ == "__main__":
+    main()

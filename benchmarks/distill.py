@@ -9,7 +9,9 @@ loads the trained student and the teacher, scores those pairs with both through 
 
 * `spearman`, `kendall`: rank correlation of student and teacher scores over all held-out pairs;
   `spearman_per_image`: the mean within each image's pairs.
-* `argmax_agreement`: share of images whose best pair under the student is (one of) the teacher's best.
+* `argmax_agreement`: share of images whose best pair under the student is (one of) the teacher's best;
+  `argmax_regret`: mean teacher score lost per image by taking the student's best pair instead;
+  `teacher_top2_gap_median`: the median gap between the teacher's two best pairs of an image.
 * `student_pairs_per_s`, `teacher_pairs_per_s`, `speedup`.
 * `targets`: the issue's targets (Spearman >= 0.9, argmax agreement >= 0.75, speedup >= 3) and `met`.
 """
@@ -58,7 +60,8 @@ def main(argv=None) -> dict:
         "benchmark": "distill",
         "spearman": round(m["spearman"], 4), "kendall": round(m["kendall"], 4),
         "spearman_per_image": round(m["spearman_per_image"], 4),
-        "argmax_agreement": round(m["argmax_agreement"], 4),
+        "argmax_agreement": round(m["argmax_agreement"], 4), "argmax_regret": round(m["argmax_regret"], 4),
+        "teacher_top2_gap_median": round(m["teacher_top2_gap_median"], 4),
         "student_pairs_per_s": round(m["pairs_per_s_student"], 1),
         "teacher_pairs_per_s": round(m["pairs_per_s_teacher"], 1),
         "speedup": round(m["speedup"], 2),

@@ -253,18 +253,22 @@ def _groups(pairs: _Pairs) -> dict[int, list[int]]:
 
 def _ranking_report(student: torch.Tensor, teacher: torch.Tensor, pairs: _Pairs) -> dict[str, float]:
     groups = _groups(pairs)
-    per_image_rho, agree = [], []
+    per_image_rho, agree, regret, gap = [], [], [], []
     for idx in groups.values():
         t, s = teacher[idx], student[idx]
         if len(idx) > 1:
             rho = spearman(s, t)
             if not math.isnan(rho):
                 per_image_rho.append(rho)
+            top2 = t.topk(2).values
+            gap.append(float(top2[0] - top2[1]))
         # argmax agreement: the student's top pair is (one of) the teacher's top pairs
         agree.append(float(t[int(s.argmax())] >= t.max() - 1e-6))
+        regret.append(float(t.max() - t[int(s.argmax())]))  # teacher score lost by taking the student's pick
     return {"spearman": spearman(student, teacher), "kendall": kendall_tau(student, teacher),
             "spearman_per_image": float(np.mean(per_image_rho)) if per_image_rho else float("nan"),
-            "argmax_agreement": float(np.mean(agree)), "pairs": float(len(teacher))}
+            "argmax_agreement": float(np.mean(agree)), "argmax_regret": float(np.mean(regret)),
+            "teacher_top2_gap_median": float(np.median(gap)) if gap else float("nan"), "pairs": float(len(teacher))}
 
 
 def save_pairs(pairs: _Pairs, path: Path) -> None:
@@ -293,7 +297,10 @@ def compare_to_teacher(student: Callable, teacher: Callable, images: Any, captio
     Both score the same pairs through the reward protocol (each image encoded once, duplicate
     captions once); times are the best of ``repeats`` calls. Returns ``spearman``, ``kendall``,
     ``spearman_per_image``, ``argmax_agreement`` (the student's best pair of an image is one of the
-    teacher's best), ``pairs_per_s_student``, ``pairs_per_s_teacher`` and ``speedup``.
+    teacher's best), ``argmax_regret`` (mean teacher score lost per image by taking the student's
+    best pair instead of the teacher's), ``teacher_top2_gap_median`` (median gap between the teacher's
+    two best pairs of an image: how close the race for the argmax is), ``pairs_per_s_student``,
+    ``pairs_per_s_teacher`` and ``speedup``.
     """
     uses_refs = bool(getattr(teacher, "uses_references", False))
     times = {"student": [], "teacher": []}

@@ -162,3 +162,18 @@ def test_word_student_distils_and_reloads_with_its_vocabulary(tmp_path):
     assert out[:120][right].mean() > out[:120][~right].mean() + 0.05, (out[:120][right].mean(), out[:120][~right].mean())
     with pytest.raises(ValueError, match="tokenizer"):
         DistillConfig(tokenizer="bpe")
+
+
+def test_ranking_report_argmax_agreement_regret_and_gap_by_hand():
+    from rewards.distill import _Pairs, _ranking_report
+
+    # image 0: teacher 2.0 > 1.5 > 1.0, the student picks the 1.5 pair -> disagree, regret 0.5, gap 0.5
+    # image 1: teacher 3.0 > 2.9, the student picks the 3.0 pair -> agree, regret 0, gap 0.1
+    pairs = _Pairs(torch.tensor([0, 0, 0, 1, 1]), ["a", "b", "c", "d", "e"], torch.zeros(5, dtype=torch.long))
+    teacher = torch.tensor([2.0, 1.5, 1.0, 3.0, 2.9])
+    student = torch.tensor([0.1, 0.9, 0.2, 0.8, 0.7])
+    r = _ranking_report(student, teacher, pairs)
+    assert r["argmax_agreement"] == 0.5
+    assert r["argmax_regret"] == pytest.approx(0.25)
+    assert r["teacher_top2_gap_median"] == pytest.approx(0.3)
+    assert r["pairs"] == 5

@@ -14,7 +14,8 @@ above all, its per-image ordering, on the pairs that fine-tuning will actually s
   score of the image's best reference (by the teacher) and s_hard of a hard pair the teacher
   scores lower.
   + ``embedding_weight`` * mean (1 - cos(student emb, teacher emb)) over the step's images and
-                           captions (feature distillation; 0 = off)
+                           captions (feature distillation; 0 = off), plus as many images drawn from
+                           ``extra_embedding_images`` split images beyond ``max_images`` (image side only)
 * The student is an open_clip model (default ``rlrefine-student-tiny``: width-32 towers, 2
   layers, 16 px patches) saved as ``student.pt`` + ``student.json`` and used through the reward protocol with
   ``DistilledScore.from_dir(out_dir)``. With ``tokenizer="word"`` its text tower reads a word
@@ -130,6 +131,7 @@ class DistillConfig:
     listwise_weight: float = 1.0
     listwise_temperature: float = 0.1  # T of the per-image softmax (score units)
     margin_weight: float = 0.5
+    extra_embedding_images: int = 0  # split images beyond max_images used only for the image-embedding loss
     margin: float = 0.1  # score units
     embedding_weight: float = 0.0  # feature distillation: 1 - cos to the teacher's image and text embeddings
                                    # (needs embed_dim == the teacher's and a teacher with embed_texts)
@@ -143,6 +145,9 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.tokenizer not in ("open_clip", "word"):
             raise ValueError(f"distill tokenizer must be 'open_clip' or 'word', got {self.tokenizer!r}")
+        if self.extra_embedding_images > 0 and self.embedding_weight <= 0:
+            raise ValueError("distill extra_embedding_images only feeds the image-embedding loss: set embedding_weight > 0 "
+                             "or extra_embedding_images=0")
 
     def model_cfg(self, vocab: "CaptionTokenizer | None" = None) -> dict:
         """open_clip architecture config; ``vocab``: the word-level tokenizer of a ``word`` student
@@ -374,6 +379,13 @@ def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: s
             t_txt = torch.cat([teacher.embed_texts(train_pairs.caption[i:i + 4096]).float().cpu()
                                for i in range(0, len(train_pairs.caption), 4096)]).to(device)
         t_img = t_emb.to(device)
+        extra_rows: list[int] = []
+        if cfg.extra_embedding_images > 0:  # images beyond the pair images: their teacher image embeddings only
+            pool = list(range(n, min(len(captions), n + cfg.extra_embedding_images)))
+            with torch.no_grad():
+                t_extra = torch.cat([teacher.embed_images(_image_batch(images, pool[i:i + 256])).float().cpu()
+                                     for i in range(0, len(pool), 256)]).to(device) if pool else None
+            extra_rows = list(range(len(pool)))
 
     vocab = None
     if cfg.tokenizer == "word":  # the student's own word vocabulary: every caption it is trained or tested on
@@ -460,6 +472,11 @@ def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: s
         if t_txt is not None:
             loss_emb = ((1 - (img_f * t_img[torch.tensor(rows, device=device)]).sum(-1)).mean()
                         + (1 - (txt_f * t_txt[torch.tensor(flat, device=device)]).sum(-1)).mean())
+            if extra_rows:
+                pick = rng.sample(extra_rows, min(cfg.images_per_step, len(extra_rows)))
+                e_f = model.encode_image(preprocess(_image_batch(images, [pool[i] for i in pick]), device=device),
+                                         normalize=True)
+                loss_emb = loss_emb + (1 - (e_f * t_extra[torch.tensor(pick, device=device)]).sum(-1)).mean()
             loss = loss + cfg.embedding_weight * loss_emb
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -177,3 +177,24 @@ def test_ranking_report_argmax_agreement_regret_and_gap_by_hand():
     assert r["argmax_regret"] == pytest.approx(0.25)
     assert r["teacher_top2_gap_median"] == pytest.approx(0.3)
     assert r["pairs"] == 5
+
+
+def test_extra_embedding_images_feed_the_image_embedding_loss(tmp_path):
+    data = tiny_colour_data(80)
+    seen = []
+
+    class CountingTeacher(ColourEmbeddingTeacher):
+        def embed_images(self, images):
+            seen.append(len(images))
+            return super().embed_images(images)
+
+    cfg = DistillConfig(model_name="rlrefine-test-student", embed_dim=32, image_size=32, patch_size=8, vision_width=32,
+                        vision_layers=1, vision_head_width=16, text_width=32, text_heads=2, text_layers=1,
+                        context_length=12, steps=60, images_per_step=16, lr=3e-3, warmup_steps=5, hard_neighbours=2,
+                        holdout_fraction=0.25, embedding_weight=1.0, max_images=40, extra_embedding_images=40)
+    logged = {}
+    metrics = distill_reward(cfg, CountingTeacher(), data, tmp_path, logger=lambda d, step: logged.setdefault(step, d))
+    assert 40 in seen  # the 40 images beyond max_images were embedded by the teacher once
+    losses = [d["distill/loss_embedding"] for _, d in sorted(logged.items()) if "distill/loss_embedding" in d]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert metrics["pairs"] > 0  # (held-out teacher scores are constant here: 10 images, one colour per image)

@@ -115,9 +115,9 @@ class DistillConfig:
     text_heads: int = 2
     text_layers: int = 2
     context_length: int = 24
-    tokenizer: Literal["open_clip", "word"] = "open_clip"  # "open_clip": the bundled BPE (vocab 49408); "word": a word-level vocabulary
-                                  # trained on the distillation captions (saved beside the student; unknown
-                                  # words -> <unk>), far cheaper per caption than BPE
+    # "open_clip": the bundled BPE (vocab 49408); "word": a word-level vocabulary trained on the distillation
+    # captions (saved beside the student; unknown words -> <unk>), far cheaper per caption than BPE
+    tokenizer: Literal["open_clip", "word"] = "open_clip"
     steps: int = 800
     images_per_step: int = 32  # images per step; each brings up to max_pairs_per_image pairs
     max_pairs_per_image: int = 12
@@ -379,13 +379,12 @@ def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: s
             t_txt = torch.cat([teacher.embed_texts(train_pairs.caption[i:i + 4096]).float().cpu()
                                for i in range(0, len(train_pairs.caption), 4096)]).to(device)
         t_img = t_emb.to(device)
-        extra_rows: list[int] = []
-        if cfg.extra_embedding_images > 0:  # images beyond the pair images: their teacher image embeddings only
-            pool = list(range(n, min(len(captions), n + cfg.extra_embedding_images)))
+        # images beyond the pair images (rows n, n+1, ...): only their teacher image embeddings are used
+        extra = list(range(n, min(len(captions), n + cfg.extra_embedding_images)))
+        if extra:
             with torch.no_grad():
-                t_extra = torch.cat([teacher.embed_images(_image_batch(images, pool[i:i + 256])).float().cpu()
-                                     for i in range(0, len(pool), 256)]).to(device) if pool else None
-            extra_rows = list(range(len(pool)))
+                t_extra = torch.cat([teacher.embed_images(_image_batch(images, extra[i:i + 256])).float().cpu()
+                                     for i in range(0, len(extra), 256)]).to(device)
 
     vocab = None
     if cfg.tokenizer == "word":  # the student's own word vocabulary: every caption it is trained or tested on
@@ -472,9 +471,9 @@ def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: s
         if t_txt is not None:
             loss_emb = ((1 - (img_f * t_img[torch.tensor(rows, device=device)]).sum(-1)).mean()
                         + (1 - (txt_f * t_txt[torch.tensor(flat, device=device)]).sum(-1)).mean())
-            if extra_rows:
-                pick = rng.sample(extra_rows, min(cfg.images_per_step, len(extra_rows)))
-                e_f = model.encode_image(preprocess(_image_batch(images, [pool[i] for i in pick]), device=device),
+            if extra:
+                pick = rng.sample(range(len(extra)), min(cfg.images_per_step, len(extra)))
+                e_f = model.encode_image(preprocess(_image_batch(images, [extra[i] for i in pick]), device=device),
                                          normalize=True)
                 loss_emb = loss_emb + (1 - (e_f * t_extra[torch.tensor(pick, device=device)]).sum(-1)).mean()
             loss = loss + cfg.embedding_weight * loss_emb

@@ -14,6 +14,12 @@ loads the trained student and the teacher, scores those pairs with both through 
   `teacher_top2_gap_median`: the median gap between the teacher's two best pairs of an image.
 * `student_pairs_per_s`, `teacher_pairs_per_s`, `speedup`.
 * `targets`: the issue's targets (Spearman >= 0.9, argmax agreement >= 0.75, speedup >= 3) and `met`.
+* `fidelity`: which tower limits the ranking (`rewards.distill.tower_fidelity`): the mean cosine of student
+  and teacher image / text embeddings, and Spearman / argmax agreement with one tower made exact
+  (`image_side_*`: the student's images with the teacher's texts; `text_side_*`: the other way round).
+* `sensitivity`: the teacher's own ranking with one tower's embeddings moved at random to a cosine
+  (`rewards.distill.noise_sensitivity`): the fidelity an argmax target needs if a student's errors were no
+  worse than random. The rows at the student's own cosines say how much worse than random its errors are.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 TARGETS = {"spearman": 0.9, "argmax_agreement": 0.75, "speedup": 3.0}
+COSINES = (0.9995, 0.999, 0.998, 0.995, 0.99)  # fidelities of the sensitivity table
 
 
 def parse_args(argv=None):
@@ -39,7 +46,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    from rewards.distill import HELDOUT_FILE, DistilledScore, compare_to_teacher, load_pairs
+    from rewards.distill import HELDOUT_FILE, DistilledScore, compare_to_teacher, load_pairs, noise_sensitivity
     from rewards.evaluator import _split_fields
     from rlrefine.config import RewardSection, load_recipe
     from rlrefine.trainers.common import build_reward, load_splits
@@ -56,6 +63,10 @@ def main(argv=None) -> dict:
     student.batch_size = teacher.batch_size = max(teacher.batch_size, 512)
     images, captions = _split_fields(load_splits(cfg)["train"])
     m = compare_to_teacher(student, teacher, images, captions, pairs, repeats=args.repeats)
+    fidelity = {k.split("/", 1)[1]: round(v, 4) for k, v in m.items() if k.startswith("fidelity/")}
+    cosines = sorted({*COSINES, *(round(fidelity[k], 4) for k in ("image_cos", "text_cos") if k in fidelity)}, reverse=True)
+    sensitivity = [{k: round(v, 4) for k, v in row.items()}
+                   for row in noise_sensitivity(teacher, images, pairs, cosines, seed=args.seed)]
     result = {
         "benchmark": "distill",
         "spearman": round(m["spearman"], 4), "kendall": round(m["kendall"], 4),
@@ -67,6 +78,7 @@ def main(argv=None) -> dict:
         "speedup": round(m["speedup"], 2),
         "pairs": len(pairs.caption), "images": len(set(pairs.image.tolist())),
         "targets": TARGETS, "met": {k: bool(m[k] >= v) for k, v in TARGETS.items()},
+        "fidelity": fidelity, "sensitivity": sensitivity,
         "student": str(student_dir), "teacher": repr(teacher),
         "peak_memory_mb": mem.peak_mb(),
         **C.environment(args, device),

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["DistillConfig", "DistilledScore", "WordTokens", "compare_to_teacher", "distill_reward", "kendall_tau",
-           "load_pairs", "rankdata", "spearman"]
+           "load_pairs", "noise_sensitivity", "perturb_to_cosine", "rankdata", "spearman", "tower_fidelity"]
 
 REF, CANDIDATE, HARD = 0, 1, 2  # pair kinds
 HELDOUT_FILE = "heldout_pairs.json"  # written by distill_reward beside the student
@@ -256,7 +256,7 @@ def _groups(pairs: _Pairs) -> dict[int, list[int]]:
     return out
 
 
-def _ranking_report(student: torch.Tensor, teacher: torch.Tensor, pairs: _Pairs) -> dict[str, float]:
+def _ranking_report(student: torch.Tensor, teacher: torch.Tensor, pairs: _Pairs, kendall: bool = True) -> dict[str, float]:
     groups = _groups(pairs)
     per_image_rho, agree, regret, gap = [], [], [], []
     for idx in groups.values():
@@ -270,7 +270,8 @@ def _ranking_report(student: torch.Tensor, teacher: torch.Tensor, pairs: _Pairs)
         # argmax agreement: the student's top pair is (one of) the teacher's top pairs
         agree.append(float(t[int(s.argmax())] >= t.max() - 1e-6))
         regret.append(float(t.max() - t[int(s.argmax())]))  # teacher score lost by taking the student's pick
-    return {"spearman": spearman(student, teacher), "kendall": kendall_tau(student, teacher),
+    return {"spearman": spearman(student, teacher),
+            "kendall": kendall_tau(student, teacher) if kendall else float("nan"),  # O(n^2)
             "spearman_per_image": float(np.mean(per_image_rho)) if per_image_rho else float("nan"),
             "argmax_agreement": float(np.mean(agree)), "argmax_regret": float(np.mean(regret)),
             "teacher_top2_gap_median": float(np.median(gap)) if gap else float("nan"), "pairs": float(len(teacher))}
@@ -295,6 +296,76 @@ def load_pairs(path: str | Path) -> _Pairs:
     return _Pairs(torch.tensor(obj["image"]), obj["caption"], torch.tensor(obj["kind"]), teacher)
 
 
+def perturb_to_cosine(emb: torch.Tensor, cosine: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Unit rows of ``emb`` [N, D] moved in a random direction to an expected cosine ``cosine`` with the original.
+
+    Adds isotropic noise ``n ~ N(0, sigma^2 / D * I)`` to the normalised rows and normalises again; since
+    ``|n|^2 ~ sigma^2`` and ``n`` is almost orthogonal to the row, ``cos ~= 1 / sqrt(1 + sigma^2)``, so
+    ``sigma = sqrt(1 / cosine^2 - 1)``. A student whose embeddings err like this but no worse sits at
+    ``cosine`` from the teacher: :func:`noise_sensitivity` uses it to ask what fidelity a ranking needs.
+    """
+    if not 0.0 < cosine <= 1.0:
+        raise ValueError(f"cosine must be in (0, 1], got {cosine}")
+    e = F.normalize(emb.float(), dim=-1)
+    sigma = math.sqrt(1.0 / cosine ** 2 - 1.0)
+    noise = torch.randn(e.shape, generator=generator, dtype=e.dtype) * (sigma / math.sqrt(e.shape[1]))
+    return F.normalize(e + noise.to(e.device), dim=-1)
+
+
+def _embeddings(reward: Any, images: Any, pairs: _Pairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image embeddings [rows, D], text embeddings [P, D], pair -> row index [P]) of ``reward`` on ``pairs``."""
+    rows = sorted(set(pairs.image.tolist()))
+    local = {r: k for k, r in enumerate(rows)}
+    img = reward.embed_images(_image_batch(images, rows)).float().cpu()
+    txt = reward.embed_texts(pairs.caption).float().cpu()
+    return img, txt, torch.tensor([local[i] for i in pairs.image.tolist()])
+
+
+def tower_fidelity(student: Any, teacher: Any, images: Any, pairs: _Pairs) -> dict[str, float]:
+    """Which of the student's towers limits its ranking of ``pairs`` (both rewards need ``embed_images`` /
+    ``embed_texts`` with one embedding size, and ``score_embeddings``).
+
+    Returns ``image_cos`` / ``text_cos`` (mean cosine of student and teacher embeddings of the same image /
+    caption) and, scored by the teacher's embedding formula (``w * cos``; a Ref-teacher's reference term is
+    left out on both sides), ``image_side_*`` (the student's image embeddings with the teacher's text
+    embeddings: every error left is the image tower's) and ``text_side_*`` (the teacher's image embeddings
+    with the student's text embeddings), each ``spearman`` and ``argmax_agreement`` against the teacher.
+    """
+    s_img, s_txt, index = _embeddings(student, images, pairs)
+    t_img, t_txt, _ = _embeddings(teacher, images, pairs)
+    if s_img.shape[1] != t_img.shape[1]:
+        raise ValueError(f"tower_fidelity needs one embedding size: student {s_img.shape[1]}, teacher {t_img.shape[1]}")
+    reference = teacher.score_embeddings(t_img[index], t_txt).cpu()
+    out = {"image_cos": float((s_img * t_img).sum(-1).mean()), "text_cos": float((s_txt * t_txt).sum(-1).mean())}
+    for side, (img, txt) in (("image_side", (s_img, t_txt)), ("text_side", (t_img, s_txt))):
+        r = _ranking_report(teacher.score_embeddings(img[index], txt).cpu(), reference, pairs, kendall=False)
+        out[f"{side}_spearman"], out[f"{side}_argmax_agreement"] = r["spearman"], r["argmax_agreement"]
+    return out
+
+
+def noise_sensitivity(teacher: Any, images: Any, pairs: _Pairs, cosines: Sequence[float],
+                      seed: int = 0) -> list[dict[str, float]]:
+    """How the teacher's own ranking of ``pairs`` degrades when one tower's embeddings are moved at random
+    to a given cosine (:func:`perturb_to_cosine`): the fidelity a student needs for a target argmax
+    agreement, if its errors were no worse than random. One row per cosine: ``cosine``,
+    ``image_argmax_agreement`` / ``image_spearman`` (image embeddings perturbed, text exact) and
+    ``text_argmax_agreement`` / ``text_spearman``.
+    """
+    img, txt, index = _embeddings(teacher, images, pairs)
+    reference = teacher.score_embeddings(img[index], txt).cpu()
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for c in cosines:
+        row = {"cosine": float(c)}
+        for side in ("image", "text"):
+            i = perturb_to_cosine(img, c, g) if side == "image" else img
+            t = perturb_to_cosine(txt, c, g) if side == "text" else txt
+            r = _ranking_report(teacher.score_embeddings(i[index], t).cpu(), reference, pairs, kendall=False)
+            row[f"{side}_argmax_agreement"], row[f"{side}_spearman"] = r["argmax_agreement"], r["spearman"]
+        rows.append(row)
+    return rows
+
+
 def compare_to_teacher(student: Callable, teacher: Callable, images: Any, captions: list[list[str]], pairs: _Pairs,
                        repeats: int = 1) -> dict[str, float]:
     """How well ``student`` imitates ``teacher`` on ``pairs``, and how much faster it is.
@@ -305,7 +376,8 @@ def compare_to_teacher(student: Callable, teacher: Callable, images: Any, captio
     teacher's best), ``argmax_regret`` (mean teacher score lost per image by taking the student's
     best pair instead of the teacher's), ``teacher_top2_gap_median`` (median gap between the teacher's
     two best pairs of an image: how close the race for the argmax is), ``pairs_per_s_student``,
-    ``pairs_per_s_teacher`` and ``speedup``.
+    ``pairs_per_s_teacher`` and ``speedup``; where both expose their embeddings, also
+    ``fidelity/...`` (:func:`tower_fidelity`: which tower limits the ranking).
     """
     uses_refs = bool(getattr(teacher, "uses_references", False))
     times = {"student": [], "teacher": []}
@@ -315,6 +387,11 @@ def compare_to_teacher(student: Callable, teacher: Callable, images: Any, captio
         teacher_s, t = _score_teacher(teacher, images, captions, pairs, uses_refs)
         times["teacher"].append(t)
     out = _ranking_report(student_s, teacher_s, pairs)
+    if all(hasattr(r, a) for r in (student, teacher) for a in ("embed_images", "embed_texts", "score_embeddings")):
+        try:
+            out.update({f"fidelity/{k}": v for k, v in tower_fidelity(student, teacher, images, pairs).items()})
+        except ValueError as err:  # another embedding size: no per-tower comparison
+            log.info("distill: no per-tower fidelity (%s)", err)
     n = len(pairs.caption)
     out["pairs_per_s_student"] = n / max(min(times["student"]), 1e-9)
     out["pairs_per_s_teacher"] = n / max(min(times["teacher"]), 1e-9)

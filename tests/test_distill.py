@@ -198,3 +198,78 @@ def test_extra_embedding_images_feed_the_image_embedding_loss(tmp_path):
     losses = [d["distill/loss_embedding"] for _, d in sorted(logged.items()) if "distill/loss_embedding" in d]
     assert losses[-1] < 0.5 * losses[0], losses
     assert metrics["pairs"] > 0  # (held-out teacher scores are constant here: 10 images, one colour per image)
+
+
+def test_perturb_to_cosine_reaches_the_asked_cosine():
+    from rewards.distill import perturb_to_cosine
+
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(4000, 64, generator=g) * 3.0  # not normalised: rows are normalised first
+    unit = torch.nn.functional.normalize(emb, dim=-1)
+    for c in (0.999, 0.99, 0.9):
+        moved = perturb_to_cosine(emb, c, g)
+        assert torch.allclose(moved.norm(dim=-1), torch.ones(4000), atol=1e-5)
+        assert float((moved * unit).sum(-1).mean()) == pytest.approx(c, abs=0.003), c
+    assert torch.allclose(perturb_to_cosine(emb, 1.0, g), unit)
+    with pytest.raises(ValueError, match="cosine"):
+        perturb_to_cosine(emb, 0.0)
+
+
+class TableReward:
+    """A reward from fixed embedding tables: ``images`` are row numbers, captions are keys of ``texts``."""
+
+    def __init__(self, image_table, texts, w=2.5):
+        self.image_table, self.texts, self.w = image_table, texts, w
+
+    def embed_images(self, images):
+        return torch.nn.functional.normalize(self.image_table[torch.as_tensor(images)], dim=-1)
+
+    def embed_texts(self, texts, add_prefix=True):
+        return torch.nn.functional.normalize(torch.stack([self.texts[t] for t in texts]), dim=-1)
+
+    def score_embeddings(self, image_emb, text_emb):
+        return self.w * (image_emb * text_emb).sum(-1)
+
+
+def _table_pairs(n_images=60, per_image=4, dim=16, seed=0):
+    from rewards.distill import _Pairs
+
+    g = torch.Generator().manual_seed(seed)
+    texts = {f"caption {i}": torch.randn(dim, generator=g) for i in range(n_images * per_image)}
+    teacher = TableReward(torch.randn(n_images, dim, generator=g), texts)
+    image = torch.arange(n_images).repeat_interleave(per_image)
+    return teacher, _Pairs(image, list(texts), torch.zeros(len(image), dtype=torch.long)), g
+
+
+def test_tower_fidelity_separates_the_image_and_text_towers():
+    from rewards.distill import perturb_to_cosine, tower_fidelity
+
+    teacher, pairs, g = _table_pairs()
+    images = torch.arange(60)
+    # the student's text tower is exact, its image tower is off
+    student = TableReward(perturb_to_cosine(teacher.image_table, 0.8, g), teacher.texts)
+    f = tower_fidelity(student, teacher, images, pairs)
+    assert f["text_cos"] == pytest.approx(1.0, abs=1e-6)
+    assert f["text_side_spearman"] == pytest.approx(1.0) and f["text_side_argmax_agreement"] == 1.0
+    t_img, s_img = teacher.embed_images(images), student.embed_images(images)
+    assert f["image_cos"] == pytest.approx(float((t_img * s_img).sum(-1).mean()), abs=1e-6)
+    # by hand: an image agrees when the student's best of its 4 captions is the teacher's best
+    txt = teacher.embed_texts(pairs.caption).view(60, 4, -1)
+    agree = ((s_img[:, None] * txt).sum(-1).argmax(1) == (t_img[:, None] * txt).sum(-1).argmax(1)).float().mean()
+    assert f["image_side_argmax_agreement"] == pytest.approx(float(agree))
+    assert f["image_side_argmax_agreement"] < 1.0
+    with pytest.raises(ValueError, match="one embedding size"):
+        tower_fidelity(TableReward(torch.randn(60, 8), {k: v[:8] for k, v in teacher.texts.items()}), teacher,
+                       images, pairs)
+
+
+def test_noise_sensitivity_is_exact_at_cosine_one_and_degrades_below():
+    from rewards.distill import noise_sensitivity
+
+    teacher, pairs, _ = _table_pairs()
+    rows = noise_sensitivity(teacher, torch.arange(60), pairs, [1.0, 0.99, 0.5])
+    assert [r["cosine"] for r in rows] == [1.0, 0.99, 0.5]
+    for side in ("image", "text"):
+        assert rows[0][f"{side}_argmax_agreement"] == 1.0 and rows[0][f"{side}_spearman"] == pytest.approx(1.0)
+        assert rows[2][f"{side}_argmax_agreement"] < rows[1][f"{side}_argmax_agreement"] <= 1.0
+        assert rows[2][f"{side}_spearman"] < 0.9

@@ -67,6 +67,13 @@ def test_distill_benchmark_rescores_the_held_out_pairs(run_dir, capsys):
     for k in ("spearman", "kendall", "argmax_agreement"):
         assert r[k] == pytest.approx(report[k], abs=1e-3, nan_ok=True), k
     assert r["speedup"] > 0 and set(r["met"]) == {"spearman", "argmax_agreement", "speedup"}
+    # which tower limits the ranking: in the stage's report and again in the benchmark
+    for k in ("image_cos", "text_cos", "image_side_argmax_agreement", "text_side_argmax_agreement"):
+        assert r["fidelity"][k] == pytest.approx(report[f"fidelity/{k}"], abs=1e-3), k
+    assert -1 <= r["fidelity"]["image_cos"] <= 1 and -1 <= r["fidelity"]["text_cos"] <= 1
+    cosines = [row["cosine"] for row in r["sensitivity"]]
+    assert cosines == sorted(cosines, reverse=True) and {0.999, 0.99} <= set(cosines)
+    assert all(0 <= row["image_argmax_agreement"] <= 1 and 0 <= row["text_argmax_agreement"] <= 1 for row in r["sensitivity"])
 
 
 def test_run_skips_done_stages(run_dir, caplog):

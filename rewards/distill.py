@@ -24,7 +24,9 @@ above all, its per-image ordering, on the pairs that fine-tuning will actually s
 * Reported on held-out images' pairs (saved as ``heldout_pairs.json`` so that
   ``benchmarks/distill.py`` can measure them again): Spearman and Kendall tau-b with the teacher
   (overall and mean per image), argmax agreement per image, and pairs/s of student vs teacher
-  measured in the same run on the same pairs (:func:`compare_to_teacher`).
+  measured in the same run on the same pairs (:func:`compare_to_teacher`); and which tower limits
+  the ranking (:func:`tower_fidelity`). :func:`noise_sensitivity` tells what fidelity an argmax target
+  needs: the teacher's ranking with its own embeddings moved at random to a given cosine.
 """
 from __future__ import annotations
 

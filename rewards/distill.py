@@ -391,11 +391,10 @@ def compare_to_teacher(student: Callable, teacher: Callable, images: Any, captio
         teacher_s, t = _score_teacher(teacher, images, captions, pairs, uses_refs)
         times["teacher"].append(t)
     out = _ranking_report(student_s, teacher_s, pairs)
-    if all(hasattr(r, a) for r in (student, teacher) for a in ("embed_images", "embed_texts", "score_embeddings")):
-        try:
-            out.update({f"fidelity/{k}": v for k, v in tower_fidelity(student, teacher, images, pairs).items()})
-        except ValueError as err:  # another embedding size: no per-tower comparison
-            log.info("distill: no per-tower fidelity (%s)", err)
+    if (pairs.caption and all(hasattr(r, a) for r in (student, teacher)
+                              for a in ("embed_images", "embed_texts", "score_embeddings"))
+            and student.embed_texts(pairs.caption[:1]).shape[1] == teacher.embed_texts(pairs.caption[:1]).shape[1]):
+        out.update({f"fidelity/{k}": v for k, v in tower_fidelity(student, teacher, images, pairs).items()})
     n = len(pairs.caption)
     out["pairs_per_s_student"] = n / max(min(times["student"]), 1e-9)
     out["pairs_per_s_teacher"] = n / max(min(times["teacher"]), 1e-9)
@@ -509,7 +508,7 @@ def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: s
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine_with_warmup(cfg.warmup_steps, cfg.steps))
     teacher_all, kind_all = train_pairs.teacher.to(device), train_pairs.kind.to(device)
     texts = [cfg.text_prefix + c for c in train_pairs.caption]  # tokenized once, not at every step
-    train_tokens = torch.cat([tokenizer(texts[i:i + 4096]) for i in range(0, len(texts), 4096)])  # [P, context]
+    train_tokens = torch.cat([tokenizer(texts[i:i + 4096]) for i in range(0, len(texts), 4096)]).to(device)  # [P, ctx]
     model.train()
     start = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="distill-reward", dynamic_ncols=True)
@@ -523,12 +522,13 @@ def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: s
                             device=device)
         owner = torch.tensor([g for g, x in enumerate(lists) for _ in x], device=device)
         pix = preprocess(_image_batch(images, rows), device=device)
-        tokens = train_tokens[torch.tensor(flat)].to(device)
+        flat_idx = torch.tensor(flat, device=device)  # [T] the step's pairs
+        tokens = train_tokens[flat_idx]
         img_f = model.encode_image(pix, normalize=True)  # [G, D]
         txt_f = model.encode_text(tokens, normalize=True)  # [T, D]
         s = w * (img_f[owner] * txt_f).sum(-1) + b  # [T] student scores (unclamped)
-        t = teacher_all[torch.tensor(flat, device=device)]
-        kind = kind_all[torch.tensor(flat, device=device)]
+        t = teacher_all[flat_idx]
+        kind = kind_all[flat_idx]
         loss_mse = F.mse_loss(s, t)
         # per-image lists padded to [G, P]
         S = torch.full((G * P,), float("-inf"), device=device).index_put((slot,), s).view(G, P)
@@ -554,7 +554,7 @@ def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: s
         loss_emb = torch.zeros((), device=device)
         if t_txt is not None:
             loss_emb = ((1 - (img_f * t_img[torch.tensor(rows, device=device)]).sum(-1)).mean()
-                        + (1 - (txt_f * t_txt[torch.tensor(flat, device=device)]).sum(-1)).mean())
+                        + (1 - (txt_f * t_txt[flat_idx]).sum(-1)).mean())
             if extra:
                 pick = rng.sample(range(len(extra)), min(cfg.images_per_step, len(extra)))
                 e_f = model.encode_image(preprocess(_image_batch(images, [extra[i] for i in pick]), device=device),

@@ -59,6 +59,11 @@ if stage == "pretrain":
 else:
     from rlrefine.trainers.finetune import finetune as train
 train(cfg, on_step_end=on_step_end)
+
+# The stage destroyed its process group: no gloo thread may outlive it into interpreter shutdown.
+import os
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+(out / f"{stage}_threads_rank{os.environ['RANK']}.json").write_text(json.dumps(threads))
 """
 
 
@@ -81,6 +86,9 @@ def _launch_two_processes(tmp_path, stage: str, overrides: list[str], timeout: i
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for r in (0, 1):  # Linux names the threads in /proc; gloo's are gloo_tcp_loop and pt_gloo_runloop
+        threads = json.loads((tmp_path / f"{stage}_threads_rank{r}.json").read_text())
+        assert not [t for t in threads if "gloo" in t], f"rank {r}: the process group outlived {stage}: {threads}"
     return [[json.loads(line) for line in (tmp_path / f"{stage}_steps_rank{r}.jsonl").read_text().splitlines()]
             for r in (0, 1)]
 

@@ -9,6 +9,7 @@ is just its step, and a resumed run sees exactly the batches the uninterrupted r
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ def make_accelerator(cfg: RecipeConfig, stage: str, mixed_precision: str = "no")
     """An Accelerator that logs to TensorBoard under `<run_dir>/<stage>/tb`."""
     stage_dir = cfg.run_path / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
+    _import_distributed_nn_before_the_group()
     acc = Accelerator(
         cpu=cfg.device == "cpu",
         mixed_precision=mixed_precision,
@@ -46,6 +48,20 @@ def make_accelerator(cfg: RecipeConfig, stage: str, mixed_precision: str = "no")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     return acc
+
+
+def _import_distributed_nn_before_the_group() -> None:
+    """Import `torch.distributed.nn` before accelerate creates the process group.
+
+    Its functions take `group=group.WORLD` as a default argument, bound when the module is first
+    imported. DDP imports it, so imported after the group exists it keeps the group alive after
+    `destroy_process_group` until the interpreter is torn down. Then the gloo group's worker threads
+    are destroyed mid-finalization and a finished two-process run sometimes aborts on exit
+    ("terminate called without an active exception", exit code -6). Imported first, the default is
+    None and the group goes when `end_training` destroys it.
+    """
+    if torch.distributed.is_available():
+        importlib.import_module("torch.distributed.nn")
 
 
 def all_processes(acc: Accelerator, flag: bool) -> bool:

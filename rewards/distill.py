@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["DistillConfig", "DistilledScore", "WordTokens", "compare_to_teacher", "distill_reward", "kendall_tau",
-           "load_pairs", "noise_sensitivity", "perturb_to_cosine", "rankdata", "spearman", "tower_fidelity"]
+           "load_pairs", "narrow_resnet_state", "noise_sensitivity", "perturb_to_cosine", "rankdata", "spearman", "tower_fidelity"]
 
 REF, CANDIDATE, HARD = 0, 1, 2  # pair kinds
 HELDOUT_FILE = "heldout_pairs.json"  # written by distill_reward beside the student
@@ -102,6 +102,89 @@ def kendall_tau(x: Sequence[float], y: Sequence[float], chunk: int = 2048) -> fl
 
 
 # ---------------------------------------------------------------------------------------------
+def _bn_scale(bn: torch.nn.BatchNorm2d) -> torch.Tensor:
+    """How much each output channel of a conv + BN pair is amplified: |gamma| / sqrt(var + eps)."""
+    return (bn.weight.abs() / (bn.running_var + bn.eps).sqrt()).detach()
+
+
+def _top(score: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.sort(torch.topk(score, k).indices).values
+
+
+@torch.no_grad()
+def narrow_resnet_state(teacher: torch.nn.Module, student: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A state dict for ``student`` made of the teacher's strongest channels (structured pruning).
+
+    Both are open_clip ``ModifiedResNet`` towers with the same stage depths, image size, output
+    size and attention-pool head count; the student is narrower. Every conv keeps the output
+    channels its BN amplifies most (``|gamma| / sqrt(var)``), and each stage's residual stream one
+    channel set shared by its blocks. The attention pool keeps, in every head, the query/key dims
+    with the largest ``|W_q| |W_k|`` (queries rescaled for the smaller head dim) and the value dims
+    with the largest ``|W_v| |W_c|``. Where the dropped channels carry nothing the student computes
+    exactly the teacher's function; otherwise it is a starting point for distillation, not a copy.
+    """
+    from open_clip.modified_resnet import ModifiedResNet
+
+    if not (isinstance(teacher, ModifiedResNet) and isinstance(student, ModifiedResNet)):
+        raise ValueError(f"distill vision_init=teacher needs a ModifiedResNet (list vision_layers) teacher and "
+                         f"student image tower; got {type(teacher).__name__} and {type(student).__name__}. "
+                         f"Use vision_init=random.")
+    depths = [[len(getattr(m, f"layer{i}")) for i in range(1, 5)] for m in (teacher, student)]
+    t_ap, s_ap = teacher.attnpool, student.attnpool
+    same = {"stage depths": depths, "image size": [teacher.image_size, student.image_size],
+            "output size": [t_ap.c_proj.out_features, s_ap.c_proj.out_features],
+            "attention-pool heads": [t_ap.num_heads, s_ap.num_heads]}
+    for what, (t, s) in same.items():
+        if t != s:
+            raise ValueError(f"distill vision_init=teacher: the student's {what} ({s}) must equal the teacher's ({t}). "
+                             f"Match the student's vision config to the teacher's or use vision_init=random.")
+    if student.conv1.out_channels > teacher.conv1.out_channels:
+        raise ValueError(f"distill vision_init=teacher: the student ResNet (width {2 * student.conv1.out_channels}) is "
+                         f"wider than the teacher's ({2 * teacher.conv1.out_channels}); use vision_init=random.")
+    t_sd, out = teacher.state_dict(), {}
+
+    def conv_bn(conv: str, bn: str, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        out[f"{conv}.weight"] = t_sd[f"{conv}.weight"][rows][:, cols].clone()
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            out[f"{bn}.{k}"] = t_sd[f"{bn}.{k}"][rows].clone()
+        out[f"{bn}.num_batches_tracked"] = t_sd[f"{bn}.num_batches_tracked"].clone()
+
+    prev = torch.arange(3)
+    for i in (1, 2, 3):  # the three-conv stem
+        rows = _top(_bn_scale(getattr(teacher, f"bn{i}")), getattr(student, f"conv{i}").out_channels)
+        conv_bn(f"conv{i}", f"bn{i}", rows, prev)
+        prev = rows
+    for i in range(1, 5):
+        t_blocks, s_blocks = getattr(teacher, f"layer{i}"), getattr(student, f"layer{i}")
+        stream = _bn_scale(t_blocks[0].downsample[-1]) + sum(_bn_scale(blk.bn3) for blk in t_blocks)
+        stream = _top(stream, s_blocks[0].conv3.out_channels)
+        for j, (t_blk, s_blk) in enumerate(zip(t_blocks, s_blocks)):
+            p = f"layer{i}.{j}"
+            a = _top(_bn_scale(t_blk.bn1), s_blk.conv1.out_channels)
+            c = _top(_bn_scale(t_blk.bn2), s_blk.conv2.out_channels)
+            conv_bn(f"{p}.conv1", f"{p}.bn1", a, prev if j == 0 else stream)
+            conv_bn(f"{p}.conv2", f"{p}.bn2", c, a)
+            conv_bn(f"{p}.conv3", f"{p}.bn3", stream, c)
+            if j == 0:  # (AvgPool, conv, BN): the first block changes width or stride
+                conv_bn(f"{p}.downsample.0", f"{p}.downsample.1", stream, prev)
+        prev = stream
+    heads, t_dim, s_dim = t_ap.num_heads, t_ap.q_proj.out_features // t_ap.num_heads, s_ap.q_proj.out_features // s_ap.num_heads
+    qk = t_ap.q_proj.weight.norm(dim=1) * t_ap.k_proj.weight.norm(dim=1)
+    vc = t_ap.v_proj.weight.norm(dim=1) * t_ap.c_proj.weight.norm(dim=0)
+    qk_rows = torch.cat([h * t_dim + _top(qk[h * t_dim:(h + 1) * t_dim], s_dim) for h in range(heads)])
+    v_rows = torch.cat([h * t_dim + _top(vc[h * t_dim:(h + 1) * t_dim], s_dim) for h in range(heads)])
+    out["attnpool.positional_embedding"] = t_sd["attnpool.positional_embedding"][:, prev].clone()
+    # attention divides q.k by sqrt(head dim): rescale q so the kept dims add what they added in the teacher
+    q_scale = math.sqrt(s_dim / t_dim)
+    for name, rows, mult in (("q_proj", qk_rows, q_scale), ("k_proj", qk_rows, 1.0), ("v_proj", v_rows, 1.0)):
+        out[f"attnpool.{name}.weight"] = t_sd[f"attnpool.{name}.weight"][rows][:, prev] * mult
+        out[f"attnpool.{name}.bias"] = t_sd[f"attnpool.{name}.bias"][rows] * mult
+    out["attnpool.c_proj.weight"] = t_sd["attnpool.c_proj.weight"][:, v_rows].clone()
+    out["attnpool.c_proj.bias"] = t_sd["attnpool.c_proj.bias"].clone()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 @dataclass
 class DistillConfig:
     """Config of ``distill_reward`` (defaults: the embedded shapes recipe on 2 CPU cores)."""
@@ -120,6 +203,9 @@ class DistillConfig:
     # "open_clip": the bundled BPE (vocab 49408); "word": a word-level vocabulary trained on the distillation
     # captions (saved beside the student; unknown words -> <unk>), far cheaper per caption than BPE
     tokenizer: Literal["open_clip", "word"] = "open_clip"
+    # "teacher": start the image tower from the teacher's strongest channels (narrow_resnet_state;
+    # a ModifiedResNet student of the teacher's depths); "random": open_clip's initialisation
+    vision_init: Literal["random", "teacher"] = "random"
     steps: int = 800
     images_per_step: int = 32  # images per step; each brings up to max_pairs_per_image pairs
     max_pairs_per_image: int = 12
@@ -147,6 +233,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.tokenizer not in ("open_clip", "word"):
             raise ValueError(f"distill tokenizer must be 'open_clip' or 'word', got {self.tokenizer!r}")
+        if self.vision_init not in ("random", "teacher"):
+            raise ValueError(f"distill vision_init must be 'random' or 'teacher', got {self.vision_init!r}")
         if self.extra_embedding_images > 0 and self.embedding_weight <= 0:
             raise ValueError("distill extra_embedding_images only feeds the image-embedding loss: set embedding_weight > 0 "
                              "or extra_embedding_images=0")
@@ -476,6 +564,12 @@ def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: s
     name, model, tokenizer, preprocess = build_dual_encoder(cfg.model_name, model_cfg, device)
     if vocab is not None:
         tokenizer = WordTokens(vocab, cfg.context_length)
+    if cfg.vision_init == "teacher":
+        t_model = getattr(teacher, "model", None)
+        if t_model is None or not hasattr(t_model, "visual"):
+            raise ValueError(f"distill vision_init=teacher needs an open_clip teacher (a .model.visual image tower); "
+                             f"{type(teacher).__name__} has none. Use vision_init=random.")
+        model.visual.load_state_dict(narrow_resnet_state(t_model.visual, model.visual))
     init_w = float(getattr(teacher, "w", 2.5))
     w = torch.nn.Parameter(torch.tensor(init_w, device=device))
     b = torch.nn.Parameter(torch.tensor(0.0, device=device))

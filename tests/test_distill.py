@@ -273,3 +273,98 @@ def test_noise_sensitivity_is_exact_at_cosine_one_and_degrades_below():
         assert rows[0][f"{side}_argmax_agreement"] == 1.0 and rows[0][f"{side}_spearman"] == pytest.approx(1.0)
         assert rows[2][f"{side}_argmax_agreement"] < rows[1][f"{side}_argmax_agreement"] <= 1.0
         assert rows[2][f"{side}_spearman"] < 0.9
+
+
+# ------------------------------------------------------------------ narrowing the teacher's ResNet
+def _resnet(width: int, layers=(1, 2, 1, 1), heads: int = 4):
+    from open_clip.modified_resnet import ModifiedResNet
+
+    return ModifiedResNet(layers=list(layers), output_dim=24, heads=heads, image_size=64, width=width).eval()
+
+
+@torch.no_grad()
+def _randomise_bn(net: torch.nn.Module, g: torch.Generator) -> None:
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+@torch.no_grad()
+def _silence_all_but(teacher, student, g: torch.Generator) -> None:
+    """Make the teacher's channels beyond the student's widths carry exactly nothing, at random positions:
+    BN gamma = beta = 0 (the conv+BN outputs 0, and 0 after ReLU), and in the attention pool zero
+    query/key/value rows beyond each head's kept dims and zero columns for the silenced stream channels."""
+    def keep(n_t, n_s):
+        return torch.randperm(n_t, generator=g)[:n_s]
+
+    def silence(bn, kept):
+        mask = torch.ones(bn.num_features, dtype=torch.bool)
+        mask[kept] = False
+        bn.weight[mask] = 0.0
+        bn.bias[mask] = 0.0
+
+    for i in (1, 2, 3):
+        silence(getattr(teacher, f"bn{i}"), keep(getattr(teacher, f"conv{i}").out_channels, getattr(student, f"conv{i}").out_channels))
+    for i in range(1, 5):
+        t_blocks, s_blocks = getattr(teacher, f"layer{i}"), getattr(student, f"layer{i}")
+        stream = keep(t_blocks[0].conv3.out_channels, s_blocks[0].conv3.out_channels)
+        silence(t_blocks[0].downsample[-1], stream)
+        for t_blk, s_blk in zip(t_blocks, s_blocks):
+            silence(t_blk.bn1, keep(t_blk.conv1.out_channels, s_blk.conv1.out_channels))
+            silence(t_blk.bn2, keep(t_blk.conv2.out_channels, s_blk.conv2.out_channels))
+            silence(t_blk.bn3, stream)
+    ap, s_ap = teacher.attnpool, student.attnpool
+    dropped_stream = torch.ones(ap.q_proj.in_features, dtype=torch.bool)
+    dropped_stream[stream] = False
+    t_dim, s_dim = ap.q_proj.out_features // ap.num_heads, s_ap.q_proj.out_features // s_ap.num_heads
+    for proj in (ap.q_proj, ap.k_proj, ap.v_proj):
+        proj.weight[:, dropped_stream] = 0.0
+    for group in ((ap.q_proj, ap.k_proj), (ap.v_proj,)):
+        rows = torch.ones(ap.q_proj.out_features, dtype=torch.bool)
+        for h in range(ap.num_heads):
+            rows[h * t_dim + keep(t_dim, s_dim)] = False
+        for proj in group:  # q and k share their kept dims (their product is the attention logit)
+            proj.weight[rows] = 0.0
+            proj.bias[rows] = 0.0
+
+
+def test_narrow_resnet_state_copies_the_teacher_when_the_dropped_channels_carry_nothing():
+    from rewards.distill import narrow_resnet_state
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    teacher, student = _resnet(16), _resnet(8)
+    _randomise_bn(teacher, g)
+    x = torch.randn(5, 3, 64, 64, generator=g)
+
+    # Same width: the teacher, bit for bit (every channel kept, in order).
+    twin = _resnet(16)
+    twin.load_state_dict(narrow_resnet_state(teacher, twin))
+    assert torch.equal(twin(x), teacher(x))
+
+    # Half width, the other half of every layer silenced at random positions: the same function,
+    # so the BN-scale and |W_q||W_k| / |W_v||W_c| rankings picked exactly the live channels.
+    _silence_all_but(teacher, student, g)
+    student.load_state_dict(narrow_resnet_state(teacher, student))
+    want = teacher(x)
+    assert want.abs().mean() > 1e-2  # the silenced teacher still computes something
+    torch.testing.assert_close(student(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_narrow_resnet_state_names_the_mismatch():
+    from rewards.distill import narrow_resnet_state
+
+    teacher = _resnet(16)
+    with pytest.raises(ValueError, match=r"stage depths \(\[1, 1, 1, 1\]\) must equal the teacher's \(\[1, 2, 1, 1\]\)"):
+        narrow_resnet_state(teacher, _resnet(8, layers=(1, 1, 1, 1)))
+    with pytest.raises(ValueError, match="attention-pool heads"):
+        narrow_resnet_state(teacher, _resnet(8, heads=2))
+    with pytest.raises(ValueError, match="wider than the teacher's"):
+        narrow_resnet_state(teacher, _resnet(32))
+    with pytest.raises(ValueError, match="needs a ModifiedResNet"):
+        narrow_resnet_state(teacher, torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="vision_init must be 'random' or 'teacher'"):
+        DistillConfig(vision_init="pruned")

@@ -17,7 +17,9 @@ above all, its per-image ordering, on the pairs that fine-tuning will actually s
                            captions (feature distillation; 0 = off), plus as many images drawn from
                            ``extra_embedding_images`` split images beyond ``max_images`` (image side only)
 * The student is an open_clip model (default ``rlrefine-student-tiny``: width-32 towers, 2
-  layers, 16 px patches) saved as ``student.pt`` + ``student.json`` and used through the reward protocol with
+  layers, 16 px patches; with ``vision_init="teacher"`` a narrower ModifiedResNet of the teacher's
+  depths starts from the teacher's strongest channels, :func:`narrow_resnet_state`)
+  saved as ``student.pt`` + ``student.json`` and used through the reward protocol with
   ``DistilledScore.from_dir(out_dir)``. With ``tokenizer="word"`` its text tower reads a word
   vocabulary trained on the distillation captions (saved beside it as ``tokenizer.json``; the tower
   pools at the eos token), which skips open_clip's Python BPE, a third of a small teacher's time.

@@ -354,7 +354,7 @@ def test_narrow_resnet_state_copies_the_teacher_when_the_dropped_channels_carry_
     torch.testing.assert_close(student(x), want, rtol=1e-4, atol=1e-5)
 
 
-def test_narrow_resnet_state_names_the_mismatch():
+def test_narrow_resnet_state_names_the_mismatch(tmp_path):
     from rewards.distill import narrow_resnet_state
 
     teacher = _resnet(16)
@@ -368,3 +368,8 @@ def test_narrow_resnet_state_names_the_mismatch():
         narrow_resnet_state(teacher, torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="vision_init must be 'random' or 'teacher'"):
         DistillConfig(vision_init="pruned")
+    # a teacher that is not an open_clip model has no image tower to start from
+    cfg = DistillConfig(model_name="rlrefine-test-student", image_size=32, vision_layers=[1, 1, 1, 1], vision_width=8,
+                        embed_dim=32, text_width=32, text_layers=1, context_length=12, steps=1, vision_init="teacher")
+    with pytest.raises(ValueError, match="needs an open_clip teacher .* ColourEmbeddingTeacher has none"):
+        distill_reward(cfg, ColourEmbeddingTeacher(), tiny_colour_data(16), tmp_path)

@@ -184,7 +184,7 @@ class CaptionTokenizer:
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`tokenize` of many captions, in one call to the backend where it has a batch encoder."""
         if self.kind == "word":
-            # encode_batch_fast (tokenizers >= 0.20): the same ids without the offsets we never read
+            # encode_batch_fast (newer tokenizers; older ones fall back): the same ids without the offsets we never read
             encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
             rows = [e.ids for e in encode(list(texts), add_special_tokens=False)]
         elif self.kind == "hf":

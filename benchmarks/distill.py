@@ -20,6 +20,10 @@ loads the trained student and the teacher, scores those pairs with both through 
 * `sensitivity`: the teacher's own ranking with one tower's embeddings moved at random to a cosine
   (`rewards.distill.noise_sensitivity`): the fidelity an argmax target needs if a student's errors were no
   worse than random. The rows at the student's own cosines say how much worse than random its errors are.
+* `decisions`: the same argmax figures on the choices DiCO makes with the reward: the best of one held-out
+  image's `finetune.num_candidates` beams from the pretrained captioner at one layer
+  (`rewards.distill.decision_agreement`), over all (image, layer) decisions and `by_layer`. Null when the run
+  has no pretrained captioner.
 """
 from __future__ import annotations
 
@@ -46,7 +50,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    from rewards.distill import HELDOUT_FILE, DistilledScore, compare_to_teacher, load_pairs, noise_sensitivity
+    from rewards.distill import (HELDOUT_FILE, DistilledScore, compare_to_teacher, decision_agreement, load_pairs,
+                                 noise_sensitivity)
     from rewards.evaluator import _split_fields
     from rlrefine.config import RewardSection, load_recipe
     from rlrefine.trainers.common import build_reward, load_splits
@@ -61,12 +66,23 @@ def main(argv=None) -> dict:
     teacher = build_reward(teacher_section, cfg, device)
     student = DistilledScore.from_dir(student_dir, device=device)
     student.batch_size = teacher.batch_size = max(teacher.batch_size, 512)
-    images, captions = _split_fields(load_splits(cfg)["train"])
+    split = load_splits(cfg)["train"]
+    images, captions = _split_fields(split)
     m = compare_to_teacher(student, teacher, images, captions, pairs, repeats=args.repeats)
     fidelity = {k.split("/", 1)[1]: round(v, 4) for k, v in m.items() if k.startswith("fidelity/")}
     cosines = sorted({*COSINES, *(round(fidelity[k], 4) for k in ("image_cos", "text_cos") if k in fidelity)}, reverse=True)
     sensitivity = [{k: round(v, 4) for k, v in row.items()}
                    for row in noise_sensitivity(teacher, images, pairs, cosines, seed=args.seed)]
+    decisions = None
+    if (cfg.run_path / "pretrain" / "model").is_dir():
+        from rlrefine.pipeline import captioner_candidates
+
+        held = sorted(set(pairs.image.tolist()))
+        beams = captioner_candidates(cfg, split, held, cfg.finetune.num_candidates, sampled=False)
+        d = decision_agreement(student, teacher, images, captions, beams)
+        keep = ("decisions", "argmax_agreement", "argmax_regret", "teacher_top2_gap_median")
+        decisions = {"candidates_per_decision": cfg.finetune.num_candidates, **{k: round(d[k], 4) for k in keep},
+                     "by_layer": [{"layer": row["layer"], **{k: round(row[k], 4) for k in keep}} for row in d["by_layer"]]}
     result = {
         "benchmark": "distill",
         "spearman": round(m["spearman"], 4), "kendall": round(m["kendall"], 4),
@@ -78,7 +94,7 @@ def main(argv=None) -> dict:
         "speedup": round(m["speedup"], 2),
         "pairs": len(pairs.caption), "images": len(set(pairs.image.tolist())),
         "targets": TARGETS, "met": {k: bool(m[k] >= v) for k, v in TARGETS.items()},
-        "fidelity": fidelity, "sensitivity": sensitivity,
+        "fidelity": fidelity, "sensitivity": sensitivity, "decisions": decisions,
         "student": str(student_dir), "teacher": repr(teacher),
         "peak_memory_mb": mem.peak_mb(),
         **C.environment(args, device),

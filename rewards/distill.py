@@ -29,6 +29,8 @@ above all, its per-image ordering, on the pairs that fine-tuning will actually s
   measured in the same run on the same pairs (:func:`compare_to_teacher`); and which tower limits
   the ranking (:func:`tower_fidelity`). :func:`noise_sensitivity` tells what fidelity an argmax target
   needs: the teacher's ranking with its own embeddings moved at random to a given cosine.
+  :func:`decision_agreement` measures the student on the choices fine-tuning makes: the best of one
+  image's candidates at one layer.
 """
 from __future__ import annotations
 
@@ -56,8 +58,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistillConfig", "DistilledScore", "WordTokens", "compare_to_teacher", "distill_reward", "kendall_tau",
-           "load_pairs", "narrow_resnet_state", "noise_sensitivity", "perturb_to_cosine", "rankdata", "spearman", "tower_fidelity"]
+__all__ = ["DistillConfig", "DistilledScore", "WordTokens", "compare_to_teacher", "decision_agreement", "distill_reward",
+           "kendall_tau", "load_pairs", "narrow_resnet_state", "noise_sensitivity", "perturb_to_cosine", "rankdata",
+           "spearman", "tower_fidelity"]
 
 REF, CANDIDATE, HARD = 0, 1, 2  # pair kinds
 HELDOUT_FILE = "heldout_pairs.json"  # written by distill_reward beside the student
@@ -341,15 +344,19 @@ def _score_teacher(teacher: Callable, images: Any, captions: list[list[str]], pa
     return scores.detach().float().cpu(), time.perf_counter() - t0
 
 
-def _groups(pairs: _Pairs) -> dict[int, list[int]]:
+def _groups(group: torch.Tensor) -> dict[int, list[int]]:
+    """Pair positions by group id (an image, or an image at one layer)."""
     out: dict[int, list[int]] = {}
-    for p, i in enumerate(pairs.image.tolist()):
+    for p, i in enumerate(group.tolist()):
         out.setdefault(i, []).append(p)
     return out
 
 
-def _ranking_report(student: torch.Tensor, teacher: torch.Tensor, pairs: _Pairs, kendall: bool = True) -> dict[str, float]:
-    groups = _groups(pairs)
+def _ranking_report(student: torch.Tensor, teacher: torch.Tensor, group: torch.Tensor,
+                    kendall: bool = True) -> dict[str, float]:
+    """Student vs teacher scores of the same pairs; the per-group figures (argmax agreement, regret,
+    top-2 gap, per-group Spearman) take the pairs of one ``group`` id as one list."""
+    groups = _groups(group)
     per_image_rho, agree, regret, gap = [], [], [], []
     for idx in groups.values():
         t, s = teacher[idx], student[idx]
@@ -432,7 +439,7 @@ def tower_fidelity(student: Any, teacher: Any, images: Any, pairs: _Pairs) -> di
     reference = teacher.score_embeddings(t_img[index], t_txt).cpu()
     out = {"image_cos": float((s_img * t_img).sum(-1).mean()), "text_cos": float((s_txt * t_txt).sum(-1).mean())}
     for side, (img, txt) in (("image_side", (s_img, t_txt)), ("text_side", (t_img, s_txt))):
-        r = _ranking_report(teacher.score_embeddings(img[index], txt).cpu(), reference, pairs, kendall=False)
+        r = _ranking_report(teacher.score_embeddings(img[index], txt).cpu(), reference, pairs.image, kendall=False)
         out[f"{side}_spearman"], out[f"{side}_argmax_agreement"] = r["spearman"], r["argmax_agreement"]
     return out
 
@@ -454,7 +461,7 @@ def noise_sensitivity(teacher: Any, images: Any, pairs: _Pairs, cosines: Sequenc
         for side in ("image", "text"):
             i = perturb_to_cosine(img, c, g) if side == "image" else img
             t = perturb_to_cosine(txt, c, g) if side == "text" else txt
-            r = _ranking_report(teacher.score_embeddings(i[index], t).cpu(), reference, pairs, kendall=False)
+            r = _ranking_report(teacher.score_embeddings(i[index], t).cpu(), reference, pairs.image, kendall=False)
             row[f"{side}_argmax_agreement"], row[f"{side}_spearman"] = r["argmax_agreement"], r["spearman"]
         rows.append(row)
     return rows
@@ -480,7 +487,7 @@ def compare_to_teacher(student: Callable, teacher: Callable, images: Any, captio
         times["student"].append(t)
         teacher_s, t = _score_teacher(teacher, images, captions, pairs, uses_refs)
         times["teacher"].append(t)
-    out = _ranking_report(student_s, teacher_s, pairs)
+    out = _ranking_report(student_s, teacher_s, pairs.image)
     if (pairs.caption and all(hasattr(r, a) for r in (student, teacher)
                               for a in ("embed_images", "embed_texts", "score_embeddings"))
             and student.embed_texts(pairs.caption[:1]).shape[1] == teacher.embed_texts(pairs.caption[:1]).shape[1]):
@@ -489,6 +496,37 @@ def compare_to_teacher(student: Callable, teacher: Callable, images: Any, captio
     out["pairs_per_s_student"] = n / max(min(times["student"]), 1e-9)
     out["pairs_per_s_teacher"] = n / max(min(times["teacher"]), 1e-9)
     out["speedup"] = out["pairs_per_s_student"] / out["pairs_per_s_teacher"]
+    return out
+
+
+def decision_agreement(student: Callable, teacher: Callable, images: Any, captions: list[list[str]],
+                       candidates: Sequence[tuple[int, int, str]]) -> dict[str, Any]:
+    """Student vs teacher on the decisions fine-tuning makes with a reward: which of one image's
+    candidates at one refinement layer is best (DiCO's winner, whose softmax weight is largest).
+
+    ``candidates``: ``(image_idx, layer, caption)``, e.g. the captioner's beams at every layer
+    (``rlrefine.pipeline.captioner_candidates``); ``image_idx`` indexes ``images`` / ``captions``.
+    Both rewards score every candidate once (a ``Ref*`` teacher with the image's references).
+    Returns the per-group figures of the held-out report with one (image, layer) as one group
+    (``argmax_agreement``, ``argmax_regret``, ``teacher_top2_gap_median``, ``spearman_per_image``:
+    here per decision), ``decisions``, and ``by_layer``: the same for each layer's decisions alone.
+    """
+    if not candidates:
+        raise ValueError("decision_agreement needs at least one (image, layer, caption) candidate")
+    image, layer, caption = zip(*candidates)
+    pairs = _Pairs(torch.tensor(image), list(caption), torch.full((len(caption),), CANDIDATE))
+    student_s, _ = _score_teacher(student, images, captions, pairs, False)
+    teacher_s, _ = _score_teacher(teacher, images, captions, pairs,
+                                  bool(getattr(teacher, "uses_references", False)))
+    layer_t = torch.tensor(layer)
+    group = pairs.image * (int(layer_t.max()) + 1) + layer_t
+
+    def report(mask: torch.Tensor) -> dict[str, float]:
+        r = _ranking_report(student_s[mask], teacher_s[mask], group[mask], kendall=False)
+        return {"decisions": len(set(group[mask].tolist())), **r}
+
+    out: dict[str, Any] = report(torch.ones_like(layer_t, dtype=torch.bool))
+    out["by_layer"] = [{"layer": k, **report(layer_t == k)} for k in sorted(set(layer))]
     return out
 
 
@@ -594,10 +632,10 @@ def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: s
         return (s.clamp(min=0) if cfg.clamp else s).float().cpu()
 
     # the untrained student's baseline (no Kendall: O(n^2), and it says nothing more here)
-    init = _ranking_report(student_scores(held_pairs), held_pairs.teacher, held_pairs, kendall=False)
+    init = _ranking_report(student_scores(held_pairs), held_pairs.teacher, held_pairs.image, kendall=False)
     metrics: dict[str, float] = {f"init/{k}": v for k, v in init.items()}
 
-    groups = list(_groups(train_pairs).items())
+    groups = list(_groups(train_pairs.image).items())
     params = _param_groups(model, cfg.weight_decay)
     params.append({"params": [w, b], "weight_decay": 0.0})
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)

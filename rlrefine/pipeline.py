@@ -46,8 +46,10 @@ def train_evaluator_stage(cfg: RecipeConfig, resume: bool = False, force: bool =
     return metrics
 
 
-def captioner_candidates(cfg: RecipeConfig, split, num_images: int, beams: int) -> list[tuple[int, str]]:
-    """(image index, caption) pairs: the pretrained captioner's beam + sampled candidates at every layer."""
+def captioner_candidates(cfg: RecipeConfig, split, index, beams: int, sampled: bool = True) -> list[tuple[int, int, str]]:
+    """(image index, layer, caption) triples: the pretrained captioner's ``beams`` beam candidates (and,
+    with ``sampled``, one sampled caption) at every layer for the images ``index`` of ``split``, each
+    distinct non-empty caption of an image and layer once; z_0 from the evaluation seeds."""
     import numpy as np
     import torch
 
@@ -59,20 +61,22 @@ def captioner_candidates(cfg: RecipeConfig, split, num_images: int, beams: int) 
     model = RefinementCaptioner.from_pretrained(model_dir).eval()
     tokenizer = CaptionTokenizer.from_dir(model_dir)
     K = model.config.num_refine_layers
-    index = np.flatnonzero(~np.asarray(split.is_label, dtype=bool))[:num_images]
+    index = np.asarray(index, dtype=np.int64)
     g = torch.Generator().manual_seed(cfg.seed)
-    pairs: list[tuple[int, str]] = []
+    methods = (("beam", beams), ("sample", 1)) if sampled else (("beam", beams),)
+    out: list[tuple[int, int, str]] = []
     with torch.no_grad():
         for start in range(0, len(index), 64):
             idx = index[start:start + 64]
             pixels = model.encoder.preprocess(load_images(split, idx, cfg.data.image_size))
             seeds = eval_z0_seeds(idx, seed=cfg.seed)
-            for method, n in (("beam", beams), ("sample", 1)):
+            for method, n in methods:
                 gen = model.generate(pixels, seeds, list(range(K + 1)), method=method, num_candidates=n,
                                      max_len=cfg.data.max_caption_len, generator=g)
                 for i, per_img in zip(idx, tokenizer.decode_batch(gen.tokens)):
-                    pairs.extend((int(i), c) for layer in per_img for c in set(layer) if c.strip())
-    return pairs
+                    out.extend((int(i), layer, c) for layer, caps in enumerate(per_img)
+                               for c in dict.fromkeys(caps) if c.strip())
+    return out
 
 
 def distill_stage(cfg: RecipeConfig, resume: bool = False, force: bool = False) -> dict:
@@ -89,7 +93,11 @@ def distill_stage(cfg: RecipeConfig, resume: bool = False, force: bool = False) 
     teacher = build_reward(d.teacher, cfg, acc.device)
     candidates = None
     if d.candidate_images > 0 and (cfg.run_path / "pretrain" / "model").is_dir():
-        candidates = captioner_candidates(cfg, splits["train"], d.candidate_images, d.candidate_beams)
+        import numpy as np
+
+        split = splits["train"]
+        index = np.flatnonzero(~np.asarray(split.is_label, dtype=bool))[:d.candidate_images]  # captioned images
+        candidates = [(i, c) for i, _, c in captioner_candidates(cfg, split, index, d.candidate_beams)]
         log.info("distill: %d captioner candidate pairs from every layer", len(candidates))
     scfg = dataclasses.replace(d.student, device=str(acc.device))
     metrics = distill_reward(scfg, teacher, splits["train"], cfg.run_path / "distill", candidates=candidates, logger=acc)

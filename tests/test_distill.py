@@ -172,7 +172,7 @@ def test_ranking_report_argmax_agreement_regret_and_gap_by_hand():
     pairs = _Pairs(torch.tensor([0, 0, 0, 1, 1]), ["a", "b", "c", "d", "e"], torch.zeros(5, dtype=torch.long))
     teacher = torch.tensor([2.0, 1.5, 1.0, 3.0, 2.9])
     student = torch.tensor([0.1, 0.9, 0.2, 0.8, 0.7])
-    r = _ranking_report(student, teacher, pairs)
+    r = _ranking_report(student, teacher, pairs.image)
     assert r["argmax_agreement"] == 0.5
     assert r["argmax_regret"] == pytest.approx(0.25)
     assert r["teacher_top2_gap_median"] == pytest.approx(0.3)
@@ -373,3 +373,39 @@ def test_narrow_resnet_state_names_the_mismatch(tmp_path):
                         embed_dim=32, text_width=32, text_layers=1, context_length=12, steps=1, vision_init="teacher")
     with pytest.raises(ValueError, match="needs an open_clip teacher .* ColourEmbeddingTeacher has none"):
         distill_reward(cfg, ColourEmbeddingTeacher(), tiny_colour_data(16), tmp_path)
+
+
+class TableReward:
+    """A reward that looks each caption's score up in a table (whatever the image)."""
+
+    uses_references = False
+
+    def __init__(self, table):
+        self.table = table
+
+    def __call__(self, images, captions, references=None, image_index=None):
+        return torch.tensor([self.table[c] for c in captions])
+
+
+def test_decision_agreement_groups_one_image_at_one_layer_by_hand():
+    from rewards.distill import decision_agreement
+
+    teacher = TableReward({"a": 1.0, "b": 0.5, "c": 2.0, "d": 1.9, "e": 1.0, "f": 0.0})
+    student = TableReward({"a": 0.2, "b": 0.9, "c": 3.0, "d": 1.0, "e": 1.0, "f": 0.1})
+    candidates = [(0, 0, "a"), (0, 0, "b"),               # student picks b: disagree, regret 0.5, gap 0.5
+                  (0, 1, "c"), (0, 1, "d"), (0, 1, "e"),  # c: agree, gap 0.1
+                  (1, 0, "a"), (1, 0, "f"),               # a: agree, gap 1.0
+                  (1, 1, "d")]                            # a single candidate: agree, no gap
+    images = torch.zeros(2, 4, 4, 3, dtype=torch.uint8)
+    r = decision_agreement(student, teacher, images, [["x"], ["y"]], candidates)
+    assert r["decisions"] == 4 and r["pairs"] == 8
+    assert r["argmax_agreement"] == 0.75
+    assert r["argmax_regret"] == pytest.approx(0.125)
+    assert r["teacher_top2_gap_median"] == pytest.approx(0.5)
+    by_layer = {row["layer"]: row for row in r["by_layer"]}
+    assert set(by_layer) == {0, 1} and by_layer[0]["decisions"] == by_layer[1]["decisions"] == 2
+    assert by_layer[0]["argmax_agreement"] == 0.5 and by_layer[0]["argmax_regret"] == pytest.approx(0.25)
+    assert by_layer[0]["teacher_top2_gap_median"] == pytest.approx(0.75)
+    assert by_layer[1]["argmax_agreement"] == 1.0 and by_layer[1]["teacher_top2_gap_median"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="at least one"):
+        decision_agreement(student, teacher, images, [["x"], ["y"]], [])

@@ -74,6 +74,11 @@ def test_distill_benchmark_rescores_the_held_out_pairs(run_dir, capsys):
     cosines = [row["cosine"] for row in r["sensitivity"]]
     assert cosines == sorted(cosines, reverse=True) and {0.999, 0.99} <= set(cosines)
     assert all(0 <= row["image_argmax_agreement"] <= 1 and 0 <= row["text_argmax_agreement"] <= 1 for row in r["sensitivity"])
+    # the choices DiCO makes: one held-out image's beams at one layer, for every layer 0..K (K = 2)
+    d = r["decisions"]
+    assert d["candidates_per_decision"] == 2 and [row["layer"] for row in d["by_layer"]] == [0, 1, 2]
+    assert d["decisions"] == sum(row["decisions"] for row in d["by_layer"]) > 0
+    assert all(0 <= row["argmax_agreement"] <= 1 and row["argmax_regret"] >= 0 for row in [d, *d["by_layer"]])
 
 
 def test_run_skips_done_stages(run_dir, caplog):

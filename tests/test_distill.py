@@ -375,7 +375,7 @@ def test_narrow_resnet_state_names_the_mismatch(tmp_path):
         distill_reward(cfg, ColourEmbeddingTeacher(), tiny_colour_data(16), tmp_path)
 
 
-class TableReward:
+class CaptionTable:
     """A reward that looks each caption's score up in a table (whatever the image)."""
 
     uses_references = False
@@ -390,8 +390,8 @@ class TableReward:
 def test_decision_agreement_groups_one_image_at_one_layer_by_hand():
     from rewards.distill import decision_agreement
 
-    teacher = TableReward({"a": 1.0, "b": 0.5, "c": 2.0, "d": 1.9, "e": 1.0, "f": 0.0})
-    student = TableReward({"a": 0.2, "b": 0.9, "c": 3.0, "d": 1.0, "e": 1.0, "f": 0.1})
+    teacher = CaptionTable({"a": 1.0, "b": 0.5, "c": 2.0, "d": 1.9, "e": 1.0, "f": 0.0})
+    student = CaptionTable({"a": 0.2, "b": 0.9, "c": 3.0, "d": 1.0, "e": 1.0, "f": 0.1})
     candidates = [(0, 0, "a"), (0, 0, "b"),               # student picks b: disagree, regret 0.5, gap 0.5
                   (0, 1, "c"), (0, 1, "d"), (0, 1, "e"),  # c: agree, gap 0.1
                   (1, 0, "a"), (1, 0, "f"),               # a: agree, gap 1.0

@@ -26,7 +26,13 @@ def test_rank_correlations_hand_computed():
     assert math.isclose(spearman(x, y), 8 / math.sqrt(95), rel_tol=1e-12)
     # 8 concordant, 1 discordant, 1 pair tied in y: tau_b = 7 / sqrt(10 * 9)
     assert math.isclose(kendall_tau(x, y), 7 / math.sqrt(90), rel_tol=1e-12)
-    assert math.isclose(kendall_tau(x, y, chunk=2), 7 / math.sqrt(90), rel_tol=1e-12)
+    # against the O(n^2) definition on data with ties on both sides and pairs tied in both
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 6, 300).astype(float), rng.integers(0, 8, 300).astype(float)
+    sx, sy = np.sign(a[:, None] - a[None]), np.sign(b[:, None] - b[None])
+    n0, t_a, t_b = 300 * 299 / 2, ((sx == 0).sum() - 300) / 2, ((sy == 0).sum() - 300) / 2
+    assert math.isclose(kendall_tau(a, b), (sx * sy).sum() / 2 / math.sqrt((n0 - t_a) * (n0 - t_b)), rel_tol=1e-12)
+    assert math.isnan(kendall_tau([1, 1, 1], [1, 2, 3]))
     assert spearman([3, 2, 1], [1, 2, 3]) == -1.0 and math.isnan(spearman([1, 1], [1, 2]))
 
 

@@ -116,6 +116,17 @@ def test_image_index_and_dedup_match_row_aligned(tiny_ckpt, batch):
     assert sum(calls) == n_unique
 
 
+def test_score_embeddings_on_the_embeddings_is_the_protocol_call(tiny_ckpt, batch):
+    # distill_reward scores its training pairs this way from embeddings it already has
+    d, _ = tiny_ckpt
+    images, _, _ = batch
+    cs = CLIPScore.from_pretrained(TINY, d / "plain.pt", batch_size=2)
+    cands = ["a red circle", "a blue star", "a red circle", "big", "two blue squares"]
+    index = torch.tensor([0, 2, 1, 2, 0])
+    via_embeddings = cs.score_embeddings(cs.embed_images(images)[index], cs.embed_texts(cands))
+    assert torch.allclose(via_embeddings, cs(images, cands, image_index=index), atol=1e-6)
+
+
 def test_input_forms_agree(tiny_ckpt, batch):
     from PIL import Image
 

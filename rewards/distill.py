@@ -41,6 +41,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
@@ -632,6 +633,10 @@ def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: s
             raise ValueError(f"distill vision_init=teacher needs an open_clip teacher (a .model.visual image tower); "
                              f"{type(teacher).__name__} has none. Use vision_init=random.")
         model.visual.load_state_dict(narrow_resnet_state(t_model.visual, model.visual))
+    # channels-last convolutions train the small ResNet faster on CPU (64 images fwd + bwd: 58 -> 41 ms);
+    # the saved weights are contiguous again (save_dual_encoder), and scoring is unchanged
+    model.visual.to(memory_format=torch.channels_last)
+    nhwc = partial(torch.Tensor.contiguous, memory_format=torch.channels_last)
     init_w = float(getattr(teacher, "w", 2.5))
     w = torch.nn.Parameter(torch.tensor(init_w, device=device))
     b = torch.nn.Parameter(torch.tensor(0.0, device=device))
@@ -677,7 +682,7 @@ def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: s
         slot = torch.tensor([g * P + j for g, x in enumerate(lists) for j in range(len(x))],
                             device=device)
         owner = torch.tensor([g for g, x in enumerate(lists) for _ in x], device=device)
-        pix = preprocess(_image_batch(images, rows), device=device)
+        pix = nhwc(preprocess(_image_batch(images, rows), device=device))
         flat_idx = torch.tensor(flat, device=device)  # [T] the step's pairs
         tokens = train_tokens[flat_idx]
         img_f = model.encode_image(pix, normalize=True)  # [G, D]
@@ -713,7 +718,7 @@ def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: s
                         + (1 - (txt_f * t_txt[flat_idx]).sum(-1)).mean())
             if extra:
                 pick = rng.sample(range(len(extra)), min(cfg.images_per_step, len(extra)))
-                e_f = model.encode_image(preprocess(_image_batch(images, [extra[i] for i in pick]), device=device),
+                e_f = model.encode_image(nhwc(preprocess(_image_batch(images, [extra[i] for i in pick]), device=device)),
                                          normalize=True)
                 loss_emb = loss_emb + (1 - (e_f * t_extra[torch.tensor(pick, device=device)]).sum(-1)).mean()
             loss = loss + cfg.embedding_weight * loss_emb

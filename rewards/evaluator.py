@@ -289,7 +289,7 @@ def save_dual_encoder(model: torch.nn.Module, out_dir: Path, stem: str, model_na
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / f"{stem}.pt"
     tmp = out_dir / f".{stem}.pt.tmp"
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, weights)
     pcfg = open_clip.get_model_preprocess_cfg(model)
     meta = {"model_name": model_name, "model_cfg": model_cfg, "weights": weights.name,

@@ -111,8 +111,13 @@ class OpenCLIPReward:
     @classmethod
     def from_pretrained(cls, model_name: str, checkpoint: str | Path | None = None,
                         device: str | torch.device = "cpu", **kwargs: Any) -> "OpenCLIPReward":
-        """Load ``model_name`` (open_clip name or ``local-dir:``) with local ``checkpoint`` weights."""
-        model, preprocess, tokenizer = load_open_clip(model_name, checkpoint, device)
+        """Load ``model_name`` (open_clip name or ``local-dir:``) with local ``checkpoint`` weights.
+
+        ``allow_gelu_for_openai_weights`` / ``option`` go to :func:`load_open_clip` (the QuickGELU
+        guard); the other keyword arguments (``w``, ``text_prefix``, ``clamp``, ...) to the reward."""
+        loader_keys = ("allow_gelu_for_openai_weights", "option")
+        loader = {k: kwargs.pop(k) for k in loader_keys if k in kwargs}
+        model, preprocess, tokenizer = load_open_clip(model_name, checkpoint, device, **loader)
         return cls(model, preprocess, tokenizer, **kwargs)
 
     @property

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rlrefine.models.clip_checkpoint import check_activation, load_state_checked, read_checkpoint
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -153,74 +155,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat state dict (on CPU).
 
     Unwraps ``{"state_dict": ...}`` (PAC-S, Lightning) and ``{"model": ...}`` wrappers, strips a
-    DDP ``module.`` prefix, and reads ``.safetensors`` files and OpenAI TorchScript archives.
+    DDP ``module.`` prefix, and reads ``.safetensors`` files and OpenAI TorchScript archives
+    (`rlrefine.models.clip_checkpoint.read_checkpoint`, which also reports the layout).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        obj: Any = load_file(str(path), device="cpu")
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except RuntimeError as err:  # TorchScript archives (OpenAI's ViT-B-32.pt) land here
-            try:
-                obj = torch.jit.load(str(path), map_location="cpu").state_dict()
-            except Exception:
-                raise ValueError(f"cannot read checkpoint {path}: {err}") from err
-            for key in ("input_resolution", "context_length", "vocab_size"):
-                obj.pop(key, None)
-        except Exception as err:
-            raise ValueError(f"cannot read checkpoint {path} as a state dict: {err}") from err
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, dict) or not obj:
-        raise ValueError(f"checkpoint {path} holds no state dict (got {type(obj).__name__})")
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"checkpoint {path} has non-tensor entries, e.g. {bad[:5]}")
-    return state
-
-
-def _adapt_state_dict(model: torch.nn.Module, state: dict) -> dict:
-    """open_clip's own light conversions (old text-tower layout, scalar vs 1-d logit_scale)."""
-    from open_clip.model import convert_to_custom_text_state_dict
-
-    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
-        state = convert_to_custom_text_state_dict(state)
-    own = model.state_dict()
-    for key in ("logit_scale", "logit_bias"):
-        if key in state and key in own and state[key].ndim != own[key].ndim:
-            state[key] = state[key].reshape(own[key].shape)
-    if "logit_bias" in own and "logit_bias" not in state:
-        state["logit_bias"] = torch.zeros_like(own["logit_bias"])
-    if "logit_bias" in state and "logit_bias" not in own:
-        state.pop("logit_bias")
-    return state
-
-
-def _load_checked(model: torch.nn.Module, state: dict, path: Path, arch: str) -> None:
-    state = _adapt_state_dict(model, state)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong_shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                   for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if wrong_shape:
-            parts.append(f"{len(wrong_shape)} shape mismatches, e.g. {wrong_shape[:3]}")
-        if missing:
-            parts.append(f"{len(missing)} keys missing from the checkpoint, e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
-        raise ValueError(f"checkpoint {path} does not fit the open_clip architecture {arch!r}: "
-                         + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    return read_checkpoint(path).state
 
 
 class _mute_random_init_warning(logging.Filter):
@@ -248,7 +186,8 @@ def _find_weights(folder: Path) -> Path:
 
 
 def load_open_clip(model_name: str, checkpoint: str | Path | None = None,
-                   device: str | torch.device = "cpu"):
+                   device: str | torch.device = "cpu", allow_gelu_for_openai_weights: bool = False,
+                   option: str = "allow_gelu_for_openai_weights"):
     """Build an open_clip model and load local weights; returns ``(model, preprocess, tokenizer)``.
 
     Args:
@@ -257,6 +196,10 @@ def load_open_clip(model_name: str, checkpoint: str | Path | None = None,
             ``open_clip_config.json`` and a weights file (then ``checkpoint`` may be omitted).
         checkpoint: local weights file (see :func:`read_state_dict` for accepted layouts).
         device: where the model lives.
+        allow_gelu_for_openai_weights: load an OpenAI archive or a PAC-S ``{"state_dict": ...}``
+            file into a GELU architecture anyway; refused by default with a message naming the
+            ``-quickgelu`` architecture (`rlrefine.models.clip_checkpoint.check_activation`).
+        option: the recipe key of that override, named in the message.
 
     Returns:
         ``model`` (eval mode, fp32, no grad needed by callers), ``preprocess``
@@ -289,13 +232,19 @@ def load_open_clip(model_name: str, checkpoint: str | Path | None = None,
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint not found: {weights} (rlrefine loads weights only from "
                                 f"local files; pretrained tags are not downloaded)")
-    state = read_state_dict(weights)
+    ckpt = read_checkpoint(weights)
+    if model_name.startswith("local-dir:"):
+        model_cfg = json.loads((folder / "open_clip_config.json").read_text()).get("model_cfg", {})
+    else:
+        model_cfg = open_clip.get_model_config(model_name)
+    check_activation(model_name, model_cfg, ckpt, allow_gelu_for_openai_weights, option)
+    state = ckpt.state
     # load_weights=False / pretrained_*=False: open_clip builds the bare architecture only; its
     # "initialized randomly" warning is wrong here (the weights are loaded right after), so muted.
     with _mute_random_init_warning():
         model = open_clip.create_model(model_name, pretrained=None, load_weights=False,
                                        device="cpu", pretrained_image=False, pretrained_text=False)
-    _load_checked(model, state, weights, arch)
+    load_state_checked(model, state, weights, arch)
     model = model.to(device).eval()
     model.requires_grad_(False)
     pcfg = open_clip.get_model_preprocess_cfg(model)

@@ -4,7 +4,18 @@ A recipe is a YAML file (see `recipes/`). It is validated in full when loaded, b
 built: unknown keys, wrong types, out-of-range values and missing user-given files are reported
 together, each naming the dotted key and, for unknown keys, the keys that are allowed there.
 Command-line overrides use dotted keys, `pretrain.steps=100 model.num_refine_layers=6`, and their
-values are parsed as YAML scalars (so `true`, `3`, `1e-4`, `[1, 2]` mean what they look like).
+values are parsed as YAML scalars (so `true`, `3`, `1e-4`, `[1, 2]` mean what they look like). Recipe
+files and overrides are read with YAML 1.2 booleans: only `true` / `false` are booleans, so
+`pretrain.mixed_precision=no` is the string "no" (YAML 1.1 would read `no`, `yes`, `on`, `off` as
+booleans); boolean fields still accept `yes` / `no` / `on` / `off`, which pydantic converts.
+
+Outside paths are given once, in the top-level `paths:` section (`paths.annotations`,
+`paths.images`, `paths.encoder_checkpoint`, `paths.reward_checkpoint`), and the rest of the recipe
+refers to them as `${paths.KEY}` inside any string value, e.g. `checkpoint: ${paths.reward_checkpoint}`
+or `image_root: ${paths.images}/train2017`. References are resolved after the overrides are merged
+and before validation, so `paths.images=/data/coco` on the command line reaches every key that
+refers to it. A reference to a path that is not set (null) or to a key `paths:` does not have is an
+error naming the key that refers to it and the path to give.
 
 Where the values come from: the shapes defaults are the embedded default (DESIGN.md §7); the DiCO
 defaults follow the DiCO paper (Cornia et al. 2024: β = 0.2, 5 beams, lr 1e-6 at COCO scale).
@@ -14,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -63,17 +75,63 @@ class ShapesSection(Section):
     seed: int = 0
 
 
-class CocoSection(Section):
-    """COCO in the Karpathy split format: dataset_coco.json plus the image root folder."""
+class PathsSection(Section):
+    """Every outside path of a recipe, given once; the rest of the recipe refers to them as
+    `${paths.KEY}` (see the module docstring). A key left null is fine as long as nothing refers to it."""
 
-    annotations: str = Field(description="path to dataset_coco.json")
-    image_root: str = Field(description="folder that holds the COCO image folders (train2014/, val2014/)")
-    use_restval: bool = True
+    annotations: str | None = Field(None, description="caption annotations: Karpathy dataset_coco.json, an official COCO "
+                                     "captions_*.json or the annotations/ folder holding them, or an image,caption CSV file")
+    images: str | None = Field(None, description="image root folder (COCO: the folder holding train2017/, val2017/ or train2014/, val2014/)")
+    encoder_checkpoint: str | None = Field(None, description="open_clip checkpoint of the captioner's image encoder")
+    reward_checkpoint: str | None = Field(None, description="CLIP / PAC-S checkpoint of the reward and the evaluation scores")
+
+
+class CocoSection(Section):
+    """COCO captions, in the Karpathy split format or the official COCO caption format, detected from
+    the file (rlrefine.data.coco): Karpathy `dataset_coco.json` ({"images": [{"split", "filename",
+    "sentences"}]}), or official `captions_<name>.json` files ({"images": [{"id", "file_name"}],
+    "annotations": [{"image_id", "caption"}]}), one file or the folder that holds them.
+
+    Official files carry no Karpathy split: images of a file named `*train*` are train; the images of
+    the other files (val2017) are divided by a seeded hash of the file name, `test_fraction` of them
+    test and the rest val (COCO 2017 has no captioned test set; the Karpathy val/test also come from
+    COCO val). Official images are looked for in `image_root/<name>/` (e.g. train2017/) when that
+    folder exists, else in `image_root` itself.
+    """
+
+    annotations: str = Field(description="dataset_coco.json, a captions_*.json file, or a folder of captions_*.json")
+    image_root: str = Field(description="folder that holds the COCO image folders (train2014/, val2014/ or train2017/, val2017/)")
+    use_restval: bool = Field(True, description="Karpathy: count the 'restval' images as train (the standard 113k-image split)")
+    test_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="official format: share of the non-train images (val2017) "
+                                 "that become the test split, by a seeded hash of the file name; the rest are val")
+    split_seed: int = Field(0, description="seed of the file-name hash that assigns splits where the format has none")
 
     @model_validator(mode="after")
     def _paths_exist(self) -> "CocoSection":
         _existing_path(self.annotations, "data.coco.annotations")
         _existing_path(self.image_root, "data.coco.image_root")
+        return self
+
+
+class CsvSection(Section):
+    """Captions in a CSV file with the header `image,caption`: one row per caption, several rows per
+    image (rlrefine.data.captions_csv). `image` is a path relative to `image_root` (or absolute).
+    The file carries no split: each image goes to test, val or train by a seeded hash of its name,
+    `test_fraction` and `val_fraction` of the images, the rest train."""
+
+    path: str = Field(description="the CSV file (header: image,caption)")
+    image_root: str = Field(description="folder the `image` column is relative to")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of the images that become the val split")
+    test_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of the images that become the test split")
+    split_seed: int = Field(0, description="seed of the file-name hash that assigns the splits")
+
+    @model_validator(mode="after")
+    def _paths_exist(self) -> "CsvSection":
+        _existing_path(self.path, "data.csv.path")
+        _existing_path(self.image_root, "data.csv.image_root")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction ({self.val_fraction} + {self.test_fraction}) must be < 1: "
+                             "some images must be left for train")
         return self
 
 
@@ -106,15 +164,19 @@ class DataSection(Section):
 
     Bad-input policy (counted in `rlrefine.data.datasets.DataIssues` and logged at the end of a run):
     empty or whitespace-only captions are dropped when a dataset is loaded, and an image left without
-    any caption is dropped with them; a caption longer than `max_caption_len` tokens is truncated
-    (eos kept); an image that cannot be decoded follows `bad_image`. Encoding an empty caption
+    any caption is dropped with them (COCO in both formats, CSV); a caption longer than `max_caption_len` tokens is truncated
+    (eos kept); an image that cannot be decoded or is missing follows `bad_image`;
+    greyscale, CMYK and palette images are converted to RGB when decoded (not errors). Encoding an empty caption
     directly with `CaptionTokenizer.encode` is a ValueError that names it.
     """
 
-    kind: Literal["shapes", "coco", "webdataset"] = "shapes"
+    kind: Literal["shapes", "coco", "csv", "webdataset"] = "shapes"
     shapes: ShapesSection = ShapesSection()
     coco: CocoSection | None = None
+    csv: CsvSection | None = None
     webdataset: WebDatasetSection | None = None
+    max_images: int | None = Field(None, ge=1, description="keep only the first N images of every split (quick checks; "
+                                   "the dry run sets it)")
     label_weight: float = Field(0.05, ge=0.0, le=1.0, description="sampling weight of label-only examples (kept low so the model does not learn to answer in single words)")
     image_size: int = Field(64, ge=16, le=1024, description="size images are loaded at (disk datasets)")
     max_caption_len: int = Field(24, ge=4, le=256, description="tokens incl. bos/eos; longer captions are truncated (eos kept) and counted as captions_truncated")
@@ -125,6 +187,8 @@ class DataSection(Section):
     def _kind_has_section(self) -> "DataSection":
         if self.kind == "coco" and self.coco is None:
             raise ValueError("data.kind is 'coco' but data.coco is missing: give data.coco.annotations and data.coco.image_root")
+        if self.kind == "csv" and self.csv is None:
+            raise ValueError("data.kind is 'csv' but data.csv is missing: give data.csv.path and data.csv.image_root")
         if self.kind == "webdataset" and self.webdataset is None:
             raise ValueError("data.kind is 'webdataset' but data.webdataset is missing: give data.webdataset.urls (local tar shards)")
         return self
@@ -157,9 +221,13 @@ class EncoderSection(Section):
     depth: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
     stem_channels: int = Field(32, ge=0, description="tiny_vit: channels of a 3x3 conv stem before the patch embedding (0 = plain ViT); learns colours/shapes much faster from scratch")
-    model_name: str | None = Field(None, description="open_clip architecture name, e.g. ViT-B-32")
+    model_name: str | None = Field(None, description="open_clip architecture name, e.g. ViT-B-32-quickgelu (OpenAI-derived "
+                                   "weights) or ViT-B-32 (open_clip-trained GELU weights)")
     checkpoint: str | None = Field(None, description="local open_clip checkpoint file or local-dir: folder, or HF model dir")
     frozen: bool = False
+    allow_gelu_for_openai_weights: bool = Field(False, description="load an OpenAI archive or a {'state_dict': ...} (PAC-S "
+                                                "layout) checkpoint into a GELU architecture anyway (refused by default: "
+                                                "those weights need the -quickgelu architecture)")
 
     @model_validator(mode="after")
     def _backend_fields(self) -> "EncoderSection":
@@ -216,18 +284,35 @@ class RewardSection(Section):
 
     learned / distilled: a directory written by `train-evaluator` / `distill-reward` (default: the
     run's own); clip / refclip / pac / refpac: an open_clip architecture + a local checkpoint file.
+
+    For clip / refclip / pac / refpac the score is `max(scale · cos(E_img, E_txt(prefix + c)), 0)`
+    (`clamp`); left unset, `scale`, `prefix` and `clamp` give the official scores: CLIP-S w = 2.5
+    (Hessel et al. 2021), PAC-S w = 2.0 (Sarto et al. 2023), prefix "A photo depicts ", clamp at 0.
+    The DiCO reference code (aimagelab/DiCO) trains on PAC-S as `2.0 · cos` with no prefix and no
+    clamp: `scale: 2.0, prefix: "", clamp: false`.
     """
 
     kind: Literal["learned", "distilled", "clip", "refclip", "pac", "refpac"] = "distilled"
     path: str | None = Field(None, description="evaluator / student directory (default: <run_dir>/evaluator or <run_dir>/distill)")
-    model_name: str | None = Field(None, description="open_clip architecture for clip/pac, e.g. ViT-B-32")
+    model_name: str | None = Field(None, description="open_clip architecture for clip/pac, e.g. ViT-B-32-quickgelu for OpenAI / PAC-S weights")
     checkpoint: str | None = Field(None, description="local open_clip / PAC-S checkpoint for clip/pac")
     batch_size: int = Field(512, ge=1)
+    scale: float | None = Field(None, gt=0.0, description="clip/pac: w in w·cos (default: 2.5 for clip, 2.0 for pac)")
+    prefix: str | None = Field(None, description="clip/pac: text put before every caption and reference (default: "
+                               "'A photo depicts ', as CLIP-S and PAC-S; '' for none)")
+    clamp: bool | None = Field(None, description="clip/pac: clamp the score at 0 (default: true, as CLIP-S and PAC-S)")
+    allow_gelu_for_openai_weights: bool = Field(False, description="load an OpenAI archive or a {'state_dict': ...} (PAC-S "
+                                                "layout) checkpoint into a GELU architecture anyway (refused by default)")
 
     @model_validator(mode="after")
     def _needs_checkpoint(self) -> "RewardSection":
-        if self.kind in ("clip", "refclip", "pac", "refpac") and (self.model_name is None or self.checkpoint is None):
+        clip_family = self.kind in ("clip", "refclip", "pac", "refpac")
+        if clip_family and (self.model_name is None or self.checkpoint is None):
             raise ValueError(f"reward kind '{self.kind}' needs model_name and checkpoint (a local path)")
+        options = [k for k in ("scale", "prefix", "clamp") if getattr(self, k) is not None]
+        if options and not clip_family:
+            raise ValueError(f"{', '.join(options)} apply to reward kinds clip, refclip, pac, refpac only; kind "
+                             f"'{self.kind}' takes them from its own directory")
         _existing_path(self.checkpoint, "reward checkpoint")
         return self
 
@@ -235,8 +320,9 @@ class RewardSection(Section):
 class FinetuneSection(Section):
     """DiCO (or SCST) fine-tuning at every refinement layer, DESIGN.md §4.
 
-    DiCO defaults after Moratelli et al. 2024 (β = 0.2, 5 beams); the learning rate is the embedded
-    default's (the paper's 1e-6 is for a pretrained COCO-scale model, see recipes/coco_vitb32_dico.yaml).
+    DiCO defaults after Moratelli et al. 2024 (β = 0.2, 5 beams); τ and the learning rate are the
+    embedded default's (the reference code's τ 300 and lr 1e-6 are for a pretrained COCO-scale model
+    and a reward of 2.0·cos, see recipes/coco_vitb32.yaml).
     """
 
     method: Literal["dico", "scst"] = "dico"
@@ -252,7 +338,8 @@ class FinetuneSection(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_len: int = Field(24, ge=4)
     beta: float = Field(0.2, gt=0.0, description="DiCO β (paper: 0.2)")
-    tau: float = Field(1.0, gt=0.0, description="temperature of the rejected-candidate weights γ")
+    tau: float = Field(1.0, gt=0.0, description="τ in the rejected-candidate weights γ_j = softmax_j(τ·(r̃_w − r̃_j)) "
+                       "(DiCO reference code: 300 on 2.0·cos PAC-S rewards)")
     kl_coef: float = Field(0.0, ge=0.0, description="optional explicit per-token KL penalty to the reference")
     scst_baseline: Literal["greedy", "mean"] = "mean"
     layer_weights: LayerWeighting = "linear"
@@ -263,6 +350,8 @@ class FinetuneSection(Section):
     len_min: int = Field(3, ge=1, description="allowed caption length (words) at layer 0")
     len_max: int = Field(16, ge=1, description="allowed caption length (words) at layer K")
     lr: float = Field(1e-4, gt=0.0)
+    lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="after warm-up: cosine decay to 0.1·lr, or "
+                                                       "constant (the DiCO reference code)")
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(20, ge=0)
     grad_clip: float = Field(1.0, gt=0.0)
@@ -304,6 +393,7 @@ class EvaluateSection(Section):
 class RecipeConfig(Section):
     """A whole recipe: every stage's section. `run_dir` holds all outputs of the run."""
 
+    paths: PathsSection = Field(default_factory=PathsSection, description="outside paths, given once; referred to as ${paths.KEY}")
     run_dir: str = "runs/default"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -392,6 +482,75 @@ def format_validation_error(err: ValidationError, root: type[BaseModel] = Recipe
     return "\n".join(lines)
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only true/false (any case style) are booleans.
+
+    YAML 1.1 also reads yes/no/on/off as booleans, which turned `pretrain.mixed_precision=no` (a
+    documented choice) into `False` and had it rejected.
+    """
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text with YAML 1.2 booleans (see `_Yaml12Loader`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+_REFERENCE = re.compile(r"\$\{([^}]*)\}")
+
+
+def resolve_paths(raw: dict[str, Any]) -> dict[str, Any]:
+    """Replace every `${paths.KEY}` inside string values of `raw` by the value of `paths.KEY`.
+
+    Returns a new tree; raises RecipeError listing every reference that names a key `paths:` does
+    not define or a path that is not set (null), with the key that refers to it.
+    """
+    paths = raw.get("paths") or {}
+    if not isinstance(paths, dict):
+        raise RecipeError(f"paths must be a mapping of path names to local paths, got {paths!r}")
+    allowed = sorted(PathsSection.model_fields)
+    problems: list[str] = []
+
+    def substitute(match: re.Match, where: str) -> str:
+        ref = match.group(1).strip()
+        name = ref.removeprefix("paths.")
+        if not ref.startswith("paths.") or name not in allowed:
+            problems.append(f"  - {where}: unknown reference '${{{ref}}}'; references name a key of paths: "
+                            f"{', '.join('${paths.' + a + '}' for a in allowed)}")
+            return match.group(0)
+        value = paths.get(name)
+        if value is None:
+            problems.append(f"  - {where} refers to ${{paths.{name}}}, which is not set: give paths.{name}=/your/path "
+                            f"(on the command line or in the recipe's paths: section)")
+            return match.group(0)
+        if not isinstance(value, (str, int, float)) or (isinstance(value, str) and "${" in value):
+            problems.append(f"  - paths.{name} must be a plain path string, got {value!r}")
+            return match.group(0)
+        return str(value)
+
+    def walk(node: Any, where: str) -> Any:
+        if isinstance(node, dict):
+            return {k: (v if where == "" and k == "paths" else walk(v, f"{where}.{k}" if where else str(k)))
+                    for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(node)]
+        if isinstance(node, str) and "${" in node:
+            return _REFERENCE.sub(lambda m: substitute(m, where), node)
+        return node
+
+    out = walk(raw, "")
+    if problems:
+        raise RecipeError("recipe has unresolved path references:\n" + "\n".join(problems))
+    return out
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """`["a.b=1", "c=x"]` -> `{"a": {"b": 1}, "c": "x"}`; values are parsed as YAML."""
     tree: dict[str, Any] = {}
@@ -403,7 +562,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not all(parts):
             raise RecipeError(f"override '{item}' has an empty key part")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise RecipeError(f"override '{item}': value is not valid YAML ({exc})") from None
         node = tree
@@ -432,12 +591,12 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise RecipeError(f"recipe file '{path}' not found (see recipes/ for examples, e.g. recipes/tiny.yaml)")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise RecipeError(f"{source} is not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise RecipeError(f"{source} must be a mapping of sections (data:, model:, pretrain:, ...), got {type(raw).__name__}")
-    merged = _deep_merge(raw, parse_overrides(overrides or []))
+    merged = resolve_paths(_deep_merge(raw, parse_overrides(overrides or [])))
     try:
         return RecipeConfig.model_validate(merged)
     except ValidationError as err:

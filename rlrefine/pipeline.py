@@ -90,7 +90,7 @@ def distill_stage(cfg: RecipeConfig, resume: bool = False, force: bool = False) 
     acc = make_accelerator(cfg, "distill")
     acc.init_trackers("tb")
     splits = load_splits(cfg)
-    teacher = build_reward(d.teacher, cfg, acc.device)
+    teacher = build_reward(d.teacher, cfg, acc.device, "distill.teacher")
     candidates = None
     if d.candidate_images > 0 and (cfg.run_path / "pretrain" / "model").is_dir():
         import numpy as np
@@ -124,8 +124,8 @@ def evaluate_checkpoint(cfg: RecipeConfig, model_dir: Path, name: str, out_dir: 
     model = RefinementCaptioner.from_pretrained(model_dir, map_location=device).eval()
     tokenizer = CaptionTokenizer.from_dir(model_dir)
     split = load_splits(cfg)[e.split]
-    evaluator = build_reward(e.evaluator, cfg, device)
-    extra = {k: build_reward(v, cfg, device) for k, v in e.extra_rewards.items()}
+    evaluator = build_reward(e.evaluator, cfg, device, "evaluate.evaluator")
+    extra = {k: build_reward(v, cfg, device, f"evaluate.extra_rewards.{k}") for k, v in e.extra_rewards.items()}
     reference = None
     if reference_dir is not None and e.kl_reference and Path(reference_dir).resolve() != Path(model_dir).resolve():
         reference = RefinementCaptioner.from_pretrained(reference_dir, map_location=device).eval()

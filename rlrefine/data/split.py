@@ -20,6 +20,7 @@ run directory and reloaded bit-identically.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -29,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["CaptionSplit", "save_split", "load_split"]
+__all__ = ["CaptionSplit", "save_split", "load_split", "hash_unit", "hash_split"]
 
 
 @dataclass
@@ -93,6 +94,27 @@ class CaptionSplit:
     def all_captions(self) -> list[str]:
         """Every reference caption, flattened (e.g. to train a tokenizer)."""
         return [c for refs in self.captions for c in refs]
+
+
+def hash_unit(name: str, seed: int = 0) -> float:
+    """A number in [0, 1) fixed by ``(seed, name)``: the first 8 bytes of sha256("<seed>:<name>") / 2^64.
+
+    The same file name lands in the same place on every machine, Python version and run (unlike
+    ``hash()``, which is salted per process), and adding or removing other images moves nothing.
+    """
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def hash_split(name: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """"test" if u < test_fraction, "val" if u < test_fraction + val_fraction, else "train", where
+    u = `hash_unit(name, seed)`: a split for data whose format has none, stable per image."""
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction > 1:
+        raise ValueError(f"fractions must be >= 0 and sum to <= 1, got val {val_fraction}, test {test_fraction}")
+    u = hash_unit(name, seed)
+    if u < test_fraction:
+        return "test"
+    return "val" if u < test_fraction + val_fraction else "train"
 
 
 def _paths(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:

@@ -66,6 +66,9 @@ class EncoderConfig:
         "local-dir:/folder" with open_clip_config.json + weights. hf: a model directory
         (config.json + weights, optionally preprocessor_config.json). Never a hub name or tag.
     frozen: keep the backbone fixed (eval mode, no gradients).
+    allow_gelu_for_openai_weights: open_clip only; load an OpenAI archive or a {"state_dict": ...}
+        (PAC-S layout) checkpoint into a GELU architecture anyway (refused by default, see
+        `rlrefine.models.clip_checkpoint`).
     """
 
     kind: str = "tiny_vit"
@@ -78,6 +81,7 @@ class EncoderConfig:
     model_name: str | None = None
     checkpoint: str | None = None
     frozen: bool = False
+    allow_gelu_for_openai_weights: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -341,9 +345,11 @@ class OpenCLIPVisual(ImageEncoder):
     """
 
     def __init__(self, model_name: str | None, checkpoint: str | None, frozen: bool = False,
-                 architecture_dir: str | os.PathLike | None = None):
+                 architecture_dir: str | os.PathLike | None = None, allow_gelu_for_openai_weights: bool = False):
         super().__init__(frozen)
         import open_clip
+
+        from rlrefine.models.clip_checkpoint import check_activation, load_state_checked, read_checkpoint
 
         if architecture_dir is not None:
             # architecture only (weights come from a saved RefinementCaptioner)
@@ -370,7 +376,12 @@ class OpenCLIPVisual(ImageEncoder):
             if model_cfg is None:
                 raise ValueError(f"unknown open_clip model_name {model_name!r}; register a config with "
                                  f"open_clip.add_model_config or use a 'local-dir:' folder")
-            model = open_clip.create_model(model_name, pretrained=checkpoint, require_pretrained=True)
+            # the same reader and QuickGELU guard as every CLIP reward (rlrefine.models.clip_checkpoint)
+            ckpt = read_checkpoint(checkpoint)
+            check_activation(model_name, model_cfg, ckpt, allow_gelu_for_openai_weights,
+                             "model.encoder.allow_gelu_for_openai_weights")
+            model = open_clip.create_model(model_name, pretrained=None, load_weights=False)
+            load_state_checked(model, ckpt.state, ckpt.path, model_name)
             arch = {"model_cfg": model_cfg}
 
         self.visual = model.visual
@@ -534,7 +545,8 @@ def build_encoder(cfg: EncoderConfig, architecture_dir: str | os.PathLike | None
         return TinyViT(cfg.image_size, cfg.patch_size, cfg.width, cfg.depth, cfg.heads, frozen=cfg.frozen,
                        stem_channels=cfg.stem_channels)
     if cfg.kind == "open_clip":
-        return OpenCLIPVisual(cfg.model_name, cfg.checkpoint, frozen=cfg.frozen, architecture_dir=architecture_dir)
+        return OpenCLIPVisual(cfg.model_name, cfg.checkpoint, frozen=cfg.frozen, architecture_dir=architecture_dir,
+                              allow_gelu_for_openai_weights=cfg.allow_gelu_for_openai_weights)
     if cfg.kind == "hf":
         return HFVision(cfg.checkpoint, frozen=cfg.frozen, architecture_dir=architecture_dir)
     raise ValueError(f"unknown encoder kind {cfg.kind!r}; allowed: tiny_vit, open_clip, hf")

@@ -127,6 +127,7 @@ def tensorboard_writer(acc: Accelerator):
 def load_splits(cfg: RecipeConfig, issues: DataIssues | None = None) -> dict:
     """The recipe's data as `{split_name: CaptionSplit}` (train, val, test, and test_novel for shapes).
 
+    ``data.max_images`` keeps the first N images of each split (before the policy below).
     Every split goes through `sanitize_split` (empty captions and captionless images dropped);
     what was dropped is added to ``issues``.
     """
@@ -138,13 +139,16 @@ def load_splits(cfg: RecipeConfig, issues: DataIssues | None = None) -> dict:
             image_size=s.image_size, num_train=s.num_train, num_val=s.num_val, num_test=s.num_test,
             num_test_novel=s.num_test_novel, max_objects=s.max_objects, seed=s.seed, label_fraction=s.label_fraction,
         ))
-    elif data.kind == "coco":
-        from rlrefine.data.coco import load_karpathy_split
+    elif data.kind == "coco":  # Karpathy or official COCO captions, detected from the file
+        from rlrefine.data.coco import load_coco
 
-        splits = {
-            split: load_karpathy_split(data.coco.annotations, data.coco.image_root, split=split, merge_restval=data.coco.use_restval)
-            for split in ("train", "val", "test")
-        }
+        c = data.coco
+        splits = load_coco(c.annotations, c.image_root, c.use_restval, c.test_fraction, c.split_seed)
+    elif data.kind == "csv":
+        from rlrefine.data.captions_csv import load_caption_csv
+
+        c = data.csv
+        splits = load_caption_csv(c.path, c.image_root, c.val_fraction, c.test_fraction, c.split_seed)
     else:  # webdataset: materialised in memory (the step-indexed stream needs random access)
         from rlrefine.data.webdataset import load_webdataset_split
 
@@ -158,6 +162,13 @@ def load_splits(cfg: RecipeConfig, issues: DataIssues | None = None) -> dict:
             val = load_webdataset_split(w.val_urls, data.image_size, None, data.bad_image, issues)
         test = val if w.test_urls is None else load_webdataset_split(w.test_urls, data.image_size, None, data.bad_image, issues)
         splits = {"train": train, "val": val, "test": test}
+    if data.max_images is not None:
+        splits = {name: split.subset(range(min(data.max_images, len(split)))) for name, split in splits.items()}
+    empty = [name for name in ("train", "val", "test") if name in splits and len(splits[name]) == 0]
+    if empty:
+        raise ValueError(f"data ({data.kind}): the {', '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty; "
+                         "check the annotations (COCO: the official layout needs a captions_*train*.json for train and "
+                         "another file for val/test) or the split fractions")
     return {name: sanitize_split(split, issues, name) for name, split in splits.items()}
 
 
@@ -189,6 +200,7 @@ def captioner_config(cfg: RecipeConfig, tokenizer: CaptionTokenizer) -> Captione
     encoder = EncoderConfig(
         kind=kind, image_size=e.image_size, patch_size=e.patch_size, width=e.width, depth=e.depth,
         heads=e.heads, stem_channels=e.stem_channels, model_name=e.model_name, checkpoint=checkpoint, frozen=e.frozen,
+        allow_gelu_for_openai_weights=e.allow_gelu_for_openai_weights,
     )
     return CaptionerConfig(
         encoder=encoder, d_model=m.d_model, num_slots=m.num_slots, num_refine_layers=m.num_refine_layers,
@@ -329,8 +341,12 @@ def eval_z0_seeds(index: torch.Tensor | np.ndarray, seed: int = 0) -> torch.Tens
     return torch.as_tensor(np.asarray(index), dtype=torch.long) * 1_000_003 + seed
 
 
-def build_reward(section, cfg: RecipeConfig, device):
-    """The reward a recipe section names (rewards protocol), on `device`, ready for inference."""
+def build_reward(section, cfg: RecipeConfig, device, where: str = ""):
+    """The reward a recipe section names (rewards protocol), on `device`, ready for inference.
+
+    ``where``: the section's recipe key (e.g. "finetune.reward"), named in loading errors. For the
+    clip family the section's `scale`, `prefix` and `clamp` are passed on (None: the kind's official
+    value: w 2.5 CLIP-S / 2.0 PAC-S, "A photo depicts ", clamp at 0)."""
     import rewards
 
     kind = section.kind
@@ -340,7 +356,11 @@ def build_reward(section, cfg: RecipeConfig, device):
         score = rewards.DistilledScore.from_dir(section.path or cfg.run_path / "distill", device=device)
     else:
         cls = {"clip": rewards.CLIPScore, "refclip": rewards.RefCLIPScore, "pac": rewards.PACScore, "refpac": rewards.RefPACScore}[kind]
-        score = cls.from_pretrained(section.model_name, section.checkpoint, device=device)
+        options = {"w": section.scale, "text_prefix": section.prefix, "clamp": True if section.clamp is None else section.clamp}
+        score = cls.from_pretrained(section.model_name, section.checkpoint, device=device,
+                                    allow_gelu_for_openai_weights=section.allow_gelu_for_openai_weights,
+                                    option=f"{where}.allow_gelu_for_openai_weights" if where else "allow_gelu_for_openai_weights",
+                                    **options)
     if hasattr(score, "batch_size"):
         score.batch_size = section.batch_size
     return score

@@ -169,14 +169,15 @@ def finetune(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[...,
     disable_dropout_in_model(policy)
     disable_dropout_in_model(reference)
     tokenizer = policy.tokenizer if getattr(policy, "tokenizer", None) is not None else _load_tokenizer(init)
-    reward = build_reward(f.reward, cfg, acc.device)
+    reward = build_reward(f.reward, cfg, acc.device, "finetune.reward")
     K = policy.config.num_refine_layers
     layers = f.layers or list(range(1, K + 1))
     weights = layer_weights(f.layer_weights, K)[torch.tensor(layers) - 1]
     sched = schedule(f.schedule, K, f.schedule_eps)
 
     optimizer = torch.optim.AdamW([t for t in policy.parameters() if t.requires_grad], lr=f.lr, weight_decay=f.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, f.warmup_steps, f.steps, 0.1))
+    min_ratio = 1.0 if f.lr_schedule == "constant" else 0.1  # a cosine to 1.0 is a constant after warm-up
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, f.warmup_steps, f.steps, min_ratio))
     core = policy
     policy, optimizer, scheduler = acc.prepare(SequenceScorer(core), optimizer, scheduler)
     ckpt = CheckpointManager(stage_dir / "checkpoints", acc)

@@ -38,8 +38,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from rlrefine.models.clip_checkpoint import mute_random_init_warning
+
 from .clip_score import _register_unique
-from .loading import BatchedPreprocess, _mute_random_init_warning
+from .loading import BatchedPreprocess
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +276,7 @@ def build_dual_encoder(model_name: str, model_cfg: dict, device: str | torch.dev
     import open_clip
 
     name = _register_unique(model_name, model_cfg)
-    with _mute_random_init_warning():
+    with mute_random_init_warning():
         model = open_clip.create_model(name, pretrained=None, device=device)
     pcfg = open_clip.get_model_preprocess_cfg(model)
     preprocess = BatchedPreprocess(pcfg["size"], pcfg["mean"], pcfg["std"])

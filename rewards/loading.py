@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rlrefine.models.clip_checkpoint import check_activation, load_state_checked, read_checkpoint
+from rlrefine.models.clip_checkpoint import check_activation, create_bare_model, load_state_checked, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -161,20 +161,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(path).state
 
 
-class _mute_random_init_warning(logging.Filter):
-    """Drop open_clip's 'No pretrained weights loaded' root-logger warning for one block."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "No pretrained weights loaded" not in record.getMessage()
-
-    def __enter__(self):
-        logging.getLogger().addFilter(self)
-        return self
-
-    def __exit__(self, *exc):
-        logging.getLogger().removeFilter(self)
-
-
 def _find_weights(folder: Path) -> Path:
     for name in _PREFERRED_WEIGHTS:
         if (folder / name).is_file():
@@ -241,9 +227,7 @@ def load_open_clip(model_name: str, checkpoint: str | Path | None = None,
     state = ckpt.state
     # load_weights=False / pretrained_*=False: open_clip builds the bare architecture only; its
     # "initialized randomly" warning is wrong here (the weights are loaded right after), so muted.
-    with _mute_random_init_warning():
-        model = open_clip.create_model(model_name, pretrained=None, load_weights=False,
-                                       device="cpu", pretrained_image=False, pretrained_text=False)
+    model = create_bare_model(model_name)
     load_state_checked(model, state, weights, arch)
     model = model.to(device).eval()
     model.requires_grad_(False)

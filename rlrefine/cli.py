@@ -1,6 +1,7 @@
 """The `rlrefine` command line: one command per job, each reading a recipe.
 
     rlrefine run recipes/tiny.yaml                      # the whole pipeline, stages skipped when done
+    rlrefine run recipes/coco_vitb32.yaml --dry-run paths.images=...   # check a setup, project the run
     rlrefine pretrain --config recipes/tiny.yaml pretrain.steps=200
     rlrefine <command> --help                           # what a command does and its options
 
@@ -145,6 +146,13 @@ COMMANDS = {
 }
 
 
+def _add_dry_run(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--dry-run", action="store_true", help=what)
+    p.add_argument("--dry-run-batch", default="auto", metavar="N|full|auto",
+                   help="batch size of the dry run's steps: auto (default) = the recipe's batch sizes where there is a GPU, "
+                        "2 images on a CPU (s/step is scaled to the recipe's batch); full = the recipe's; N = at most N")
+
+
 def _add_common(p: argparse.ArgumentParser, positional_config: bool = False) -> None:
     if positional_config:
         p.add_argument("config", metavar="RECIPE", help="recipe YAML, e.g. recipes/tiny.yaml")
@@ -166,14 +174,23 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", help="run the whole pipeline of a recipe (stages whose output exists are skipped)",
         description="Runs the recipe's stages in order: train-evaluator -> pretrain -> distill-reward -> finetune "
-                    "(every `compare` variant) -> report. A stage whose output already exists is skipped unless --force "
+                    "(every `compare` variant) -> report; train-evaluator and distill-reward run only when the recipe "
+                    "reads their output. A stage whose output already exists is skipped unless --force "
                     "is given; --resume continues a killed stage from its last checkpoint.",
     )
     _add_common(run, positional_config=True)
     run.add_argument("--force", action="store_true", help="redo every stage even if its output exists")
+    _add_dry_run(run, "check the setup before a long run: every stage for a few steps on a handful of images per split, "
+                          "with your real files and the recipe's real sizes, written only under <run_dir>/dry_run/; ends "
+                          "with seconds per step, peak memory per stage and the projected wall time of the full recipe "
+                          "(also in dry_run/report.json), or stops at the first broken piece and names it")
     for name, (_, short, long) in COMMANDS.items():
         p = sub.add_parser(name, help=short, description=long)
         _add_common(p)
+        if name in DRY_RUN_STAGE:
+            _add_dry_run(p, "run the recipe's stages up to this one for a few steps on a handful of images, with your "
+                                "real files, under <run_dir>/dry_run/; print seconds per step, peak memory and the "
+                                "projected time of the full recipe")
         if name == "caption":
             p.add_argument("--images", required=True, help="folder of images (jpg, png, webp, bmp)")
             p.add_argument("--model", help="captioner directory (default: <run_dir>/finetune/model)")
@@ -187,15 +204,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the pipeline stage a command's --dry-run runs up to (rlrefine.dry_run)
+DRY_RUN_STAGE = {"train-evaluator": "train-evaluator", "pretrain": "pretrain", "distill-reward": "distill-reward",
+                 "finetune": "finetune", "evaluate": "report", "report": "report", "run": None}
+
+
+def _dry_run_batch(value: str) -> int | str | None:
+    """--dry-run-batch: "auto", "full" (None: the recipe's sizes) or a positive number of images."""
+    if value in ("auto", "full"):
+        return "auto" if value == "auto" else None
+    if not value.isdigit() or int(value) < 1:
+        raise RecipeError(f"--dry-run-batch '{value}' is not 'auto', 'full' or a positive number of images")
+    return int(value)
+
+
+def _dry_run(args, cfg: RecipeConfig) -> None:
+    from rlrefine.dry_run import dry_run, format_table
+
+    report = dry_run(cfg, until=DRY_RUN_STAGE[args.command], batch=_dry_run_batch(args.dry_run_batch))
+    print(format_table(report))
+    print(f"written: {report['dry_run_dir']}/report.json")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from rlrefine.dry_run import DryRunError
+
+    parser = build_parser()
+    # overrides may also follow an option (`run RECIPE --dry-run paths.images=...`): argparse leaves those over
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched from a hub at run time
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         cfg = load_recipe(args.config, args.overrides)
-        (_run if args.command == "run" else COMMANDS[args.command][0])(args, cfg)
-    except RecipeError as exc:
+        if getattr(args, "dry_run", False):
+            _dry_run(args, cfg)
+        else:
+            (_run if args.command == "run" else COMMANDS[args.command][0])(args, cfg)
+    except (RecipeError, DryRunError) as exc:
         print(f"rlrefine: {exc}", file=sys.stderr)
         return 2
     except (FileNotFoundError, BadImageError) as exc:

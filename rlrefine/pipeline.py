@@ -109,8 +109,12 @@ def distill_stage(cfg: RecipeConfig, resume: bool = False, force: bool = False) 
     return metrics
 
 
-def evaluate_checkpoint(cfg: RecipeConfig, model_dir: Path, name: str, out_dir: Path, reference_dir: Path | None = None) -> dict:
-    """Evaluate one saved captioner on the recipe's evaluate.split; writes metrics.{json,md,png} + TensorBoard."""
+def evaluate_checkpoint(cfg: RecipeConfig, model_dir: Path, name: str, out_dir: Path, reference_dir: Path | None = None,
+                        timings: dict | None = None) -> dict:
+    """Evaluate one saved captioner on the recipe's evaluate.split; writes metrics.{json,md,png} + TensorBoard.
+
+    ``timings``, if given, receives ``setup_s`` (loading the model, data and rewards) and ``eval_s``
+    (scoring the images), which the dry run projects to the full split."""
     import torch
     from torch.utils.tensorboard import SummaryWriter
 
@@ -120,6 +124,7 @@ def evaluate_checkpoint(cfg: RecipeConfig, model_dir: Path, name: str, out_dir: 
     from rlrefine.trainers.common import build_reward, load_splits
 
     e = cfg.evaluate
+    t0 = time.perf_counter()
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     model = RefinementCaptioner.from_pretrained(model_dir, map_location=device).eval()
     tokenizer = CaptionTokenizer.from_dir(model_dir)
@@ -129,9 +134,12 @@ def evaluate_checkpoint(cfg: RecipeConfig, model_dir: Path, name: str, out_dir: 
     reference = None
     if reference_dir is not None and e.kl_reference and Path(reference_dir).resolve() != Path(model_dir).resolve():
         reference = RefinementCaptioner.from_pretrained(reference_dir, map_location=device).eval()
+    t1 = time.perf_counter()
     result = evaluate_model(model, tokenizer, split, evaluator, num_images=e.num_images, image_size=cfg.data.image_size,
                             max_len=cfg.finetune.max_len, schedule_kind=cfg.pretrain.schedule, schedule_eps=cfg.pretrain.schedule_eps,
                             weights_kind=cfg.pretrain.layer_weights, alpha=e.alpha, extra_rewards=extra, reference=reference)
+    if timings is not None:
+        timings.update(setup_s=t1 - t0, eval_s=time.perf_counter() - t1)
     result.update({"model": str(model_dir), "split": e.split})
     writer = SummaryWriter(str(out_dir / "tb"))
     write_report(result, out_dir, name=name, writer=writer)
@@ -241,12 +249,33 @@ def _report_stage(cfg: RecipeConfig, resume: bool = False, force: bool = False) 
     print("\n" + report(cfg, resume))
 
 
+def _reward_sections(cfg: RecipeConfig) -> list:
+    """Every reward section a run reads: each fine-tuning variant's reward and the evaluation scores."""
+    return [*(v.reward for v in finetune_variants(cfg).values()), cfg.evaluate.evaluator, *cfg.evaluate.extra_rewards.values()]
+
+
+def needs_evaluator(cfg: RecipeConfig) -> bool:
+    """True when the run reads its own learned evaluator (the encoder, a reward, or the distill teacher)."""
+    sections = _reward_sections(cfg) + ([cfg.distill.teacher] if needs_distilled(cfg) else [])
+    return cfg.model.encoder.kind == "evaluator" or any(s.kind == "learned" and s.path is None for s in sections)
+
+
+def needs_distilled(cfg: RecipeConfig) -> bool:
+    """True when a reward of the run is the run's own distilled student (`distilled` without a path)."""
+    return any(s.kind == "distilled" and s.path is None for s in _reward_sections(cfg))
+
+
 def stages(cfg: RecipeConfig) -> list[Stage]:
+    """The recipe's stages in order. train-evaluator and distill-reward are there only when the run
+    reads their output (e.g. the COCO recipe trains on PAC-S directly: neither runs)."""
     from rlrefine.trainers.pretrain import pretrain
 
-    out = [Stage("train-evaluator", "evaluator/report.json", train_evaluator_stage),
-           Stage("pretrain", "pretrain/model/config.json", lambda c, r, f: pretrain(c, resume=r)),
-           Stage("distill-reward", "distill/report.json", distill_stage)]
+    out = []
+    if needs_evaluator(cfg):
+        out.append(Stage("train-evaluator", "evaluator/report.json", train_evaluator_stage))
+    out.append(Stage("pretrain", "pretrain/model/config.json", lambda c, r, f: pretrain(c, resume=r)))
+    if needs_distilled(cfg):
+        out.append(Stage("distill-reward", "distill/report.json", distill_stage))
     out.append(Stage("finetune", "", run_finetune_variants))  # each variant is skipped on its own
     out.append(Stage("report", "", _report_stage))
     return out

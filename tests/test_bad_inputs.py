@@ -3,15 +3,18 @@ lost (the policy is documented on `rlrefine.config.DataSection`).
 
 Cases: a corrupt image file (COCO-style path dataset, `data.bad_image: error|skip`), an empty or
 whitespace-only caption, an image with no caption, a caption longer than `data.max_caption_len`,
-and a non-finite loss in pretraining.
+a non-finite loss in pretraining, and the official COCO and CSV layouts on broken copies of real
+COCO images (corrupt, missing, greyscale and CMYK JPEGs, empty captions).
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from rlrefine.config import load_recipe
-from rlrefine.data.datasets import BadImageError, CaptionDataset, DataIssues, sanitize_split
+from rlrefine.data.datasets import BadImageError, CaptionDataset, DataIssues, load_image, sanitize_split
 from rlrefine.data.split import CaptionSplit
 from rlrefine.data.tokenizer import CaptionTokenizer
 from rlrefine.trainers import pretrain as pretrain_mod
@@ -246,3 +249,88 @@ def test_one_nonfinite_step_is_skipped_and_training_goes_on(tmp_path, monkeypatc
     weights = load_file(str(tmp_path / "run" / "pretrain" / "model" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert not torch.equal(params[0], params[3])
+
+
+# ----------------------------------------------------------- real layouts: broken copies of real images
+TINY_COCO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tiny_coco"
+
+
+def _broken_copy(tmp_path: Path, layout: str) -> tuple[list[str], dict[str, Path]]:
+    """Six real train images and four val images of tiny_coco copied to tmp_path in `layout` ("official" or "csv"):
+    one corrupt, one missing, one greyscale JPEG, one CMYK JPEG, one with an empty caption, one with only empty ones."""
+    if not (TINY_COCO / "annotations" / "captions_train2017.json").is_file():
+        pytest.skip(f"the real-image fixture is not there: {TINY_COCO} (CI clones the repository with shared/ beside it)")
+    rows: list[tuple[str, str, int, str]] = []  # (folder, file, id, caption)
+    for folder, n in (("train2017", 6), ("val2017", 4)):
+        data = json.loads((TINY_COCO / "annotations" / f"captions_{folder}.json").read_text())
+        for im in data["images"][:n]:
+            caps = [a["caption"] for a in data["annotations"] if a["image_id"] == im["id"]]
+            rows += [(folder, im["file_name"], im["id"], c) for c in caps]
+    files = list(dict.fromkeys((f, name) for f, name, _, _ in rows))
+    role = dict(zip(["corrupt", "missing", "grey", "cmyk", "one_empty", "all_empty"], files[:6]))
+    for folder, name in files:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        src, dst = TINY_COCO / folder / name, tmp_path / folder / name
+        if (folder, name) == role["missing"]:
+            continue
+        if (folder, name) == role["corrupt"]:
+            dst.write_bytes(src.read_bytes()[:2000])  # a truncated JPEG
+        elif (folder, name) in (role["grey"], role["cmyk"]):
+            Image.open(src).convert("L" if (folder, name) == role["grey"] else "CMYK").save(dst, format="JPEG")
+        else:
+            dst.write_bytes(src.read_bytes())
+    first_of = {}
+    out = []
+    for folder, name, image_id, caption in rows:
+        key = (folder, name)
+        if key == role["all_empty"] or (key == role["one_empty"] and key not in first_of):
+            caption = "  "
+        first_of.setdefault(key, True)
+        out.append((folder, name, image_id, caption))
+    if layout == "official":
+        (tmp_path / "annotations").mkdir()
+        for folder in ("train2017", "val2017"):
+            mine = [r for r in out if r[0] == folder]
+            images = list({r[2]: {"id": r[2], "file_name": r[1]} for r in mine}.values())
+            anns = [{"id": i, "image_id": r[2], "caption": r[3]} for i, r in enumerate(mine)]
+            (tmp_path / "annotations" / f"captions_{folder}.json").write_text(json.dumps({"images": images, "annotations": anns}))
+        data = ["data.kind=coco", f"data.coco.annotations={tmp_path / 'annotations'}", f"data.coco.image_root={tmp_path}"]
+    else:
+        with open(tmp_path / "captions.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", "caption"])
+            writer.writerows((f"{folder}/{name}", caption) for folder, name, _, caption in out)
+        data = ["data.kind=csv", f"data.csv.path={tmp_path / 'captions.csv'}", f"data.csv.image_root={tmp_path}",
+                "data.csv.val_fraction=0.0", "data.csv.test_fraction=0.0"]  # all train: the policy is what is tested
+    return data, {k: tmp_path / v[0] / v[1] for k, v in role.items()}
+
+
+@pytest.mark.parametrize("layout", ["official", "csv"])
+def test_real_layouts_follow_the_bad_data_policy_on_broken_copies(tmp_path, layout):
+    data, files = _broken_copy(tmp_path, layout)
+    cfg = load_recipe(None, [*data, "data.image_size=32"])
+    issues = DataIssues()
+    train = load_splits(cfg, issues)["train"] if layout == "official" else _train_of_all(cfg, issues)
+    # empty captions dropped and counted; the image with only empty ones dropped and counted
+    assert issues.empty_captions == 1 + 5 and issues.images_without_captions == 1
+    assert str(files["all_empty"]) not in train.images and sum("/train2017/" in p for p in train.images) == 5
+    assert len(train.captions[train.images.index(str(files["one_empty"]))]) == 4
+    # greyscale and CMYK JPEGs load as RGB
+    for kind in ("grey", "cmyk"):
+        assert Image.open(files[kind]).mode == ("L" if kind == "grey" else "CMYK")
+        assert load_image(str(files[kind]), 32).shape == (32, 32, 3)
+    # corrupt and missing images: an error that names the file, or skipped and counted
+    with pytest.raises(BadImageError, match=files["corrupt"].name + r".*data.bad_image=skip"):
+        drop_unreadable(train, len(train), 32, "error", DataIssues(), "train")
+    counted = DataIssues()
+    kept = drop_unreadable(train, len(train), 32, "skip", counted, "train")
+    assert counted.bad_images == 2 and len(kept) == len(train) - 2
+    assert {str(files["corrupt"]), str(files["missing"])}.isdisjoint(kept.images)
+
+
+def _train_of_all(cfg, issues):
+    """CSV with val/test fractions 0 leaves val and test empty, which load_splits refuses: read the train split alone."""
+    from rlrefine.data.captions_csv import load_caption_csv
+
+    c = cfg.data.csv
+    return sanitize_split(load_caption_csv(c.path, c.image_root, 0.0, 0.0)["train"], issues, "train")

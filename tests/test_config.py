@@ -43,37 +43,103 @@ def test_all_problems_reported_together():
     assert "model.d_model" in msg and "pretrain.layer_weights" in msg and "'linear'" in msg and "data.shapes.num_train" in msg
 
 
+TINY_COCO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tiny_coco"
+
+
+def _user_paths(tmp_path) -> list[str]:
+    """paths.* overrides pointing the real-scale recipe at files that exist (checkpoints: empty files; validation
+    only checks that they are there)."""
+    ann = tmp_path / "dataset_coco.json"
+    ann.write_text('{"images": []}')
+    for name in ("vitb32.pt", "pacs.pth"):
+        (tmp_path / name).write_bytes(b"")
+    return [f"paths.annotations={ann}", f"paths.images={tmp_path}", f"paths.encoder_checkpoint={tmp_path / 'vitb32.pt'}",
+            f"paths.reward_checkpoint={tmp_path / 'pacs.pth'}"]
+
+
 def test_missing_user_paths_are_errors_before_training(tmp_path):
     with pytest.raises(RecipeError, match="model.encoder.checkpoint '/nope/vitb32.pt' does not exist"):
         load_recipe(None, ["model.encoder.kind=open_clip", "model.encoder.model_name=ViT-B-32", "model.encoder.checkpoint=/nope/vitb32.pt"])
-    # the real-scale recipe validates once the user points it at real files
-    ann = tmp_path / "dataset_coco.json"
-    ann.write_text('{"images": []}')
-    ckpt = tmp_path / "vitb32.pt"
-    ckpt.write_bytes(b"")
-    with pytest.raises(RecipeError, match="data.coco.annotations"):
-        load_recipe(RECIPES / "coco_vitb32_xe.yaml")
-    cfg = load_recipe(RECIPES / "coco_vitb32_xe.yaml", [f"data.coco.annotations={ann}", f"data.coco.image_root={tmp_path}",
-                                                        f"model.encoder.checkpoint={ckpt}"])
-    assert cfg.model.encoder.model_name == "ViT-B-32"
+    # the real-scale recipe names every path it still needs, then validates once the user gives them
+    with pytest.raises(RecipeError) as err:
+        load_recipe(RECIPES / "coco_vitb32.yaml")
+    msg = str(err.value)
+    for key in ("annotations", "images", "encoder_checkpoint", "reward_checkpoint"):
+        assert f"paths.{key}=/your/path" in msg
+    assert "data.coco.annotations refers to ${paths.annotations}" in msg
+    cfg = load_recipe(RECIPES / "coco_vitb32.yaml", _user_paths(tmp_path))
+    assert cfg.model.encoder.model_name == "ViT-B-32-quickgelu"
+    assert cfg.data.coco.image_root == str(tmp_path) and cfg.model.encoder.checkpoint == str(tmp_path / "vitb32.pt")
 
 
-def test_dico_recipe_validates_with_user_paths_and_keeps_the_paper_hyperparameters(tmp_path):
-    ann = tmp_path / "dataset_coco.json"
-    ann.write_text('{"images": []}')
-    ckpt, pacs = tmp_path / "vitb32.pt", tmp_path / "pacs.pth"
-    ckpt.write_bytes(b"")
-    pacs.write_bytes(b"")
-    paths = [f"data.coco.annotations={ann}", f"data.coco.image_root={tmp_path}", f"model.encoder.checkpoint={ckpt}"]
-    with pytest.raises(RecipeError, match="pacs_vitb32.pth' does not exist"):
-        load_recipe(RECIPES / "coco_vitb32_dico.yaml", paths)
-    pac_paths = [f"{key}.checkpoint={pacs}" for key in ("distill.teacher", "finetune.reward", "evaluate.evaluator",
-                                                          "evaluate.extra_rewards.pac")]
-    cfg = load_recipe(RECIPES / "coco_vitb32_dico.yaml", paths + pac_paths)
+def test_coco_recipe_keeps_the_dico_reference_settings(tmp_path):
+    cfg = load_recipe(RECIPES / "coco_vitb32.yaml", _user_paths(tmp_path))
+    pacs = str(tmp_path / "pacs.pth")
     f = cfg.finetune
-    assert (f.method, f.beta, f.num_candidates, f.generation, f.max_len, f.lr) == ("dico", 0.2, 5, "beam", 30, 1e-6)
-    assert (f.reward.kind, f.reward.model_name, f.reward.checkpoint) == ("pac", "ViT-B-32", str(pacs))
-    assert cfg.variant("scst").method == "scst"
+    # aimagelab/DiCO main.py + scripts/train_dico_coco.sh: beta 0.2, tau 300, 5 beams, length 30, lr 1e-6 constant, 8 images
+    assert (f.method, f.beta, f.tau, f.num_candidates, f.generation, f.max_len) == ("dico", 0.2, 300, 5, "beam", 30)
+    assert (f.lr, f.lr_schedule, f.warmup_steps, f.batch_size) == (1e-6, "constant", 0, 8)
+    # training reward: PAC-S as 2.0 * cos, no prefix, no clamp; evaluation: official PAC-S / RefPAC-S
+    r = f.reward
+    assert (r.kind, r.model_name, r.checkpoint, r.scale, r.prefix, r.clamp) == ("pac", "ViT-B-32-quickgelu", pacs, 2.0, "", False)
+    e = cfg.evaluate
+    assert (e.evaluator.kind, e.evaluator.scale, e.evaluator.prefix, e.evaluator.clamp) == ("pac", None, None, None)
+    assert e.extra_rewards["refpac"].kind == "refpac" and e.extra_rewards["refpac"].checkpoint == pacs
+    assert cfg.variant("scst").method == "scst" and cfg.variant("dico").tau == 300
+    # every reward / encoder is the QuickGELU architecture the PAC-S and OpenAI weights need
+    sections = [cfg.model.encoder, r, e.evaluator, *e.extra_rewards.values(), cfg.distill.teacher]
+    assert {s.model_name for s in sections} == {"ViT-B-32-quickgelu"}
+    # the pipeline: no learned evaluator, no distillation (PAC-S is the reward), DiCO and SCST, the report
+    from rlrefine.pipeline import stages
+
+    assert [s.name for s in stages(cfg)] == ["pretrain", "finetune", "report"]
+    distilled = load_recipe(RECIPES / "coco_vitb32.yaml", _user_paths(tmp_path) + ["finetune.reward.kind=distilled",
+                            "finetune.reward.model_name=null", "finetune.reward.checkpoint=null", "finetune.reward.scale=null",
+                            "finetune.reward.prefix=null", "finetune.reward.clamp=null"])
+    assert [s.name for s in stages(distilled)] == ["pretrain", "distill-reward", "finetune", "report"]
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_every_recipe_validates(recipe, tmp_path):
+    """Every shipped recipe loads (the real-scale ones once given their outside paths) and starts with a comment
+    that says how to run it."""
+    text = (RECIPES / recipe).read_text()
+    assert text.startswith("#") and "rlrefine " in text.split("\n\n")[0]
+    overrides = _user_paths(tmp_path) if "paths:" in text else []
+    assert isinstance(load_recipe(RECIPES / recipe, overrides), RecipeConfig)
+
+
+def test_path_references_are_resolved_and_errors_name_the_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("paths: {images: /data/x}\nrun_dir: ${paths.images}/run\nfinetune: {init: '${paths.nope}'}\n")
+    with pytest.raises(RecipeError, match=r"finetune.init: unknown reference '\$\{paths.nope\}'"):
+        load_recipe(recipe)
+    recipe.write_text("paths: {images: /data/x}\nrun_dir: ${paths.images}/run\n")
+    assert load_recipe(recipe).run_dir == "/data/x/run"
+    assert load_recipe(recipe, ["paths.images=/elsewhere"]).run_dir == "/elsewhere/run"  # overrides first, then references
+    with pytest.raises(RecipeError, match="unknown key 'paths.imagez'"):
+        load_recipe(recipe, ["paths.imagez=/x"])
+
+
+def test_override_no_is_the_string_no():
+    """`no` is a documented mixed_precision choice; YAML 1.1 would read it as the boolean false."""
+    assert parse_overrides(["pretrain.mixed_precision=no", "a=yes", "b=off", "c=true", "d=False"]) == {
+        "pretrain": {"mixed_precision": "no"}, "a": "yes", "b": "off", "c": True, "d": False}
+    cfg = load_recipe(RECIPES / "tiny.yaml", ["pretrain.mixed_precision=no", "finetune.mixed_precision=no",
+                                              "model.encoder.frozen=no"])
+    assert cfg.pretrain.mixed_precision == "no" and cfg.finetune.mixed_precision == "no"
+    assert cfg.model.encoder.frozen is False  # boolean fields still take yes/no
+
+
+def test_reward_options_apply_to_the_clip_family_only(tmp_path):
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(b"")
+    cfg = load_recipe(None, ["finetune.reward.kind=pac", "finetune.reward.model_name=ViT-B-32-quickgelu",
+                             f"finetune.reward.checkpoint={ckpt}", "finetune.reward.scale=2.0", "finetune.reward.prefix=",
+                             "finetune.reward.clamp=false"])
+    assert (cfg.finetune.reward.scale, cfg.finetune.reward.prefix, cfg.finetune.reward.clamp) == (2.0, "", False)
+    with pytest.raises(RecipeError, match="scale apply to reward kinds clip, refclip, pac, refpac only"):
+        load_recipe(None, ["finetune.reward.kind=distilled", "finetune.reward.scale=2.0"])
 
 
 def test_missing_recipe_file_and_bad_yaml(tmp_path):

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from rlrefine.data.coco import load_karpathy_split
+from rlrefine.data.captions_csv import load_caption_csv
+from rlrefine.data.coco import detect_format, load_coco, load_karpathy_split
 from rlrefine.data.datasets import (
     BadImageError,
     CaptionDataset,
@@ -22,7 +25,7 @@ from rlrefine.data.datasets import (
 )
 from rlrefine.data.imagefolder import load_image_folder
 from rlrefine.data.shapes import ShapesConfig, generate_shapes
-from rlrefine.data.split import CaptionSplit
+from rlrefine.data.split import CaptionSplit, hash_split, hash_unit
 from rlrefine.data.tokenizer import CaptionTokenizer
 
 
@@ -192,3 +195,73 @@ def test_dataloader_end_to_end():
         assert tok.eos_id in row.tolist()
         words = cap.split()
         assert tok.decode(row) == " ".join(words[:8])  # max_len 10 = bos + 8 words + eos
+
+
+# ------------------------------------------------------------------ real layouts on real COCO images
+TINY_COCO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tiny_coco"
+
+
+@pytest.fixture
+def tiny_coco():
+    if not (TINY_COCO / "annotations" / "captions_train2017.json").is_file():
+        pytest.skip(f"the real-image fixture is not there: {TINY_COCO} (CI clones the repository with shared/ beside it)")
+    return TINY_COCO
+
+
+def test_official_coco_layout_on_tiny_coco(tiny_coco):
+    splits = load_coco(tiny_coco / "annotations", tiny_coco)
+    assert {k: len(v) for k, v in splits.items()}["train"] == 50
+    assert len(splits["val"]) + len(splits["test"]) == 50 and len(splits["val"]) > 0 and len(splits["test"]) > 0
+    assert all(len(refs) == 5 for s in splits.values() for refs in s.captions)
+    assert all(Path(p).is_file() for s in splits.values() for p in s.images)
+    assert all("/train2017/" in p for p in splits["train"].images) and all("/val2017/" in p for p in splits["test"].images)
+    ids = [set(s.image_ids) for s in splits.values()]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    # the held-out split is a pure function of (seed, file name): same again, another with another seed
+    again = load_coco(tiny_coco / "annotations", tiny_coco)
+    assert again["test"].image_ids == splits["test"].image_ids
+    other = load_coco(tiny_coco / "annotations", tiny_coco, split_seed=1)
+    assert other["test"].image_ids != splits["test"].image_ids
+    # one official file alone is read the same way
+    val_only = load_coco(tiny_coco / "annotations" / "captions_val2017.json", tiny_coco)
+    assert len(val_only["train"]) == 0 and val_only["test"].image_ids == splits["test"].image_ids
+    with pytest.raises(ValueError, match="neither a Karpathy"):
+        detect_format({"foo": []}, "x.json")
+
+
+def _tiny_coco_rows(root: Path) -> list[tuple[str, str]]:
+    rows = []
+    for name in ("train2017", "val2017"):
+        data = json.loads((root / "annotations" / f"captions_{name}.json").read_text())
+        files = {im["id"]: im["file_name"] for im in data["images"]}
+        rows += [(f"{name}/{files[a['image_id']]}", a["caption"]) for a in data["annotations"]]
+    return rows
+
+
+def test_csv_layout_on_tiny_coco(tiny_coco, tmp_path):
+    rows = _tiny_coco_rows(tiny_coco)
+    path = tmp_path / "captions.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption", "source"])  # extra columns are ignored
+        writer.writerows((image, caption, "coco") for image, caption in rows)
+    splits = load_caption_csv(path, tiny_coco, val_fraction=0.2, test_fraction=0.2)
+    assert sum(len(s) for s in splits.values()) == 100 and all(len(s) > 0 for s in splits.values())
+    assert all(len(refs) == 5 for s in splits.values() for refs in s.captions)
+    first = rows[0][0]
+    where = next(name for name, s in splits.items() if first in s.image_ids)
+    s = splits[where]
+    assert s.images[s.image_ids.index(first)] == str(tiny_coco / first)
+    assert hash_split(first, 0, 0.2, 0.2) == where
+    # a file without the image,caption header is refused with the columns it has
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,text\na.jpg,a cat\n")
+    with pytest.raises(ValueError, match=r"must name the columns \['image', 'caption'\].*\['file', 'text'\]"):
+        load_caption_csv(bad, tiny_coco)
+
+
+def test_hash_split_fractions():
+    names = [f"{i:012d}.jpg" for i in range(4000)]
+    got = [hash_split(n, 0, 0.1, 0.2) for n in names]
+    assert abs(got.count("test") / 4000 - 0.2) < 0.03 and abs(got.count("val") / 4000 - 0.1) < 0.03
+    assert hash_unit("a.jpg", 0) == hash_unit("a.jpg", 0) != hash_unit("a.jpg", 1)

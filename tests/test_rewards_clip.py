@@ -139,3 +139,38 @@ def _archive_module(state: dict) -> torch.nn.Module:
             node = getattr(node, part)
         node.register_buffer(leaf, value.clone())
     return root
+
+
+def test_recipe_pacs_reward_from_a_state_dict_file_equals_the_quickgelu_model(tmp_path):
+    """The PAC-S reward recipes/coco_vitb32.yaml builds from a {"state_dict": ...} file (the PAC-S release layout)
+    gives the image and text embeddings of the ViT-B-32-quickgelu model those weights came from (to 1e-5)."""
+    from pathlib import Path
+
+    from rlrefine.config import load_recipe
+    from rlrefine.trainers.common import build_reward
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval()
+    half = {k: v.half() for k, v in model.state_dict().items()}  # fp16, as released; 300 MB instead of 600
+    model.load_state_dict({k: v.float() for k, v in half.items()})
+    torch.save({"state_dict": half}, tmp_path / "clip_ViT-B-32.pth")
+    (tmp_path / "encoder.pt").write_bytes(b"")
+    (tmp_path / "dataset_coco.json").write_text('{"images": []}')
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "coco_vitb32.yaml"
+    cfg = load_recipe(recipe, [f"paths.annotations={tmp_path / 'dataset_coco.json'}", f"paths.images={tmp_path}",
+                               f"paths.encoder_checkpoint={tmp_path / 'encoder.pt'}",
+                               f"paths.reward_checkpoint={tmp_path / 'clip_ViT-B-32.pth'}"])
+    reward = build_reward(cfg.finetune.reward, cfg, "cpu", "finetune.reward")
+    assert isinstance(reward, PACScore) and (reward.w, reward.text_prefix, reward.clamp) == (2.0, "", False)
+
+    images = torch.randint(0, 256, (2, 240, 320, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    captions = ["a man riding a horse on a beach", "two plates of food on a table"]
+    with torch.no_grad():
+        img = F.normalize(model.encode_image(reward.preprocess(images)), dim=-1)
+        txt = F.normalize(model.encode_text(open_clip.get_tokenizer("ViT-B-32-quickgelu")(captions)), dim=-1)
+    assert torch.allclose(reward.embed_images(images), img, atol=1e-5)
+    assert torch.allclose(reward.embed_texts(captions), txt, atol=1e-5)
+    # the training reward is the reference code's 2.0 * cos (no clamp); evaluation keeps the official PAC-S
+    assert torch.allclose(reward(images, captions), 2.0 * (img * txt).sum(-1), atol=1e-5)
+    official = build_reward(cfg.evaluate.evaluator, cfg, "cpu", "evaluate.evaluator")
+    assert (official.w, official.text_prefix, official.clamp) == (2.0, "A photo depicts ", True)

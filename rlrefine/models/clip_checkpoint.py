@@ -27,6 +27,7 @@ told apart (open_clip's GELU models are released that way), so it is loaded as g
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 
 __all__ = ["ClipCheckpoint", "OPENAI_LAYOUTS", "read_checkpoint", "check_activation", "load_state_checked",
-           "QuickGeluMismatchError"]
+           "create_bare_model", "mute_random_init_warning", "QuickGeluMismatchError"]
 
 OPENAI_LAYOUTS = ("openai_archive", "state_dict_wrapper")
 """Layouts whose weights come from OpenAI CLIP (trained with QuickGELU)."""
@@ -156,3 +157,29 @@ def load_state_checked(model: torch.nn.Module, state: dict, path: Path, arch: st
         raise ValueError(f"checkpoint {path} does not fit the open_clip architecture {arch!r}: "
                          + "; ".join(parts))
     model.load_state_dict(state, strict=True)
+
+
+class mute_random_init_warning(logging.Filter):
+    """Drop open_clip's "no weights" root-logger warnings for one block (where the weights are loaded
+    right after, they are false)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "No pretrained weights loaded" not in message and "no CLIP weights found" not in message
+
+    def __enter__(self):
+        logging.getLogger().addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger().removeFilter(self)
+
+
+def create_bare_model(model_name: str) -> torch.nn.Module:
+    """The open_clip architecture ``model_name`` on CPU without weights (they are loaded right after:
+    open_clip's "initialized randomly" warning would be wrong, so it is muted)."""
+    import open_clip
+
+    with mute_random_init_warning():
+        return open_clip.create_model(model_name, pretrained=None, load_weights=False, device="cpu",
+                                      pretrained_image=False, pretrained_text=False)

@@ -349,14 +349,16 @@ class OpenCLIPVisual(ImageEncoder):
         super().__init__(frozen)
         import open_clip
 
-        from rlrefine.models.clip_checkpoint import check_activation, load_state_checked, read_checkpoint
+        from rlrefine.models.clip_checkpoint import (check_activation, create_bare_model, load_state_checked,
+                                                     mute_random_init_warning, read_checkpoint)
 
         if architecture_dir is not None:
             # architecture only (weights come from a saved RefinementCaptioner)
             d = Path(architecture_dir)
             if not (d / "open_clip_config.json").is_file():
                 raise FileNotFoundError(f"open_clip architecture file not found: {d / 'open_clip_config.json'}")
-            model = open_clip.create_model(LOCAL_DIR + str(d), load_weights=False)
+            with mute_random_init_warning():  # the weights come from the captioner's checkpoint
+                model = open_clip.create_model(LOCAL_DIR + str(d), load_weights=False)
             arch = json.loads((d / "open_clip_config.json").read_text())
         elif checkpoint is None:
             raise ValueError("open_clip encoder needs `checkpoint`: a local checkpoint file or 'local-dir:/folder' "
@@ -380,7 +382,7 @@ class OpenCLIPVisual(ImageEncoder):
             ckpt = read_checkpoint(checkpoint)
             check_activation(model_name, model_cfg, ckpt, allow_gelu_for_openai_weights,
                              "model.encoder.allow_gelu_for_openai_weights")
-            model = open_clip.create_model(model_name, pretrained=None, load_weights=False)
+            model = create_bare_model(model_name)
             load_state_checked(model, ckpt.state, ckpt.path, model_name)
             arch = {"model_cfg": model_cfg}
 

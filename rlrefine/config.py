@@ -546,6 +546,8 @@ def resolve_paths(raw: dict[str, Any]) -> dict[str, Any]:
         return node
 
     out = walk(raw, "")
+    if "paths" in out and out["paths"] is None:  # `paths:` with nothing under it
+        out["paths"] = {}
     if problems:
         raise RecipeError("recipe has unresolved path references:\n" + "\n".join(problems))
     return out

@@ -106,6 +106,88 @@ def test_pacs_from_state_dict_wrapper(tiny_ckpt, batch):
     assert torch.allclose(out[2], 2 * p / (p + 1), atol=1e-5)
 
 
+def test_image_index_and_dedup_match_row_aligned(tiny_ckpt, batch):
+    d, _, _ = tiny_ckpt
+    images, _, refs = batch
+    rcs = RefCLIPScore.from_pretrained(TINY, d / "plain.pt", batch_size=2)
+    cands = ["a red circle", "a blue star", "a red circle", "a red circle", "big", "a blue star"]
+    index = torch.tensor([0, 0, 1, 2, 2, 2])
+    fast = rcs(images, cands, refs, image_index=index)
+    slow = rcs(images[index], cands, [refs[i] for i in index.tolist()])
+    assert torch.allclose(fast, slow, atol=1e-6)
+
+    calls = []
+    orig = rcs.model.encode_text
+    rcs.model.encode_text = lambda t: (calls.append(t.shape[0]), orig(t))[1]
+    rcs(images, cands, refs, image_index=index)
+    n_unique = len(set(cands) | {r for rs in refs for r in rs})
+    assert sum(calls) == n_unique
+
+
+def test_score_embeddings_on_the_embeddings_is_the_protocol_call(tiny_ckpt, batch):
+    # distill_reward scores its training pairs this way from embeddings it already has
+    d, _, _ = tiny_ckpt
+    images, _, _ = batch
+    cs = CLIPScore.from_pretrained(TINY, d / "plain.pt", batch_size=2)
+    cands = ["a red circle", "a blue star", "a red circle", "big", "two blue squares"]
+    index = torch.tensor([0, 2, 1, 2, 0])
+    via_embeddings = cs.score_embeddings(cs.embed_images(images)[index], cs.embed_texts(cands))
+    assert torch.allclose(via_embeddings, cs(images, cands, image_index=index), atol=1e-6)
+
+
+def test_input_forms_agree(tiny_ckpt, batch):
+    from PIL import Image
+
+    d, _, _ = tiny_ckpt
+    images, captions, _ = batch
+    cs = CLIPScore.from_pretrained(TINY, d / "plain.pt")
+    ref = cs(images, captions)
+    pil = [Image.fromarray(im.numpy()) for im in images]
+    assert torch.allclose(cs(pil, captions), ref, atol=1e-5)
+    assert torch.allclose(cs(images.numpy(), captions), ref, atol=1e-6)
+    assert torch.allclose(cs(cs.preprocess(images), captions), ref, atol=1e-6)
+    assert cs.embed_images(images).shape == (3, 32) and cs.embed_texts(["x", "x"]).shape == (2, 32)
+
+
+def test_local_dir_and_learned_score(tiny_ckpt, batch, tmp_path):
+    d, model, _ = tiny_ckpt
+    images, captions, _ = batch
+    folder = tmp_path / "oc"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG}))
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    m, pre, tok = load_open_clip(f"local-dir:{folder}")
+    ref = CLIPScore.from_pretrained(TINY, d / "plain.pt")(images, captions)
+    assert torch.allclose(CLIPScore(m, pre, tok)(images, captions), ref, atol=1e-5)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(model.state_dict(), run / "evaluator.pt")
+    (run / "evaluator.json").write_text(json.dumps(
+        {"model_name": "rlrefine-test-learned", "model_cfg": TINY_CFG, "weights": "evaluator.pt",
+         "w": 3.0, "text_prefix": ""}))
+    ls = LearnedScore.from_dir(run)
+    img, txt = _hand_embeddings(model, ls.preprocess, images, captions, "")
+    assert torch.allclose(ls(images, captions), 3.0 * (img * txt).sum(-1).clamp(min=0), atol=1e-5)
+
+
+def test_missing_and_mismatched_checkpoints(tiny_ckpt, tmp_path):
+    d, _, _ = tiny_ckpt
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        CLIPScore.from_pretrained(TINY, missing)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_open_clip(f"local-dir:{tmp_path / 'nowhere'}")
+    with pytest.raises(FileNotFoundError, match="openai"):
+        load_open_clip(TINY, "openai")  # a pretrained tag is never downloaded
+    register_model_config(OTHER, OTHER_CFG)
+    with pytest.raises(ValueError) as err:
+        load_open_clip(OTHER, d / "plain.pt")
+    msg = str(err.value)
+    assert "plain.pt" in msg and OTHER in msg and "text_projection" in msg
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:FutureWarning")
 def test_openai_layouts_into_a_gelu_architecture_are_refused_naming_quickgelu(tiny_ckpt, tmp_path):
     d, model, qg_model = tiny_ckpt
     with pytest.raises(ValueError, match=f"PAC-S release layout.*'{TINY}' uses GELU.*'{TINY_QG}'.*allow_gelu_for_openai_weights=true"):
@@ -141,16 +223,18 @@ def _archive_module(state: dict) -> torch.nn.Module:
     return root
 
 
-def test_recipe_pacs_reward_from_a_state_dict_file_equals_the_quickgelu_model(tmp_path):
+@pytest.mark.parametrize("arch", [TINY_QG, pytest.param("ViT-B-32-quickgelu", marks=pytest.mark.slow)])
+def test_recipe_pacs_reward_from_a_state_dict_file_equals_the_quickgelu_model(arch, tiny_ckpt, tmp_path):
     """The PAC-S reward recipes/coco_vitb32.yaml builds from a {"state_dict": ...} file (the PAC-S release layout)
-    gives the image and text embeddings of the ViT-B-32-quickgelu model those weights came from (to 1e-5)."""
+    gives the image and text embeddings of the QuickGELU model those weights came from (to 1e-5): the recipe's own
+    ViT-B-32-quickgelu (slow: 150M parameters), and the same path with a tiny QuickGELU architecture (fast)."""
     from pathlib import Path
 
     from rlrefine.config import load_recipe
     from rlrefine.trainers.common import build_reward
 
     torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval()
+    model = open_clip.create_model(arch, pretrained=None).eval()
     half = {k: v.half() for k, v in model.state_dict().items()}  # fp16, as released; 300 MB instead of 600
     model.load_state_dict({k: v.float() for k, v in half.items()})
     torch.save({"state_dict": half}, tmp_path / "clip_ViT-B-32.pth")
@@ -159,7 +243,9 @@ def test_recipe_pacs_reward_from_a_state_dict_file_equals_the_quickgelu_model(tm
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "coco_vitb32.yaml"
     cfg = load_recipe(recipe, [f"paths.annotations={tmp_path / 'dataset_coco.json'}", f"paths.images={tmp_path}",
                                f"paths.encoder_checkpoint={tmp_path / 'encoder.pt'}",
-                               f"paths.reward_checkpoint={tmp_path / 'clip_ViT-B-32.pth'}"])
+                               f"paths.reward_checkpoint={tmp_path / 'clip_ViT-B-32.pth'}"]
+                     + ([] if arch == "ViT-B-32-quickgelu" else [f"finetune.reward.model_name={arch}",
+                                                                  f"evaluate.evaluator.model_name={arch}"]))
     reward = build_reward(cfg.finetune.reward, cfg, "cpu", "finetune.reward")
     assert isinstance(reward, PACScore) and (reward.w, reward.text_prefix, reward.clamp) == (2.0, "", False)
 
@@ -167,7 +253,7 @@ def test_recipe_pacs_reward_from_a_state_dict_file_equals_the_quickgelu_model(tm
     captions = ["a man riding a horse on a beach", "two plates of food on a table"]
     with torch.no_grad():
         img = F.normalize(model.encode_image(reward.preprocess(images)), dim=-1)
-        txt = F.normalize(model.encode_text(open_clip.get_tokenizer("ViT-B-32-quickgelu")(captions)), dim=-1)
+        txt = F.normalize(model.encode_text(open_clip.get_tokenizer(arch)(captions)), dim=-1)
     assert torch.allclose(reward.embed_images(images), img, atol=1e-5)
     assert torch.allclose(reward.embed_texts(captions), txt, atol=1e-5)
     # the training reward is the reference code's 2.0 * cos (no clamp); evaluation keeps the official PAC-S

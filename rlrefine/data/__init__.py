@@ -1,11 +1,13 @@
 """rlrefine.data: datasets, tokenizers and the torch-facing loading pieces (bottom of the flow).
 
-Modules: `split` (CaptionSplit + cache), `shapes` (the embedded procedural dataset), `coco`
-(Karpathy split), `imagefolder` (label-only data), `tokenizer` (CaptionTokenizer), `datasets`
+Modules: `split` (CaptionSplit + cache, seeded hash splits), `shapes` (the embedded procedural
+dataset), `coco` (Karpathy split or the official caption files), `captions_csv` (image,caption CSV
+files), `imagefolder` (label-only data), `tokenizer` (CaptionTokenizer), `datasets`
 (CaptionDataset, mixed_sampler, collate).
 """
 
-from rlrefine.data.coco import load_karpathy_split
+from rlrefine.data.captions_csv import load_caption_csv
+from rlrefine.data.coco import load_coco, load_karpathy_split
 from rlrefine.data.datasets import (
     DEFAULT_LABEL_WEIGHT,
     BadImageError,
@@ -41,6 +43,8 @@ __all__ = [
     "collate",
     "example_weights",
     "generate_shapes",
+    "load_caption_csv",
+    "load_coco",
     "load_image_folder",
     "load_karpathy_split",
     "load_or_generate_shapes",

@@ -1,4 +1,6 @@
-"""rlrefine.models: image encoders, the refinement captioner and its generation routines.
+"""rlrefine.models: image encoders, the refinement captioner and its generation routines, and
+`clip_checkpoint` (reading CLIP / PAC-S checkpoint files and the QuickGELU guard, shared by the
+open_clip encoder and every CLIP-style reward).
 
 Flow: rlrefine.data -> rlrefine.models -> rewards -> rlrefine.losses -> rlrefine.trainers.
 """

@@ -21,7 +21,8 @@ stage through /proc/self/clear_refs where Linux offers it) and peak CUDA memory 
 GPU. The projection of a training stage is its measured fixed cost (loading data, models and
 rewards; saving) plus the recipe's steps × s/step (at the recipe's batch size); of the report, the
 fixed cost (loading; METEOR / SPICE start-up) plus the recipe's `evaluate.num_images` × the seconds
-per image (the slope between evaluations on half and all of the handful), for every model.
+per image (the slope between evaluations of the XE model on half and all of the handful), times the
+number of models the report compares (all share the XE model's architecture and code path).
 train-evaluator and distill-reward have no step hook: their s/step is the stage time over the
 steps, an upper bound. Not projected: the periodic validations inside training (`eval_every`) and
 the end-of-training reports, which run at the dry run's handful of images.
@@ -225,7 +226,7 @@ def dry_run(cfg: RecipeConfig, until: str | None = None, steps: int = DRY_RUN_ST
 
     ``batch``: cap on every batch size; "auto" = `default_batch` (the recipe's sizes on a GPU, the
     `DRY_RUN_CPU_BATCH` images on a CPU), None = the recipe's sizes."""
-    from rlrefine.pipeline import evaluate_checkpoint, finetune_variants, stages, train_evaluator_stage, distill_stage
+    from rlrefine.pipeline import distill_stage, evaluate_checkpoint, finetune_variants, stages, train_evaluator_stage
     from rlrefine.trainers.finetune import finetune
     from rlrefine.trainers.pretrain import pretrain
 
@@ -235,7 +236,8 @@ def dry_run(cfg: RecipeConfig, until: str | None = None, steps: int = DRY_RUN_ST
     dry = dry_run_config(cfg, steps, images, batch)
     names = [s.name for s in stages(cfg)]
     if until is not None and until not in names:
-        raise ValueError(f"stage '{until}' is not a stage of this recipe; its stages: {', '.join(names)}")
+        raise DryRunError(f"'{until}' is not a stage of this recipe (its stages: {', '.join(names)}); "
+                          "train-evaluator and distill-reward run only when a reward or the encoder reads their output")
     todo = names if until is None else names[:names.index(until) + 1]
     if dry.run_path.exists():
         shutil.rmtree(dry.run_path)
@@ -275,37 +277,37 @@ def dry_run(cfg: RecipeConfig, until: str | None = None, steps: int = DRY_RUN_ST
 
 
 def _dry_report(cfg: RecipeConfig, dry: RecipeConfig, evaluate_checkpoint, finetune_variants) -> list[StageResult]:
-    """Evaluate the dry XE model and every dry fine-tuned variant as the report stage does; one row.
+    """Evaluate the dry XE model as the report stage does, on half and on all of the handful; one row.
 
-    Evaluation has a large fixed part per model (a METEOR / SPICE JVM per layer, the per-layer
-    scores' batches), so seconds per image come from two sizes: the XE model is also evaluated on
-    half the images first, and the slope between the two is the cost of one more image."""
-    models = {"XE": dry.run_path / "pretrain" / "model"}
-    models.update({name: dry.run_path / s.output / "model" for name, s in finetune_variants(dry).items()})
+    Evaluation has a large fixed part (a METEOR / SPICE JVM per layer, the rewards' loading), so the
+    seconds per image are the slope between the two sizes and the rest is fixed. Every model the
+    report compares (XE and each fine-tuned variant) has the XE model's architecture and goes through
+    the same code, so the projection is the XE model's cost times the number of models; evaluating
+    each variant here too would double the dry run's longest stage and check nothing new."""
+    xe = dry.run_path / "pretrain" / "model"
+    n_models = 1 + len(finetune_variants(dry))
 
-    def evaluate(name: str, model_dir, config: RecipeConfig, out: str) -> tuple[float, int]:
+    def evaluate(config: RecipeConfig, out: str) -> tuple[float, int]:
         timings: dict = {}
         _, result = _measure("report", config, lambda: evaluate_checkpoint(
-            config, model_dir, name, dry.run_path / out / name, reference_dir=models["XE"], timings=timings), reset=False)
+            config, xe, "XE", dry.run_path / out / "XE", reference_dir=None, timings=timings), reset=False)
         return timings["eval_s"], int(result["num_images"])
 
     _reset_peaks()
     t0 = time.perf_counter()
     half = dry.model_copy(update={"evaluate": dry.evaluate.model_copy(update={"num_images": max(1, dry.evaluate.num_images // 2)})})
-    t_half, n_half = evaluate("XE", models["XE"], half, "report_calibration")
-    timed = {name: evaluate(name, model_dir, dry, "report") for name, model_dir in models.items()}
+    t_half, n_half = evaluate(half, "report_calibration")
+    t_full, n_full = evaluate(dry, "report")
     total = time.perf_counter() - t0
-    t_full, n_full = timed["XE"]
     if n_full > n_half and t_full > t_half:
-        per_image, note = (t_full - t_half) / (n_full - n_half), "from two sizes"
+        per_image, how = (t_full - t_half) / (n_full - n_half), "slope between two sizes"
     else:  # noise or too few images: the mean, an upper bound
-        per_image, note = t_full / max(1, n_full), "mean (upper bound)"
-    fixed = sum(max(0.0, t - per_image * n) for t, n in timed.values())
-    setup = total - t_half - sum(t for t, _ in timed.values())  # loading models, data and rewards
-    full = cfg.evaluate.num_images * len(models)
-    return [StageResult("report", total, None, None, n_full, per_image, full, setup + fixed + full * per_image,
+        per_image, how = t_full / max(1, n_full), "mean, an upper bound"
+    fixed = max(0.0, t_full - per_image * n_full) + (total - t_half - t_full) / 2  # scoring + loading, per model
+    full = cfg.evaluate.num_images * n_models
+    return [StageResult("report", total, None, None, n_full, per_image, full, n_models * fixed + full * per_image,
                         _peak_ram_gb(), _peak_cuda_gb(),
-                        note=f"s/step = per image and model ({note}), {len(models)} models")]
+                        note=f"s/step = per image and model ({how}); XE evaluated, projected for {n_models} models")]
 
 
 def _device_name() -> str:

@@ -106,8 +106,8 @@ def test_dry_run_of_the_coco_recipe_on_real_images(tiny_coco, small_checkpoints,
     assert report["stages"][0]["steps_run"] == 2 and report["images_per_split"] == 8
     # everything it wrote is under run_dir/dry_run: the stages' outputs, and the report evaluated each model
     assert _files_under(run_dir) == _files_under(run_dir / "dry_run")
-    for name in ("XE", "dico", "scst"):
-        assert json.loads((run_dir / "dry_run" / "report" / name / "metrics.json").read_text())["num_images"] > 0
+    assert json.loads((run_dir / "dry_run" / "report" / "XE" / "metrics.json").read_text())["num_images"] == 8
+    assert (run_dir / "dry_run" / "finetune_dico" / "model").is_dir() and (run_dir / "dry_run" / "finetune_scst" / "model").is_dir()
     assert format_table(report).count("\n| ") == 5  # header + 4 stages
 
 
@@ -131,6 +131,9 @@ def test_dry_run_stops_at_the_first_broken_piece(tiny_coco, small_checkpoints, t
                      *_paths(tiny_coco, encoder, reward), *_small_sizes()]) == 0
     report = json.loads((tmp_path / "run2" / "dry_run" / "report.json").read_text())
     assert [s["stage"] for s in report["stages"]] == ["pretrain"]
+    # a stage this recipe does not have (PAC-S is the reward: nothing to distil)
+    assert cli.main(["distill-reward", "--config", str(RECIPE), "--dry-run", *_paths(tiny_coco, encoder, reward)]) == 2
+    assert "'distill-reward' is not a stage of this recipe" in capsys.readouterr().err
 
 
 def test_out_of_memory_names_the_setting_to_lower(tmp_path, small_checkpoints, tiny_coco):

@@ -164,10 +164,11 @@ class DataSection(Section):
 
     Bad-input policy (counted in `rlrefine.data.datasets.DataIssues` and logged at the end of a run):
     empty or whitespace-only captions are dropped when a dataset is loaded, and an image left without
-    any caption is dropped with them (COCO in both formats, CSV); a caption longer than `max_caption_len` tokens is truncated
-    (eos kept); an image that cannot be decoded or is missing follows `bad_image`;
-    greyscale, CMYK and palette images are converted to RGB when decoded (not errors). Encoding an empty caption
-    directly with `CaptionTokenizer.encode` is a ValueError that names it.
+    any caption is dropped with them (every layout: shapes, COCO in both formats, CSV, webdataset);
+    a caption longer than `max_caption_len` tokens is truncated (eos kept); an image that cannot be
+    decoded or is missing follows `bad_image`; greyscale, CMYK and palette images are converted to
+    RGB when decoded (not errors). Encoding an empty caption directly with
+    `CaptionTokenizer.encode` is a ValueError that names it.
     """
 
     kind: Literal["shapes", "coco", "csv", "webdataset"] = "shapes"

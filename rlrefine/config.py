@@ -298,11 +298,32 @@ class EvaluateSection(Section):
     """Per-layer evaluation and the graduality score, DESIGN.md §5."""
 
     split: Literal["val", "test", "test_novel"] = "test"
+    extra_splits: list[Literal["val", "test", "test_novel"]] = Field(
+        default_factory=list, description="more splits the report evaluates every model on (report/compare_<split>.*), "
+                                          "e.g. [test_novel]: colour-shape pairs never seen in training")
     num_images: int = Field(500, ge=1, description="captioning examples of the split to evaluate")
     evaluator: RewardSection = RewardSection(kind="learned")
     extra_rewards: dict[str, RewardSection] = Field(default_factory=dict, description="more scores per layer, e.g. clip, pac")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="RS = (1 − α)·perf_K + α·G")
     kl_reference: bool = Field(True, description="report the final layer's KL to the pretrained (XE) model")
+    java_metrics: bool = Field(True, description="METEOR and SPICE where Java and their jars are present (each starts a Java "
+                                                 "process per layer and model: seconds each); false skips them (reported n/a)")
+
+
+class CompareSection(Section):
+    """Fine-tuning variants that `rlrefine run` trains side by side from the same XE model, and how many
+    seeds each gets. Every key other than `seeds` names a variant: a mapping of `finetune` overrides,
+    e.g. `scst: {method: scst, generation: sample}`; `compare.dico_teacher.reward.kind=learned` adds one
+    from the command line. Seed s of a variant fine-tunes with recipe seed + s (batches, z_0 noise,
+    sampling) into `finetune_<name>` (s = 0) or `finetune_<name>_seed<s>`; the report gives mean ± std."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True, protected_namespaces=())
+    seeds: int = Field(1, ge=1, description="fine-tuning runs per variant, seeds recipe seed + 0..seeds-1 (the report shows mean ± std)")
+
+    @property
+    def variants(self) -> dict[str, dict[str, Any]]:
+        """name -> finetune overrides, in recipe order."""
+        return dict(self.__pydantic_extra__ or {})
 
 
 class RecipeConfig(Section):
@@ -320,10 +341,10 @@ class RecipeConfig(Section):
     distill: DistillSection = DistillSection()
     finetune: FinetuneSection = FinetuneSection()
     evaluate: EvaluateSection = EvaluateSection()
-    compare: dict[str, dict[str, Any]] = Field(
-        default_factory=dict,
-        description="named fine-tuning variants run by `rlrefine run` side by side: name -> finetune overrides "
-                    "(e.g. scst: {method: scst, generation: sample})")
+    compare: CompareSection = Field(
+        default_factory=CompareSection,
+        description="named fine-tuning variants run by `rlrefine run` side by side (name -> finetune overrides, "
+                    "e.g. scst: {method: scst, generation: sample}) and `seeds`, the runs per variant")
 
     @model_validator(mode="after")
     def _layers_in_range(self) -> "RecipeConfig":
@@ -331,21 +352,23 @@ class RecipeConfig(Section):
         bad = [k for k in (self.finetune.layers or []) if not 1 <= k <= K]
         if bad:
             raise ValueError(f"finetune.layers {bad} out of range: layers are 1..K = 1..{K}")
-        for name in self.compare:
+        for name in self.compare.variants:
             self.variant(name)
         return self
 
-    def variant(self, name: str) -> FinetuneSection:
-        """The finetune section of a named comparison variant (its overrides on top of `finetune`)."""
-        overrides = self.compare[name]
+    def variant(self, name: str, seed: int = 0) -> FinetuneSection:
+        """The finetune section of a named comparison variant (its overrides on top of `finetune`); seed
+        s > 0 of it writes to `finetune_<name>_seed<s>`."""
+        overrides = self.compare.variants[name]
         if not isinstance(overrides, dict):
-            raise ValueError(f"compare.{name} must be a mapping of finetune keys, got {overrides!r}")
+            raise ValueError(f"compare.{name} must be a mapping of finetune keys (or compare.seeds an integer), got {overrides!r}")
         base = self.finetune.model_dump()
-        merged = _deep_merge(base, {**overrides, "output": f"finetune_{name}"})
+        output = f"finetune_{name}" + (f"_seed{seed}" if seed else "")
+        merged = _deep_merge(base, {**overrides, "output": output})
         try:
             return FinetuneSection.model_validate(merged)
         except ValidationError as err:
-            raise ValueError(format_validation_error(err, FinetuneSection, f"compare.{name}")) from None
+            raise ValueError(format_validation_error(err, FinetuneSection, f"compare.{name}", key_prefix=f"compare.{name}.")) from None
 
     @property
     def run_path(self) -> Path:
@@ -378,12 +401,13 @@ def _section_at(path: tuple, root: type) -> Any:
     return section
 
 
-def format_validation_error(err: ValidationError, root: type[BaseModel] = RecipeConfig, source: str = "recipe") -> str:
-    """One line per problem: the dotted key, what is wrong, and what is allowed."""
+def format_validation_error(err: ValidationError, root: type[BaseModel] = RecipeConfig, source: str = "recipe",
+                            key_prefix: str = "") -> str:
+    """One line per problem: the dotted key (after ``key_prefix``), what is wrong, and what is allowed."""
     lines = [f"{source} is invalid ({err.error_count()} problem{'s' * (err.error_count() > 1)}):"]
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not isinstance(p, int))
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        key = key_prefix + ".".join(str(p) for p in loc) if loc else "(top level)"
         if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             parent = _field_types(_section_at(loc[:-1], root))
             allowed = ", ".join(sorted(parent)) if parent is not None else "?"

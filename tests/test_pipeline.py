@@ -25,7 +25,7 @@ MICRO = [
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline")
-    assert main(["run", str(RECIPE), f"run_dir={out}", "threads=1", *MICRO]) == 0
+    assert main(["run", str(RECIPE), f"run_dir={out}", "threads=1", "compare.seeds=2", *MICRO]) == 0
     return out
 
 
@@ -49,6 +49,24 @@ def test_report_compares_xe_and_every_variant_per_layer(run_dir):
     assert result["XE"].get("kl_ref") is None  # the reference itself
     for row in dico["layers"]:
         assert 0.0 <= row["object_accuracy"] <= 1.0 and row["CIDEr-D"] >= 0.0 and row["evaluator"] >= 0.0
+        assert 0.0 <= row["grammaticality"] <= 1.0 and 1.0 <= row["vendi"] <= 6 and 0.0 <= row["hallucination_rate"] <= 1.0
+
+
+def test_every_variant_runs_with_each_seed_and_the_report_gives_mean_and_std(run_dir):
+    assert (run_dir / "finetune_dico_seed1" / "model" / "config.json").is_file()
+    assert (run_dir / "finetune_dico_teacher_seed1" / "model" / "config.json").is_file()
+    for stem in ("compare", "compare_test_novel"):
+        result = json.loads((run_dir / "report" / f"{stem}.json").read_text())
+        assert set(result) == {"XE", "dico", "dico_no_shaping", "dico_teacher", "scst"}
+        final = result["dico"]["final"]
+        for key in ("object_recall", "object_recall_multi", "hallucination_rate", "grammaticality"):
+            assert set(final[key]) == {"mean", "std", "n"} and final[key]["n"] == 2, key
+            per_seed = [run["final"][key] for run in result["dico"]["per_seed"]]
+            assert final[key]["mean"] == pytest.approx(sum(per_seed) / 2)
+        assert result["dico"]["seeds"] == 2 and isinstance(result["XE"]["final"]["object_recall"], float)
+        assert result["dico"]["kl_ref"]["n"] == 2
+    table = (run_dir / "report" / "compare.md").read_text()
+    assert "Split 'test_novel'" in table and " ± " in table
 
 
 def test_distill_benchmark_rescores_the_held_out_pairs(run_dir, capsys):

@@ -282,14 +282,15 @@ def spice(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, Sequence
 
 
 def caption_metrics(
-    gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, Sequence[str]]
+    gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, Sequence[str]], java: bool = True
 ) -> dict[str, float | None]:
     """All reference-based metrics: ``{"BLEU-4", "ROUGE-L", "CIDEr-D", "METEOR", "SPICE"}``;
-    METEOR / SPICE are ``None`` where unavailable (see :func:`meteor`, :func:`spice`)."""
+    METEOR / SPICE are ``None`` where unavailable (see :func:`meteor`, :func:`spice`) or not asked
+    for (``java=False``: each starts a Java process, seconds per call)."""
     return {
         "BLEU-4": bleu4(gts, res),
         "ROUGE-L": rouge_l(gts, res),
         "CIDEr-D": cider_d(gts, res),
-        "METEOR": meteor(gts, res),
-        "SPICE": spice(gts, res),
+        "METEOR": meteor(gts, res) if java else None,
+        "SPICE": spice(gts, res) if java else None,
     }

@@ -60,6 +60,10 @@ class ShapesSection(Section):
     num_test_novel: int = Field(1000, ge=1, description="images with held-out colour-shape combinations")
     max_objects: int = Field(3, ge=1, le=3)
     label_fraction: float = Field(0.1, ge=0.0, le=1.0, description="extra label-only examples, as a fraction of num_train")
+    references: Literal["salient", "complete"] = Field(
+        "salient", description="salient: references name the most salient object and leave others out with a probability "
+                               "that grows with their rank, as people do; complete: every reference names every object. The "
+                               "teacher evaluator always learns from complete descriptions (rlrefine.data.shapes)")
     seed: int = 0
 
 

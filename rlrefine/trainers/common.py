@@ -137,6 +137,7 @@ def load_splits(cfg: RecipeConfig, issues: DataIssues | None = None) -> dict:
         splits = generate_shapes(ShapesConfig(
             image_size=s.image_size, num_train=s.num_train, num_val=s.num_val, num_test=s.num_test,
             num_test_novel=s.num_test_novel, max_objects=s.max_objects, seed=s.seed, label_fraction=s.label_fraction,
+            references=s.references,
         ))
     elif data.kind == "coco":
         from rlrefine.data.coco import load_karpathy_split

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from rlrefine.config import RecipeConfig, RecipeError, load_recipe
 from rlrefine.data.datasets import BadImageError
+from rewards.custom import RewardTargetError
 
 log = logging.getLogger("rlrefine")
 
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:
         print(f"rlrefine: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, BadImageError) as exc:
+    except (FileNotFoundError, BadImageError, RewardTargetError) as exc:
         print(f"rlrefine: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -215,25 +215,74 @@ class PretrainSection(Section):
     max_nonfinite_steps: int = Field(10, ge=1, description="stop after this many non-finite losses in a row")
 
 
+REWARD_KINDS = ("learned", "distilled", "clip", "refclip", "pac", "refpac", "cider", "python", "sum", "grammar")
+
+
 class RewardSection(Section):
-    """Which reward scores captions (the `rewards` package protocol).
+    """Which reward scores captions (the `rewards` package protocol, rewards/__init__.py).
 
     learned / distilled: a directory written by `train-evaluator` / `distill-reward` (default: the
-    run's own); clip / refclip / pac / refpac: an open_clip architecture + a local checkpoint file.
+    run's own); clip / refclip / pac / refpac: an open_clip architecture + a local checkpoint file;
+    cider: CIDEr-D against the image's references, document frequencies from the training captions
+    (the classic SCST reward); python: your own reward, `target: "package.module:callable"` (+ kwargs);
+    sum: a weighted sum of `terms`, each logged as reward_terms/<name>; grammar: 1 when a caption is
+    in the shapes caption grammar, else 0 (shapes data only).
     """
 
-    kind: Literal["learned", "distilled", "clip", "refclip", "pac", "refpac"] = "distilled"
+    kind: Literal["learned", "distilled", "clip", "refclip", "pac", "refpac", "cider", "python", "sum", "grammar"] = Field(
+        "distilled", description="which reward (see above); every kind follows the same protocol")
     path: str | None = Field(None, description="evaluator / student directory (default: <run_dir>/evaluator or <run_dir>/distill)")
     model_name: str | None = Field(None, description="open_clip architecture for clip/pac, e.g. ViT-B-32")
     checkpoint: str | None = Field(None, description="local open_clip / PAC-S checkpoint for clip/pac")
-    batch_size: int = Field(512, ge=1)
+    batch_size: int = Field(512, ge=1, description="captions scored per forward pass (model rewards)")
+    target: str | None = Field(None, description="python: 'package.module:attribute'; a class is instantiated with kwargs "
+                                                 "(and device= if it takes one), any other callable is the reward itself")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="python: keyword arguments for target")
+    terms: list["RewardTerm"] = Field(default_factory=list, description="sum: the weighted terms, e.g. "
+                                      "[{weight: 1, reward: {kind: distilled}}, {weight: 0.5, reward: {kind: grammar}}]")
 
     @model_validator(mode="after")
     def _needs_checkpoint(self) -> "RewardSection":
         if self.kind in ("clip", "refclip", "pac", "refpac") and (self.model_name is None or self.checkpoint is None):
             raise ValueError(f"reward kind '{self.kind}' needs model_name and checkpoint (a local path)")
         _existing_path(self.checkpoint, "reward checkpoint")
+        if self.kind == "python":
+            if not self.target:
+                raise ValueError("reward kind 'python' needs target: 'package.module:callable' (a reward following the "
+                                 "protocol in rewards/__init__.py)")
+            from rewards.custom import resolve_target
+
+            resolve_target(self.target)  # an import error names the target now, before any stage runs
+        elif self.target is not None or self.kwargs:
+            raise ValueError(f"target / kwargs are for reward kind 'python', not '{self.kind}'")
+        if self.kind == "sum" and not self.terms:
+            raise ValueError("reward kind 'sum' needs terms: [{weight: w, reward: {kind: ...}}, ...]")
+        if self.kind != "sum" and self.terms:
+            raise ValueError(f"terms are for reward kind 'sum', not '{self.kind}'")
         return self
+
+    def term_names(self) -> list[str]:
+        """Names of a sum's terms: each term's `name`, else its reward kind (kind_2, kind_3 when repeated)."""
+        names: list[str] = []
+        for t in self.terms:
+            base = t.name or t.reward.kind
+            name, i = base, 1
+            while name in names:
+                i += 1
+                name = f"{base}_{i}"
+            names.append(name)
+        return names
+
+
+class RewardTerm(Section):
+    """One term of a `sum` reward: weight · reward."""
+
+    weight: float = Field(1.0, description="the term's weight w_t in r = Σ_t w_t · r_t")
+    name: str | None = Field(None, description="name in TensorBoard (reward_terms/<name>); default: the reward's kind")
+    reward: RewardSection = Field(description="any reward section (a sum may nest)")
+
+
+RewardSection.model_rebuild()
 
 
 class FinetuneSection(Section):

@@ -188,9 +188,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Loggers whose INFO lines are ours; everything else shows warnings and errors only (below DEBUG).
+OWN_LOGGERS = ("rlrefine", "rewards", "benchmarks", "__main__")
+# Third-party loggers quietened at the source below DEBUG (open_clip logs on the root logger and is
+# filtered by the console handler instead).
+QUIET_LOGGERS = ("accelerate", "transformers", "torch.distributed", "PIL", "matplotlib", "tensorboard")
+# Warnings known to be false for rlrefine's use, dropped below DEBUG:
+KNOWN_FALSE_WARNINGS = (
+    # accelerate.utils.other, on every checkpoint: the captioner ties its readout embedding and output
+    # weights; safetensors stores the tensor once and the tie is restored on load (resume is tested).
+    "Removed shared tensor",
+)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stderr is when a record is written (captured stderr included)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+class ConsoleFilter(logging.Filter):
+    """The default console: rlrefine's INFO lines, everyone's warnings and errors, minus the
+    known false warnings. Third-party INFO (open_clip's "Parsing model identifier...", accelerate's
+    "Saving current state...") is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        own = record.name.split(".")[0] in OWN_LOGGERS
+        if not own and record.levelno < logging.WARNING:
+            return False
+        if record.levelno < logging.ERROR and any(m in record.getMessage() for m in KNOWN_FALSE_WARNINGS):
+            return False
+        return True
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """One console handler on the root logger, replacing any an earlier call installed.
+
+    At DEBUG everything is shown, third-party lines included; at INFO (the default) and above the
+    console keeps rlrefine's own lines and real warnings (`ConsoleFilter`), and the noisiest
+    third-party loggers are set to WARNING so their INFO records are not even created.
+    """
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_rlrefine_console", False)]:
+        root.removeHandler(h)
+    handler = _StderrHandler()
+    handler._rlrefine_console = True
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    debug = logging.getLevelName(level) <= logging.DEBUG
+    if not debug:
+        handler.addFilter(ConsoleFilter())
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if debug else logging.WARNING)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging(args.log_level)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched from a hub at run time
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:

@@ -163,7 +163,7 @@ def meteor(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, Sequenc
     """Corpus METEOR 1.5 (``-l en -norm``) through pycocoevalcap's ``Meteor`` (a Java subprocess),
     or ``None`` when :func:`meteor_available` is False ("unavailable", never 0)."""
     if not meteor_available():
-        logger.info("METEOR unavailable (needs java and pycocoevalcap's meteor-1.5.jar)")
+        logger.debug("METEOR unavailable (needs java and pycocoevalcap's meteor-1.5.jar)")
         return None
     from pycocoevalcap.meteor.meteor import Meteor
 
@@ -180,7 +180,7 @@ def spice(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, Sequence
     """Corpus SPICE (Anderson et al. 2016) through pycocoevalcap's ``Spice``, or ``None`` when
     :func:`spice_available` is False (the CoreNLP jars are not shipped and are never downloaded)."""
     if not spice_available():
-        logger.info("SPICE unavailable (needs java, spice-1.0.jar and Stanford CoreNLP 3.6.0 jars)")
+        logger.debug("SPICE unavailable (needs java, spice-1.0.jar and Stanford CoreNLP 3.6.0 jars)")
         return None
     from pycocoevalcap.spice.spice import Spice
 

@@ -124,7 +124,7 @@ def pretrain(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[...,
     model = RefinementCaptioner(captioner_config(cfg, tokenizer))
     K = model.config.num_refine_layers
     n_params = sum(t.numel() for t in model.parameters() if t.requires_grad)
-    log.info("captioner: %.2fM trainable parameters, K=%d", n_params / 1e6, K)
+    log.debug("captioner: %.2fM trainable parameters, K=%d", n_params / 1e6, K)
 
     encoder_params = [t for t in model.encoder.parameters() if t.requires_grad]
     encoder_ids = {id(t) for t in encoder_params}
@@ -216,7 +216,7 @@ def pretrain(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[...,
             if name in splits:
                 report[name] = evaluate_split(core, splits[name], tokenizer, cfg, p.num_eval_images)
         (stage_dir / "report.json").write_text(json.dumps(report, indent=1))
-        log.info("pretrain report: %s", json.dumps({k: v for k, v in report.items() if k != "val"}))
+        log.debug("pretrain report: %s", json.dumps({k: v for k, v in report.items() if k != "val"}))
     acc.wait_for_everyone()
     acc.end_training()
     return report

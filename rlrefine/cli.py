@@ -2,6 +2,7 @@
 
     rlrefine run recipes/tiny.yaml                      # the whole pipeline, stages skipped when done
     rlrefine pretrain --config recipes/tiny.yaml pretrain.steps=200
+    rlrefine config recipes/tiny.yaml [key=value ...]  # the resolved recipe, every key described
     rlrefine <command> --help                           # what a command does and its options
 
 Every command takes `--config RECIPE` plus `dotted.key=value` overrides, validates the recipe before
@@ -85,6 +86,19 @@ def _run(args, cfg: RecipeConfig) -> None:
     from rlrefine.pipeline import run_pipeline
 
     run_pipeline(cfg, force=args.force, resume=args.resume)
+
+
+def _config(args) -> int:
+    from rlrefine.recipe_reference import annotated_yaml, markdown_reference
+
+    if args.markdown:
+        print(markdown_reference(), end="")
+        return 0
+    recipe, overrides = args.config, list(args.overrides)
+    if recipe is not None and "=" in recipe and not Path(recipe).is_file():  # `rlrefine config key=value` (no recipe)
+        recipe, overrides = None, [recipe, *overrides]
+    print(annotated_yaml(load_recipe(recipe, overrides)), end="")
+    return 0
 
 
 def _train_evaluator(args, cfg: RecipeConfig) -> None:
@@ -172,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(run, positional_config=True)
     run.add_argument("--force", action="store_true", help="redo every stage even if its output exists")
+    config = sub.add_parser(
+        "config", help="print a recipe resolved (every default filled in) with each key's description",
+        description="Prints the recipe after overrides as YAML, every key with its value (defaults included) and its "
+                    "description as a comment; the output loads back as the same recipe. --markdown prints the "
+                    "reference of every key instead (docs/recipe.md is `rlrefine config --markdown > docs/recipe.md`).",
+    )
+    config.add_argument("config", nargs="?", metavar="RECIPE", help="recipe YAML (default: the built-in defaults)")
+    config.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    config.add_argument("--markdown", action="store_true", help="print the reference of every recipe key (Markdown)")
+    config.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     for name, (_, short, long) in COMMANDS.items():
         p = sub.add_parser(name, help=short, description=long)
         _add_common(p)
@@ -255,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched from a hub at run time
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
+        if args.command == "config":
+            return _config(args)
         cfg = load_recipe(args.config, args.overrides)
         (_run if args.command == "run" else COMMANDS[args.command][0])(args, cfg)
     except RecipeError as exc:

@@ -234,7 +234,7 @@ class RewardSection(Section):
     """
 
     kind: Literal["learned", "distilled", "clip", "refclip", "pac", "refpac", "cider", "python", "sum", "grammar"] = Field(
-        "distilled", description="which reward (see above); every kind follows the same protocol")
+        "distilled", description="learned / distilled (a directory), clip / refclip / pac / refpac (open_clip + local checkpoint), cider, python, sum or grammar")
     path: str | None = Field(None, description="evaluator / student directory (default: <run_dir>/evaluator or <run_dir>/distill)")
     model_name: str | None = Field(None, description="open_clip architecture for clip/pac, e.g. ViT-B-32")
     checkpoint: str | None = Field(None, description="local open_clip / PAC-S checkpoint for clip/pac")

@@ -84,6 +84,11 @@ def test_report_compares_xe_and_every_variant_per_layer(run_dir):
     assert result["XE"].get("kl_ref") is None  # the reference itself
     # SCST against CIDEr-D, reported beside DiCO: its CIDEr-D at layer K
     assert result["scst_cider"]["final"]["CIDEr-D"] >= 0.0 and result["scst_cider"]["layers"][-1]["layer"] == 2
+    # every saved model says where it came from, and the report's evaluation is in its card
+    card = (run_dir / "finetune_scst_cider" / "model" / "README.md").read_text()
+    assert "## Evaluation" in card and "| layer |" in card and "kind: cider" in card and "rlrefine " in card
+    for d in ("pretrain/model", "evaluator", "distill"):
+        assert (run_dir / d / "README.md").is_file(), d
     import yaml
 
     ran = yaml.safe_load((run_dir / "finetune_scst_cider" / "recipe.yaml").read_text())["finetune"]

@@ -35,6 +35,7 @@ from rlrefine.config import FinetuneSection, RecipeConfig, dump_recipe
 from rlrefine.losses import dico_loss, kl_to_reference, layer_weights, schedule, scst_loss, shape_rewards
 from rlrefine.models import RefinementCaptioner
 from rlrefine.trainers.checkpoint import CheckpointManager
+from rlrefine.trainers.model_card import render_model_card
 from rlrefine.trainers.common import (
     NonFiniteGuard, batch_stream, eval_z0_seeds, load_images, load_splits, make_accelerator, step_z0_seeds,
     tensorboard_writer,
@@ -263,7 +264,10 @@ def finetune(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[...,
     report = {}
     if acc.is_main_process:
         core.eval()
-        core.save_pretrained(stage_dir / "model", tokenizer=tokenizer)
+        card = render_model_card(f"Refinement captioner ({f.method.upper()} fine-tuned, K = {K})",
+                                 f"{f.method.upper()} fine-tuning at layers {layers} against the `{f.reward.kind}` reward, "
+                                 f"{f.steps} steps from `{init}` (`rlrefine finetune`, output `{f.output}`).", cfg)
+        core.save_pretrained(stage_dir / "model", tokenizer=tokenizer, model_card=card)
         report = {"method": f.method, "steps": f.steps, "train_seconds": round(time.time() - t0, 1), "layers": layers}
         (stage_dir / "report.json").write_text(json.dumps(report, indent=1))
     acc.wait_for_everyone()

@@ -448,5 +448,5 @@ def train_evaluator(cfg: EvaluatorConfig, train_split: Any, val_split: Any | Non
     save_dual_encoder(model, out_dir, "evaluator", name, model_cfg,
                       {"w": cfg.score_w, "text_prefix": cfg.text_prefix, "clamp": True,
                        "metrics": metrics, "config": dataclasses.asdict(cfg)})
-    log.info("train-evaluator: saved to %s (%s)", out_dir, metrics)
+    log.debug("train-evaluator: saved to %s (%s)", out_dir, metrics)
     return metrics

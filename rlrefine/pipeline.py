@@ -51,6 +51,12 @@ def train_evaluator_stage(cfg: RecipeConfig, resume: bool = False, force: bool =
     if salient:
         metrics.update(_complete_over_partial(cfg, splits["val"], val.captions, acc.device))
     (cfg.run_path / "evaluator" / "report.json").write_text(json.dumps(metrics, indent=1))
+    if acc.is_main_process:
+        from rlrefine.trainers.model_card import scalars_table, write_model_card
+
+        write_model_card(cfg.run_path / "evaluator", "Learned evaluator (teacher reward)",
+                         "A CLIP-style dual encoder (open_clip classes) trained contrastively with hard negatives "
+                         "(`rlrefine train-evaluator`); load it with `rewards.LearnedScore.from_dir`.", cfg, scalars_table(metrics))
     acc.end_training()
     log.info("evaluator: swap accuracy %.3f (colour %.3f, shape %.3f, relation %.3f), R@1 i2t %.3f, complete description "
              "above every partial reference %.3f", *(metrics.get(k, float("nan")) for k in (
@@ -133,6 +139,12 @@ def distill_stage(cfg: RecipeConfig, resume: bool = False, force: bool = False) 
     scfg = dataclasses.replace(d.student, device=str(acc.device))
     metrics = distill_reward(scfg, teacher, splits["train"], cfg.run_path / "distill", candidates=candidates, logger=acc)
     (cfg.run_path / "distill" / "report.json").write_text(json.dumps(metrics, indent=1))
+    if acc.is_main_process:
+        from rlrefine.trainers.model_card import scalars_table, write_model_card
+
+        write_model_card(cfg.run_path / "distill", f"Distilled reward (student of the {d.teacher.kind} teacher)",
+                         "A compact student that imitates the teacher reward (`rlrefine distill-reward`); load it with "
+                         "`rewards.DistilledScore.from_dir`. Held-out fidelity to the teacher below.", cfg, scalars_table(metrics))
     acc.end_training()
     log.info("distilled reward: spearman %.3f, kendall %.3f, argmax agreement %.3f, %.0f vs %.0f pairs/s (student vs teacher)",
              metrics.get("spearman", float("nan")), metrics.get("kendall", float("nan")), metrics.get("argmax_agreement", float("nan")),
@@ -175,6 +187,12 @@ def evaluate_checkpoint(cfg: RecipeConfig, model_dir: Path, name: str, out_dir: 
     writer = SummaryWriter(str(out_dir / "tb"))
     write_report(result, out_dir, name=name, writer=writer)
     writer.close()
+    from rlrefine.evaluate import markdown_table
+    from rlrefine.trainers.model_card import set_card_metrics
+
+    if split_name == e.split:  # the card carries the main split's table
+        set_card_metrics(model_dir, f"Split `{e.split}`, {result['num_images']} images, evaluator `{e.evaluator.kind}` "
+                                    f"(full results: `{out_dir}/metrics.json`).\n\n" + markdown_table(result))
     return result
 
 

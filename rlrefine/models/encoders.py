@@ -31,6 +31,7 @@ carries everything it needs (weights in its safetensors, architecture in ``encod
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -325,6 +326,34 @@ def _init_weights(module: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------------- open_clip
+class _DropMessages(logging.Filter):
+    """Drops log records whose message contains one of `fragments`."""
+
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(f in message for f in self.fragments)
+
+
+@contextlib.contextmanager
+def _without_random_init_warnings():
+    """Building a saved captioner's open_clip tower from its architecture alone (`load_weights=False`)
+    makes open_clip warn "No pretrained weights loaded ... Model initialized randomly" and "Local config
+    loaded, but no CLIP weights found" (on the root logger). Both are false here: the tower's weights
+    are in the captioner's model.safetensors and are loaded right after. Only these two records of
+    this one call are dropped."""
+    drop = _DropMessages("No pretrained weights loaded for model", "but no CLIP weights found in")
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 class OpenCLIPVisual(ImageEncoder):
     """The visual tower of an open_clip model, as a token sequence.
 
@@ -350,7 +379,8 @@ class OpenCLIPVisual(ImageEncoder):
             d = Path(architecture_dir)
             if not (d / "open_clip_config.json").is_file():
                 raise FileNotFoundError(f"open_clip architecture file not found: {d / 'open_clip_config.json'}")
-            model = open_clip.create_model(LOCAL_DIR + str(d), load_weights=False)
+            with _without_random_init_warnings():
+                model = open_clip.create_model(LOCAL_DIR + str(d), load_weights=False)
             arch = json.loads((d / "open_clip_config.json").read_text())
         elif checkpoint is None:
             raise ValueError("open_clip encoder needs `checkpoint`: a local checkpoint file or 'local-dir:/folder' "

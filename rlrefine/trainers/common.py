@@ -330,18 +330,4 @@ def eval_z0_seeds(index: torch.Tensor | np.ndarray, seed: int = 0) -> torch.Tens
     return torch.as_tensor(np.asarray(index), dtype=torch.long) * 1_000_003 + seed
 
 
-def build_reward(section, cfg: RecipeConfig, device):
-    """The reward a recipe section names (rewards protocol), on `device`, ready for inference."""
-    import rewards
-
-    kind = section.kind
-    if kind == "learned":
-        score = rewards.LearnedScore.from_dir(section.path or cfg.run_path / "evaluator", device=device)
-    elif kind == "distilled":
-        score = rewards.DistilledScore.from_dir(section.path or cfg.run_path / "distill", device=device)
-    else:
-        cls = {"clip": rewards.CLIPScore, "refclip": rewards.RefCLIPScore, "pac": rewards.PACScore, "refpac": rewards.RefPACScore}[kind]
-        score = cls.from_pretrained(section.model_name, section.checkpoint, device=device)
-    if hasattr(score, "batch_size"):
-        score.batch_size = section.batch_size
-    return score
+from rlrefine.trainers.reward_factory import build_reward  # noqa: E402,F401 (its old home; kept importable)

@@ -183,7 +183,8 @@ def evaluate_checkpoint(cfg: RecipeConfig, model_dir: Path, name: str, out_dir: 
                             max_len=cfg.finetune.max_len, schedule_kind=cfg.pretrain.schedule, schedule_eps=cfg.pretrain.schedule_eps,
                             weights_kind=cfg.pretrain.layer_weights, alpha=e.alpha, extra_rewards=extra, reference=reference,
                             java_metrics=e.java_metrics)
-    result.update({"model": str(model_dir), "split": split_name})
+    result.update({"model": str(model_dir), "split": split_name,
+                   "evaluate_config": e.model_dump(mode="json", exclude={"split", "extra_splits"})})
     writer = SummaryWriter(str(out_dir / "tb"))
     write_report(result, out_dir, name=name, writer=writer)
     writer.close()
@@ -290,8 +291,10 @@ def report(cfg: RecipeConfig, resume: bool = False) -> str:
             runs = []
             for s, model_dir in enumerate(dirs):
                 sub = name + (f"_seed{s}" if s else "")
-                runs.append(evaluate_checkpoint(cfg, model_dir, sub, out / (sub if main else f"{split}/{sub}"),
-                                                reference_dir=xe_dir, split_name=split))
+                sub_dir = out / (sub if main else f"{split}/{sub}")
+                cached = _cached_evaluation(cfg, model_dir, sub_dir, split)
+                runs.append(cached if cached is not None else
+                            evaluate_checkpoint(cfg, model_dir, sub, sub_dir, reference_dir=xe_dir, split_name=split))
             results[name] = aggregate_seeds(runs)
             log.info("evaluated %s on %s (%d model%s) in %.0f s", name, split, len(dirs), "s" * (len(dirs) > 1), time.time() - t0)
         stem = "compare" if main else f"compare_{split}"
@@ -305,6 +308,21 @@ def report(cfg: RecipeConfig, resume: bool = False) -> str:
     text = "\n".join(tables)
     (out / "compare.md").write_text(text)
     return text
+
+
+def _cached_evaluation(cfg: RecipeConfig, model_dir: Path, out_dir: Path, split: str) -> dict | None:
+    """A model's earlier evaluation in ``out_dir`` when it is still valid: written after the model's
+    weights, of the same model on the same split with the same `evaluate` settings (so adding a variant
+    or a seed re-evaluates only the new models). None otherwise."""
+    metrics, weights = out_dir / "metrics.json", Path(model_dir) / "model.safetensors"
+    if not metrics.is_file() or not weights.is_file() or metrics.stat().st_mtime <= weights.stat().st_mtime:
+        return None
+    result = json.loads(metrics.read_text())
+    settings = cfg.evaluate.model_dump(mode="json", exclude={"split", "extra_splits"})
+    if result.get("split") != split or result.get("evaluate_config") != settings or Path(result.get("model", "")) != Path(model_dir):
+        return None
+    log.info("report: reusing %s (newer than %s)", metrics, weights)
+    return result
 
 
 def _report_stage(cfg: RecipeConfig, resume: bool = False, force: bool = False) -> None:

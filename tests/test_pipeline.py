@@ -195,3 +195,17 @@ def test_pretrain_on_the_evaluator_tower_trains_the_evaluator_first(tmp_path, ca
     cfg = load_recipe(RECIPE, [f"run_dir={tmp_path / 'fresh'}", *MICRO])
     with pytest.raises(FileNotFoundError, match="rlrefine train-evaluator"):
         captioner_config(cfg, None)
+
+
+def test_report_reuses_evaluations_that_are_still_valid(run_dir, caplog):
+    from rlrefine.config import load_recipe
+    from rlrefine.pipeline import _cached_evaluation
+
+    cfg = load_recipe(RECIPE, [f"run_dir={run_dir}", "threads=1", "compare.seeds=2", *MICRO, SCST_CIDER])
+    model, out = run_dir / "finetune_dico" / "model", run_dir / "report" / "dico"
+    assert _cached_evaluation(cfg, model, out, "test")["model"] == str(model)
+    assert _cached_evaluation(cfg, model, out, "test_novel") is None  # another split
+    fewer = load_recipe(RECIPE, [f"run_dir={run_dir}", *MICRO, "evaluate.num_images=3"])
+    assert _cached_evaluation(fewer, model, out, "test") is None  # other settings
+    (model / "model.safetensors").touch()  # the model changed after its evaluation
+    assert _cached_evaluation(cfg, model, out, "test") is None

@@ -27,7 +27,8 @@ What it reports (one JSON line):
   num_return_sequences=n)` on a GPT-2 decoder with cross-attention (width d_model, readout_layers
   layers, n_heads heads, the same vocabulary, random weights) cross-attending to the image tokens,
   at the same number of (image, layer) groups, beams and tokens (`min_new_tokens` = `max_new_tokens`).
-  `decode_vs_generate_with_encoder`: the readout's figure including its image tower and refinement.
+  `decode_vs_generate_with_encoder` (not under --quick): the readout's figure including its image
+  tower and refinement; `decode_gflop`: both decoders' FLOPs.
 * `student_speedup`: the teacher's reward time per DiCO step over the student's
   (`rewards.text_student`: the teacher's image tower, once per image, + a small text tower), both on
   the captions of the last DiCO rollout; `student_reward_share`: the reward's share of the step with it.
@@ -79,6 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--memory", action="store_true", help="measure memory under --quick too (two extra DiCO steps)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement (the default under --quick)")
     p.add_argument("--no-decode", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--no-step", action="store_true", help="skip the DiCO / XE step timing and the student (e.g. a decode-only run)")
     args = p.parse_args(argv)
     args.batch = args.batch or (1 if args.quick else 2)
     args.decode_batch = args.decode_batch or args.batch
@@ -260,49 +262,67 @@ def main(argv=None) -> dict:
                   "memory_exact": bool(exact1 and mem.exact)}
         phases.timer.next_iteration(keep=False)
 
-    # -- warm-up (FLOPs counted here: FlopCounterMode slows what it counts, so never on a timed step)
-    b = args.batch
-    xe_flops = flops_of(lambda: xe_forward_backward(b))
-    core.zero_grad(set_to_none=True)
-    phases.count_flops = True
-    dico_step(b)
-    phases.count_flops = False
-    fl = phases.flops
-    for _ in range(max(0, args.warmup - 1)):
-        xe_step(b)
+    step = {}
+    if not args.no_step:
+        # -- warm-up (FLOPs counted here: FlopCounterMode slows what it counts, so never on a timed step)
+        b = args.batch
+        xe_flops = flops_of(lambda: xe_forward_backward(b))
+        core.zero_grad(set_to_none=True)
+        phases.count_flops = True
         dico_step(b)
-    phases.timer.next_iteration(keep=False)
+        phases.count_flops = False
+        fl = phases.flops
+        for _ in range(max(0, args.warmup - 1)):
+            xe_step(b)
+            dico_step(b)
+        phases.timer.next_iteration(keep=False)
 
-    t_xe, t_dico = [], []
-    for _ in range(args.repeats):
-        t_xe.append(C.timeit(lambda: xe_step(b), device))
-        t_dico.append(C.timeit(lambda: dico_step(b), device))
-        phases.timer.add("total", t_dico[-1])
-        phases.timer.next_iteration()
-    med = phases.timer.medians()
-    total = med.pop("total")
-    breakdown = {k: round(v, 4) for k, v in med.items()}
-    breakdown["other"] = round(total - sum(med.values()), 4)
-    m_xe, m_dico = sorted(t_xe)[len(t_xe) // 2], sorted(t_dico)[len(t_dico) // 2]
-    ratio = m_dico / m_xe
-    cap_flops = sum(fl.get(k, 0) for k in ("generation", "policy_forward", "policy_backward", "reference_forward"))
-    floor = (cap_flops + fl.get("reward", 0)) / xe_flops
-    floor_cap = cap_flops / xe_flops
+        t_xe, t_dico = [], []
+        for _ in range(args.repeats):
+            t_xe.append(C.timeit(lambda: xe_step(b), device))
+            t_dico.append(C.timeit(lambda: dico_step(b), device))
+            phases.timer.add("total", t_dico[-1])
+            phases.timer.next_iteration()
+        med = phases.timer.medians()
+        total = med.pop("total")
+        breakdown = {k: round(v, 4) for k, v in med.items()}
+        breakdown["other"] = round(total - sum(med.values()), 4)
+        m_xe, m_dico = sorted(t_xe)[len(t_xe) // 2], sorted(t_dico)[len(t_dico) // 2]
+        ratio = m_dico / m_xe
+        cap_flops = sum(fl.get(k, 0) for k in ("generation", "policy_forward", "policy_backward", "reference_forward"))
+        floor = (cap_flops + fl.get("reward", 0)) / xe_flops
+        floor_cap = cap_flops / xe_flops
 
-    # -- the student for PAC-S, on the captions of the last rollout --------------------------------
-    scfg = TextStudentConfig(width=args.student_width, layers=args.student_layers, heads=args.student_heads,
-                             context_length=args.student_context, seed=args.seed)
-    student = build_text_student(pacs, scfg)
-    im, caps, idx = reward.last
-    student(im, caps, image_index=idx)  # warm-up (the teacher is warm from the DiCO steps)
-    t_teacher, t_student, t_img = [], [], []
-    for _ in range(args.repeats):  # interleaved, so machine load hits both alike
-        t_teacher.append(C.timeit(lambda: pacs(im, caps, image_index=idx), device))
-        t_student.append(C.timeit(lambda: student(im, caps, image_index=idx), device))
-        t_img.append(C.timeit(lambda: pacs.embed_images(im), device))
-    t_teacher, t_student, t_img = (sorted(t)[len(t) // 2] for t in (t_teacher, t_student, t_img))
-    reward_s = breakdown.get("reward", 0.0)
-    student_step = total - reward_s + t_student
+        # -- the student for PAC-S, on the captions of the last rollout --------------------------------
+        scfg = TextStudentConfig(width=args.student_width, layers=args.student_layers, heads=args.student_heads,
+                                 context_length=args.student_context, seed=args.seed)
+        student = build_text_student(pacs, scfg)
+        im, caps, idx = reward.last
+        student(im, caps, image_index=idx)  # warm-up (the teacher is warm from the DiCO steps)
+        t_teacher, t_student, t_img = [], [], []
+        for _ in range(args.repeats):  # interleaved, so machine load hits both alike
+            t_teacher.append(C.timeit(lambda: pacs(im, caps, image_index=idx), device))
+            t_student.append(C.timeit(lambda: student(im, caps, image_index=idx), device))
+            t_img.append(C.timeit(lambda: pacs.embed_images(im), device))
+        t_teacher, t_student, t_img = (sorted(t)[len(t) // 2] for t in (t_teacher, t_student, t_img))
+        reward_s = breakdown.get("reward", 0.0)
+        student_step = total - reward_s + t_student
+
+        step = {
+            "ratio": round(ratio, 2), "floor": round(floor, 2), "dico_over_floor": round(ratio / floor, 3),
+            "floor_captioner": round(floor_cap, 2), "dico_over_floor_captioner": round(ratio / floor_cap, 3),
+            "dico_step_s": round(m_dico, 4), "xe_step_s": round(m_xe, 4),
+            "dico_step_s_all": [round(t, 4) for t in t_dico], "xe_step_s_all": [round(t, 4) for t in t_xe],
+            "breakdown_s": breakdown, "breakdown_share": {k: round(v / total, 3) for k, v in breakdown.items()},
+            "reward_share": round(reward_s / total, 3),
+            "xe_gflop": round(xe_flops / 1e9, 3), "dico_gflop": {k: round(v / 1e9, 3) for k, v in sorted(fl.items())},
+            "student_speedup": round(t_teacher / t_student, 2),
+            "teacher_reward_s": round(t_teacher, 4), "student_reward_s": round(t_student, 4),
+            "teacher_image_tower_s": round(t_img, 4),
+            "student_reward_share": round(t_student / student_step, 3),
+            "dico_step_s_with_student": round(student_step, 4),
+            "reward_pairs": len(caps), "reward_unique_captions": len(set(caps)), "student": student.name,
+        }
 
     # -- decode: the readout's batched all-layer beam search vs transformers' generate -------------
     decode = {}
@@ -331,7 +351,6 @@ def main(argv=None) -> dict:
         out = readout_decode()
         assert int(out.lengths.sum()) == tokens, "a readout caption stopped before max_len"
         t_readout, _ = C.median_time(readout_decode, device, args.repeats, 0)  # the checked call was its warm-up
-        t_readout_enc, _ = C.median_time(lambda: gen(dpix, dseeds, all_layers, **kw), device, args.repeats, 0)
         gpt2 = gpt2_decoder(args, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id).to(device)
         groups = db * K
         enc = V.repeat_interleave(K, dim=0)  # one group per (image, layer), as the readout's prefixes
@@ -346,35 +365,24 @@ def main(argv=None) -> dict:
         hf_out = hf_generate()
         assert hf_out.shape == (groups * n, T), f"generate returned {tuple(hf_out.shape)}"
         t_hf, _ = C.median_time(hf_generate, device, args.repeats, 0)
-        step_flops = {"readout": flops_of(readout_decode), "gpt2": flops_of(hf_generate)}
         decode = {"decode_vs_generate": round(t_hf / t_readout, 3),
-                  "decode_vs_generate_with_encoder": round(t_hf / t_readout_enc, 3),
                   "readout_tokens_per_s": round(tokens / t_readout, 1),
-                  "readout_tokens_per_s_with_encoder": round(tokens / t_readout_enc, 1),
-                  "generate_tokens_per_s": round(tokens / t_hf, 1),
-                  "decode_gflop": {k: round(v / 1e9, 3) for k, v in step_flops.items()},
-                  "decode_images": db, "decode_groups": groups, "decode_tokens": tokens,
+                  "generate_tokens_per_s": round(tokens / t_hf, 1)}
+        if not args.quick:  # the readout with its image tower and refinement, and both decoders' FLOPs
+            t_readout_enc, _ = C.median_time(lambda: gen(dpix, dseeds, all_layers, **kw), device, args.repeats, 0)
+            decode.update(decode_vs_generate_with_encoder=round(t_hf / t_readout_enc, 3),
+                          readout_tokens_per_s_with_encoder=round(tokens / t_readout_enc, 1),
+                          decode_gflop={"readout": round(flops_of(readout_decode) / 1e9, 3),
+                                        "gpt2": round(flops_of(hf_generate) / 1e9, 3)})
+        decode.update({"decode_images": db, "decode_groups": groups, "decode_tokens": tokens,
                   "gpt2": f"GPT2LMHeadModel(n_embd={args.d_model}, n_layer={args.readout_layers}, n_head={args.heads}, "
-                          f"add_cross_attention=True, vocab={tokenizer.vocab_size}), cross-attending to {V.shape[1]} image tokens"}
+                          f"add_cross_attention=True, vocab={tokenizer.vocab_size}), cross-attending to {V.shape[1]} image tokens"})
 
     result = {
         "benchmark": "realsize",
-        "ratio": round(ratio, 2), "floor": round(floor, 2), "dico_over_floor": round(ratio / floor, 3),
-        "floor_captioner": round(floor_cap, 2), "dico_over_floor_captioner": round(ratio / floor_cap, 3),
-        "dico_step_s": round(m_dico, 4), "xe_step_s": round(m_xe, 4),
-        "dico_step_s_all": [round(t, 4) for t in t_dico], "xe_step_s_all": [round(t, 4) for t in t_xe],
-        "breakdown_s": breakdown, "breakdown_share": {k: round(v / total, 3) for k, v in breakdown.items()},
-        "reward_share": round(reward_s / total, 3),
-        "xe_gflop": round(xe_flops / 1e9, 3), "dico_gflop": {k: round(v / 1e9, 3) for k, v in sorted(fl.items())},
-        "student_speedup": round(t_teacher / t_student, 2),
-        "teacher_reward_s": round(t_teacher, 4), "student_reward_s": round(t_student, 4),
-        "teacher_image_tower_s": round(t_img, 4),
-        "student_reward_share": round(t_student / student_step, 3),
-        "dico_step_s_with_student": round(student_step, 4),
-        "reward_pairs": len(caps), "reward_unique_captions": len(set(caps)),
-        **decode, **memory,
-        "reward": pacs.name, "student": student.name,
-        "images": b, "K": K, "n": n, "max_len": T, "d_model": args.d_model, "slots": args.slots,
+        **step, **decode, **memory,
+        "reward": pacs.name,
+        "images": args.batch, "K": K, "n": n, "max_len": T, "d_model": args.d_model, "slots": args.slots,
         "readout_layers": args.readout_layers, "encoder": args.encoder, "image_size": args.image_size,
         "vocab": tokenizer.vocab_size,
         "peak_memory_mb": total_mem.peak_mb(),

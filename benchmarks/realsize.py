@@ -350,7 +350,6 @@ def main(argv=None) -> dict:
 
         out = readout_decode()
         assert int(out.lengths.sum()) == tokens, "a readout caption stopped before max_len"
-        t_readout, _ = C.median_time(readout_decode, device, args.repeats, 0)  # the checked call was its warm-up
         gpt2 = gpt2_decoder(args, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id).to(device)
         groups = db * K
         enc = V.repeat_interleave(K, dim=0)  # one group per (image, layer), as the readout's prefixes
@@ -362,12 +361,17 @@ def main(argv=None) -> dict:
                                      num_beams=n, num_return_sequences=n, do_sample=False, max_new_tokens=T - 1,
                                      min_new_tokens=T - 1, length_penalty=0.0, early_stopping=False)
 
-        hf_out = hf_generate()
+        hf_out = hf_generate()  # checked, and the warm-up of both (readout_decode ran above)
         assert hf_out.shape == (groups * n, T), f"generate returned {tuple(hf_out.shape)}"
-        t_hf, _ = C.median_time(hf_generate, device, args.repeats, 0)
+        t_readout, t_hf = [], []
+        for _ in range(args.repeats):  # interleaved, so machine load hits both alike
+            t_readout.append(C.timeit(readout_decode, device))
+            t_hf.append(C.timeit(hf_generate, device))
+        decode_all = {"readout_s_all": [round(t, 3) for t in t_readout], "generate_s_all": [round(t, 3) for t in t_hf]}
+        t_readout, t_hf = sorted(t_readout)[len(t_readout) // 2], sorted(t_hf)[len(t_hf) // 2]
         decode = {"decode_vs_generate": round(t_hf / t_readout, 3),
                   "readout_tokens_per_s": round(tokens / t_readout, 1),
-                  "generate_tokens_per_s": round(tokens / t_hf, 1)}
+                  "generate_tokens_per_s": round(tokens / t_hf, 1), **decode_all}
         if not args.quick:  # the readout with its image tower and refinement, and both decoders' FLOPs
             t_readout_enc, _ = C.median_time(lambda: gen(dpix, dseeds, all_layers, **kw), device, args.repeats, 0)
             decode.update(decode_vs_generate_with_encoder=round(t_hf / t_readout_enc, 3),

@@ -159,7 +159,7 @@ def distill_text_tower(student: TextStudentScore, teacher: OpenCLIPReward, image
         loss.backward()
         opt.step()
         sched.step()
-        last = {"loss": float(loss), "embedding_loss": float(loss_emb), "score_loss": float(loss_score)}
+        last = {"loss": loss.item(), "embedding_loss": loss_emb.item(), "score_loss": loss_score.item()}
     text.eval()
     student.bias = float(bias.detach())
     log.debug("text student distilled: %s", last)

@@ -35,6 +35,8 @@ Public API
   ``register_model_config(name, cfg)``, ``BatchedPreprocess``.
 * :mod:`rewards.evaluator`: ``EvaluatorConfig``, ``train_evaluator`` (the ``train-evaluator`` stage).
 * :mod:`rewards.distill`: ``DistillConfig``, ``distill_reward``, ``DistilledScore`` (``distill-reward``).
+* :mod:`rewards.text_student`: ``TextStudentConfig``, ``build_text_student``, ``distill_text_tower``,
+  ``TextStudentScore`` (a student for CLIP-sized teachers: the teacher's image tower, a small text tower).
 * :mod:`rewards.shaping`: ``schedule``, ``length_budget``, ``shape_rewards`` (DESIGN section 4).
 * :mod:`rewards.cider`: ``CiderD`` (the one CIDEr-D implementation, also behind the metric),
   ``CiderReward`` (recipe ``kind: cider``: document frequencies from the training captions).
@@ -65,6 +67,7 @@ from .evaluator import EvaluatorConfig, swap_attribute, train_evaluator
 from .loading import BatchedPreprocess, load_open_clip, read_state_dict, register_model_config
 from .grammar import GrammarReward
 from .shaping import length_budget, schedule, shape_rewards
+from .text_student import TextStudentConfig, TextStudentScore, build_text_student, distill_text_tower
 from .weighted import WeightedSum
 
 __all__ = [
@@ -82,10 +85,14 @@ __all__ = [
     "RefCLIPScore",
     "RefPACScore",
     "RewardTargetError",
+    "TextStudentConfig",
+    "TextStudentScore",
     "WeightedSum",
+    "build_text_student",
     "check_reward",
     "clip_s",
     "distill_reward",
+    "distill_text_tower",
     "harmonic_mean",
     "kendall_tau",
     "length_budget",

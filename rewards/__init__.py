@@ -1,4 +1,5 @@
-"""Caption rewards for rlrefine: CLIP-S, RefCLIP-S, PAC-S, RefPAC-S, learned and distilled evaluators.
+"""Caption rewards for rlrefine: CLIP-S, RefCLIP-S, PAC-S, RefPAC-S, learned and distilled evaluators,
+CIDEr-D, and rewards users bring (a python target, weighted sums, the shapes grammar).
 
 Where it sits: ``rlrefine.data -> rlrefine.models -> rewards -> rlrefine.losses -> trainers``.
 This package imports nothing from ``rlrefine`` above the data layer.
@@ -34,8 +35,21 @@ Public API
   ``register_model_config(name, cfg)``, ``BatchedPreprocess``.
 * :mod:`rewards.evaluator`: ``EvaluatorConfig``, ``train_evaluator`` (the ``train-evaluator`` stage).
 * :mod:`rewards.distill`: ``DistillConfig``, ``distill_reward``, ``DistilledScore`` (``distill-reward``).
+* :mod:`rewards.text_student`: ``TextStudentConfig``, ``build_text_student``, ``distill_text_tower``,
+  ``TextStudentScore`` (a student for CLIP-sized teachers: the teacher's image tower, a small text tower).
 * :mod:`rewards.shaping`: ``schedule``, ``length_budget``, ``shape_rewards`` (DESIGN section 4).
+* :mod:`rewards.cider`: ``CiderD`` (the one CIDEr-D implementation, also behind the metric),
+  ``CiderReward`` (recipe ``kind: cider``: document frequencies from the training captions).
+* :mod:`rewards.custom`: ``python_reward(target, kwargs)`` (``kind: python``), ``check_reward`` (the
+  probe call every python reward passes before training).
+* :mod:`rewards.weighted`: ``WeightedSum`` (``kind: sum``; ``term_scores`` for per-term logging).
+* :mod:`rewards.grammar`: ``GrammarReward`` (``kind: grammar``, the shapes caption grammar).
+
+A reward of your own needs only ``__call__`` with the signature above; ``embed_images`` /
+``embed_texts`` are optional (used for hard-pair mining and the text-embedding progress curve when
+the reward is the evaluator).
 """
+from .cider import CiderD, CiderReward
 from .clip_score import (
     CLIPScore,
     LearnedScore,
@@ -47,27 +61,42 @@ from .clip_score import (
     harmonic_mean,
     ref_text_similarity,
 )
+from .custom import RewardTargetError, check_reward, python_reward
 from .distill import DistillConfig, DistilledScore, distill_reward, kendall_tau, spearman
 from .evaluator import EvaluatorConfig, swap_attribute, train_evaluator
 from .loading import BatchedPreprocess, load_open_clip, read_state_dict, register_model_config
+from .grammar import GrammarReward
 from .shaping import length_budget, schedule, shape_rewards
+from .text_student import TextStudentConfig, TextStudentScore, build_text_student, distill_text_tower
+from .weighted import WeightedSum
 
 __all__ = [
     "BatchedPreprocess",
     "CLIPScore",
+    "CiderD",
+    "CiderReward",
     "DistillConfig",
     "DistilledScore",
     "EvaluatorConfig",
+    "GrammarReward",
     "LearnedScore",
     "OpenCLIPReward",
     "PACScore",
     "RefCLIPScore",
     "RefPACScore",
+    "RewardTargetError",
+    "TextStudentConfig",
+    "TextStudentScore",
+    "WeightedSum",
+    "build_text_student",
+    "check_reward",
     "clip_s",
     "distill_reward",
+    "distill_text_tower",
     "harmonic_mean",
     "kendall_tau",
     "length_budget",
+    "python_reward",
     "load_open_clip",
     "read_state_dict",
     "ref_text_similarity",

@@ -749,5 +749,5 @@ def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: s
     metrics["train_pairs"] = float(len(train_pairs.caption))
     _log(logger, {f"distill/{k}": v for k, v in metrics.items()}, cfg.steps)
     save_dual_encoder(model, out_dir, "student", name, model_cfg, {**manifest, "metrics": metrics})
-    log.info("distill-reward: saved to %s (%s)", out_dir, metrics)
+    log.debug("distill-reward: saved to %s (%s)", out_dir, metrics)
     return metrics

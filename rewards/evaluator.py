@@ -45,13 +45,16 @@ from .loading import BatchedPreprocess
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvaluatorConfig", "evaluate_dual_encoder", "swap_attribute", "train_evaluator"]
+__all__ = ["EvaluatorConfig", "evaluate_dual_encoder", "preference_rate", "swap_attribute", "train_evaluator"]
 
 def shapes_attribute_groups() -> dict[str, tuple[str, ...]]:
-    """Attribute vocabulary of the shapes data (its colour and shape words); swaps stay in a group."""
+    """Attribute vocabulary of the shapes data; swaps stay in a group. Colours and shapes, and
+    relations ("above" <-> "below", "over" <-> "under", "left" <-> "right"): a group named
+    ``kind:variant`` is also reported under ``kind`` (``swap_acc/relation``)."""
     from rlrefine.data.shapes import COLOURS, SHAPES
 
-    return {"colour": tuple(COLOURS), "shape": tuple(SHAPES)}
+    return {"colour": tuple(COLOURS), "shape": tuple(SHAPES), "relation": ("above", "below"),
+            "relation:alt": ("over", "under"), "relation:side": ("left", "right")}
 
 
 @dataclass
@@ -196,7 +199,8 @@ def evaluate_dual_encoder(model, tokenizer, preprocess, split: Any,
     """Held-out metrics of an open_clip dual encoder on a caption split.
 
     * ``swap_acc``: fraction of (image, reference) pairs where cos(image, reference) is strictly
-      above cos(image, reference with one attribute swapped); ``swap_acc/<group>`` per group.
+      above cos(image, reference with one attribute swapped); ``swap_acc/<group>`` per group (and
+      per kind, the part of a ``kind:variant`` group name before the colon).
     * ``r1_i2t``: image -> text R@1 over the first reference of each image (a hit when the top
       caption is one of the image's references); ``r1_t2i``: the reverse.
     """
@@ -224,8 +228,9 @@ def evaluate_dual_encoder(model, tokenizer, preprocess, split: Any,
         cos_swap = (img[own] * t[len(owner):]).sum(-1)
         wins = (cos_true > cos_swap).float()
         metrics["swap_acc"] = float(wins.mean())
-        for name in sorted(set(gname)):
-            sel = torch.tensor([g == name for g in gname], device=wins.device)
+        kinds = sorted(set(gname) | {g.split(":")[0] for g in gname})
+        for name in kinds:
+            sel = torch.tensor([g == name or g.split(":")[0] == name for g in gname], device=wins.device)
             metrics[f"swap_acc/{name}"] = float(wins[sel].mean())
         metrics["swap_pairs"] = float(len(owner))
     first = [text_prefix + caps[0] for caps in captions[:n]]
@@ -238,6 +243,28 @@ def evaluate_dual_encoder(model, tokenizer, preprocess, split: Any,
     metrics["r1_t2i"] = float(np.mean([first[j] in ref_sets[i] for j, i in enumerate(top_i)]))
     model.train(was_training)
     return metrics
+
+
+@torch.no_grad()
+def preference_rate(reward: Any, images: Any, preferred: Sequence[str], others: Sequence[Sequence[str]]) -> dict[str, float]:
+    """How often ``reward`` scores ``preferred[i]`` strictly above every caption of ``others[i]`` for
+    image i (images with no other caption are left out): ``rate`` and the ``images`` counted.
+
+    With the complete description as ``preferred`` and the references that leave objects out as
+    ``others`` it measures whether an evaluator knows more than the references (the gap reward
+    fine-tuning can exploit)."""
+    rows = [i for i, o in enumerate(others) if o]
+    if not rows:
+        return {"rate": float("nan"), "images": 0.0}
+    owner = [i for i in rows for _ in range(1 + len(others[i]))]
+    texts = [c for i in rows for c in (preferred[i], *others[i])]
+    scores = reward(images[torch.as_tensor(owner)], texts).float().cpu()
+    wins, at = 0, 0
+    for i in rows:
+        block = scores[at:at + 1 + len(others[i])]
+        wins += int(bool(block[0] > block[1:].max()))
+        at += len(block)
+    return {"rate": wins / len(rows), "images": float(len(rows))}
 
 
 def _log(logger: Any, metrics: Mapping[str, float], step: int) -> None:
@@ -423,5 +450,5 @@ def train_evaluator(cfg: EvaluatorConfig, train_split: Any, val_split: Any | Non
     save_dual_encoder(model, out_dir, "evaluator", name, model_cfg,
                       {"w": cfg.score_w, "text_prefix": cfg.text_prefix, "clamp": True,
                        "metrics": metrics, "config": dataclasses.asdict(cfg)})
-    log.info("train-evaluator: saved to %s (%s)", out_dir, metrics)
+    log.debug("train-evaluator: saved to %s (%s)", out_dir, metrics)
     return metrics

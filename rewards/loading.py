@@ -235,7 +235,7 @@ def load_open_clip(model_name: str, checkpoint: str | Path | None = None,
     preprocess = BatchedPreprocess(pcfg.get("size", 224), pcfg["mean"], pcfg["std"],
                                    pcfg.get("interpolation", "bicubic"))
     tokenizer = open_clip.get_tokenizer(model_name)
-    log.info("loaded open_clip %s from %s", arch, weights)
+    log.debug("loaded open_clip %s from %s", arch, weights)
     return model, preprocess, tokenizer
 
 

@@ -3,6 +3,7 @@
     rlrefine run recipes/tiny.yaml                      # the whole pipeline, stages skipped when done
     rlrefine run recipes/coco_vitb32.yaml --dry-run paths.images=...   # check a setup, project the run
     rlrefine pretrain --config recipes/tiny.yaml pretrain.steps=200
+    rlrefine config recipes/tiny.yaml [key=value ...]  # the resolved recipe, every key described
     rlrefine <command> --help                           # what a command does and its options
 
 Every command takes `--config RECIPE` plus `dotted.key=value` overrides, validates the recipe before
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from rlrefine.config import RecipeConfig, RecipeError, load_recipe
 from rlrefine.data.datasets import BadImageError
+from rewards.custom import RewardTargetError
 
 log = logging.getLogger("rlrefine")
 
@@ -85,6 +87,19 @@ def _run(args, cfg: RecipeConfig) -> None:
     from rlrefine.pipeline import run_pipeline
 
     run_pipeline(cfg, force=args.force, resume=args.resume)
+
+
+def _config(args) -> int:
+    from rlrefine.recipe_reference import annotated_yaml, markdown_reference
+
+    if args.markdown:
+        print(markdown_reference(), end="")
+        return 0
+    recipe, overrides = args.config, list(args.overrides)
+    if recipe is not None and "=" in recipe and not Path(recipe).is_file():  # `rlrefine config key=value` (no recipe)
+        recipe, overrides = None, [recipe, *overrides]
+    print(annotated_yaml(load_recipe(recipe, overrides)), end="")
+    return 0
 
 
 def _train_evaluator(args, cfg: RecipeConfig) -> None:
@@ -184,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "with your real files and the recipe's real sizes, written only under <run_dir>/dry_run/; ends "
                           "with seconds per step, peak memory per stage and the projected wall time of the full recipe "
                           "(also in dry_run/report.json), or stops at the first broken piece and names it")
+    config = sub.add_parser(
+        "config", help="print a recipe resolved (every default filled in) with each key's description",
+        description="Prints the recipe after overrides as YAML, every key with its value (defaults included) and its "
+                    "description as a comment; the output loads back as the same recipe. --markdown prints the "
+                    "reference of every key instead (docs/recipe.md is `rlrefine config --markdown > docs/recipe.md`).",
+    )
+    config.add_argument("config", nargs="?", metavar="RECIPE", help="recipe YAML (default: the built-in defaults)")
+    config.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    config.add_argument("--markdown", action="store_true", help="print the reference of every recipe key (Markdown)")
+    config.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     for name, (_, short, long) in COMMANDS.items():
         p = sub.add_parser(name, help=short, description=long)
         _add_common(p)
@@ -226,6 +251,67 @@ def _dry_run(args, cfg: RecipeConfig) -> None:
     print(f"written: {report['dry_run_dir']}/report.json")
 
 
+# Loggers whose INFO lines are ours; everything else shows warnings and errors only (below DEBUG).
+OWN_LOGGERS = ("rlrefine", "rewards", "benchmarks", "__main__")
+# Third-party loggers quietened at the source below DEBUG (open_clip logs on the root logger and is
+# filtered by the console handler instead).
+QUIET_LOGGERS = ("accelerate", "transformers", "torch.distributed", "PIL", "matplotlib", "tensorboard")
+# Warnings known to be false for rlrefine's use, dropped below DEBUG:
+KNOWN_FALSE_WARNINGS = (
+    # accelerate.utils.other, on every checkpoint: the captioner ties its readout embedding and output
+    # weights; safetensors stores the tensor once and the tie is restored on load (resume is tested).
+    "Removed shared tensor",
+)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stderr is when a record is written (captured stderr included)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+class ConsoleFilter(logging.Filter):
+    """The default console: rlrefine's INFO lines, everyone's warnings and errors, minus the
+    known false warnings. Third-party INFO (open_clip's "Parsing model identifier...", accelerate's
+    "Saving current state...") is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        own = record.name.split(".")[0] in OWN_LOGGERS
+        if not own and record.levelno < logging.WARNING:
+            return False
+        if record.levelno < logging.ERROR and any(m in record.getMessage() for m in KNOWN_FALSE_WARNINGS):
+            return False
+        return True
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """One console handler on the root logger, replacing any an earlier call installed.
+
+    At DEBUG everything is shown, third-party lines included; at INFO (the default) and above the
+    console keeps rlrefine's own lines and real warnings (`ConsoleFilter`), and the noisiest
+    third-party loggers are set to WARNING so their INFO records are not even created.
+    """
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_rlrefine_console", False)]:
+        root.removeHandler(h)
+    handler = _StderrHandler()
+    handler._rlrefine_console = True
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    debug = logging.getLevelName(level) <= logging.DEBUG
+    if not debug:
+        handler.addFilter(ConsoleFilter())
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if debug else logging.WARNING)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     from rlrefine.dry_run import DryRunError
 
@@ -236,10 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = [*args.overrides, *extra]
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging(args.log_level)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched from a hub at run time
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
+        if args.command == "config":
+            return _config(args)
         cfg = load_recipe(args.config, args.overrides)
         if getattr(args, "dry_run", False):
             _dry_run(args, cfg)
@@ -248,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DryRunError) as exc:
         print(f"rlrefine: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, BadImageError) as exc:
+    except (FileNotFoundError, BadImageError, RewardTargetError) as exc:
         print(f"rlrefine: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -66,13 +66,17 @@ class ShapesSection(Section):
     """The procedural shapes dataset (rlrefine.data.shapes), generated from `seed`."""
 
     image_size: int = Field(64, ge=16, le=512, description="square image side in pixels")
-    num_train: int = Field(20000, ge=1)
-    num_val: int = Field(500, ge=1)
-    num_test: int = Field(1000, ge=1)
+    num_train: int = Field(20000, ge=1, description="training images")
+    num_val: int = Field(500, ge=1, description="validation images")
+    num_test: int = Field(1000, ge=1, description="test images")
     num_test_novel: int = Field(1000, ge=1, description="images with held-out colour-shape combinations")
-    max_objects: int = Field(3, ge=1, le=3)
+    max_objects: int = Field(3, ge=1, le=3, description="objects per image are 1..max_objects")
     label_fraction: float = Field(0.1, ge=0.0, le=1.0, description="extra label-only examples, as a fraction of num_train")
-    seed: int = 0
+    references: Literal["salient", "complete"] = Field(
+        "salient", description="salient: references name the most salient object and leave others out with a probability "
+                               "that grows with their rank, as people do; complete: every reference names every object. The "
+                               "teacher evaluator always learns from complete descriptions (rlrefine.data.shapes)")
+    seed: int = Field(0, description="seed of the generated dataset")
 
 
 class PathsSection(Section):
@@ -171,7 +175,7 @@ class DataSection(Section):
     `CaptionTokenizer.encode` is a ValueError that names it.
     """
 
-    kind: Literal["shapes", "coco", "csv", "webdataset"] = "shapes"
+    kind: Literal["shapes", "coco", "csv", "webdataset"] = Field("shapes", description="which dataset: shapes (embedded, generated), coco (Karpathy or official json), csv (image,caption rows), webdataset (tar shards)")
     shapes: ShapesSection = ShapesSection()
     coco: CocoSection | None = None
     csv: CsvSection | None = None
@@ -182,7 +186,7 @@ class DataSection(Section):
     image_size: int = Field(64, ge=16, le=1024, description="size images are loaded at (disk datasets)")
     max_caption_len: int = Field(24, ge=4, le=256, description="tokens incl. bos/eos; longer captions are truncated (eos kept) and counted as captions_truncated")
     bad_image: Literal["error", "skip"] = Field("error", description="a corrupt or unreadable image: 'error' stops the run with a BadImageError naming the file; 'skip' drops it from its batch with a warning, counts it (bad_images) and keeps every other example")
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, description="DataLoader workers for disk datasets (0: in the main process)")
 
     @model_validator(mode="after")
     def _kind_has_section(self) -> "DataSection":
@@ -196,9 +200,11 @@ class DataSection(Section):
 
 
 class TokenizerSection(Section):
+    """The caption tokenizer of the captioner (saved with every model as tokenizer.json)."""
+
     kind: Literal["word", "hf", "open_clip"] = Field("word", description="word: trained on the corpus; hf: a local HF tokenizer dir; open_clip: the bundled BPE")
     path: str | None = Field(None, description="local tokenizer directory (kind=hf)")
-    min_freq: int = Field(1, ge=1)
+    min_freq: int = Field(1, ge=1, description="word tokenizer: words seen fewer times become <unk>")
 
     @model_validator(mode="after")
     def _hf_needs_path(self) -> "TokenizerSection":
@@ -215,17 +221,17 @@ class EncoderSection(Section):
     (written by train-evaluator to <run_dir>/evaluator), loaded through the open_clip backend: on small
     data it is a far better start than a from-scratch encoder, as a CLIP tower is at scale."""
 
-    kind: Literal["tiny_vit", "open_clip", "hf", "evaluator"] = "tiny_vit"
-    image_size: int = Field(64, ge=8)
-    patch_size: int = Field(8, ge=1)
-    width: int = Field(128, ge=8)
-    depth: int = Field(2, ge=1)
-    heads: int = Field(4, ge=1)
+    kind: Literal["tiny_vit", "open_clip", "hf", "evaluator"] = Field("tiny_vit", description="tiny_vit (built in, from scratch), open_clip (a visual tower from a local checkpoint), hf (a transformers vision model dir), evaluator (this run's learned evaluator's tower)")
+    image_size: int = Field(64, ge=8, description="tiny_vit: input resolution")
+    patch_size: int = Field(8, ge=1, description="tiny_vit: patch side in pixels")
+    width: int = Field(128, ge=8, description="tiny_vit: transformer width")
+    depth: int = Field(2, ge=1, description="tiny_vit: transformer blocks")
+    heads: int = Field(4, ge=1, description="tiny_vit: attention heads")
     stem_channels: int = Field(32, ge=0, description="tiny_vit: channels of a 3x3 conv stem before the patch embedding (0 = plain ViT); learns colours/shapes much faster from scratch")
     model_name: str | None = Field(None, description="open_clip architecture name, e.g. ViT-B-32-quickgelu (OpenAI-derived "
                                    "weights) or ViT-B-32 (open_clip-trained GELU weights)")
     checkpoint: str | None = Field(None, description="local open_clip checkpoint file or local-dir: folder, or HF model dir")
-    frozen: bool = False
+    frozen: bool = Field(False, description="keep the encoder's weights fixed (as a CLIP tower usually is)")
     allow_gelu_for_openai_weights: bool = Field(False, description="load an OpenAI archive or a {'state_dict': ...} (PAC-S "
                                                 "layout) checkpoint into a GELU architecture anyway (refused by default: "
                                                 "those weights need the -quickgelu architecture)")
@@ -242,46 +248,51 @@ class EncoderSection(Section):
 
 
 class ModelSection(Section):
+    """The refinement captioner (DESIGN.md §1): image encoder, K refinement blocks over M slots, a shared readout."""
+
     encoder: EncoderSection = EncoderSection()
-    d_model: int = Field(128, ge=8)
+    d_model: int = Field(128, ge=8, description="width of the text encoding slots and the readout")
     num_slots: int = Field(8, ge=1, description="M, the number of text-encoding slots refined by every block")
     num_refine_layers: int = Field(4, ge=1, le=64, description="K, the number of refinement blocks")
-    n_heads: int = Field(4, ge=1)
-    readout_layers: int = Field(2, ge=1)
-    mlp_ratio: int = Field(4, ge=1)
-    z0_std: float = Field(1.0, gt=0.0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    n_heads: int = Field(4, ge=1, description="attention heads of the refinement blocks and readout")
+    readout_layers: int = Field(2, ge=1, description="transformer layers of the shared readout (decoder)")
+    mlp_ratio: int = Field(4, ge=1, description="MLP hidden size as a multiple of d_model")
+    z0_std: float = Field(1.0, gt=0.0, description="σ of the start noise z_0 ~ N(0, σ²I)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout in the refinement blocks and readout")
 
 
 # ------------------------------------------------------------------------------------- training
 class PretrainSection(Section):
     """Teacher-forced (XE) pretraining, DESIGN.md §2."""
 
-    steps: int = Field(3000, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
+    steps: int = Field(3000, ge=1, description="optimizer steps")
+    batch_size: int = Field(64, ge=1, description="images per step (global, over all processes)")
+    lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate")
     min_lr_ratio: float = Field(0.05, ge=0.0, le=1.0, description="cosine decay floor as a fraction of lr")
     encoder_lr_mult: float = Field(1.0, gt=0.0, description="learning-rate multiplier of the image encoder (a from-scratch encoder learns shapes too slowly at the captioner's lr: its signal arrives through the refinement blocks)")
-    weight_decay: float = Field(0.01, ge=0.0)
-    warmup_steps: int = Field(100, ge=0)
-    grad_clip: float = Field(1.0, gt=0.0)
-    layer_weights: LayerWeighting = "linear"
-    schedule: ScheduleKind = "linear"
-    schedule_eps: float = Field(0.01, gt=0.0, lt=1.0)
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps, then cosine decay")
+    grad_clip: float = Field(1.0, gt=0.0, description="max gradient norm")
+    layer_weights: LayerWeighting = Field("linear", description="w_k of the layer-weighted cross-entropy: linear (w_k = k), log, uniform, final (only K)")
+    schedule: ScheduleKind = Field("linear", description="s(k) of the latent graduality regulariser: linear or geometric")
+    schedule_eps: float = Field(0.01, gt=0.0, lt=1.0, description="ε of the geometric schedule")
     lambda_grad: float = Field(0.1, ge=0.0, description="weight of the latent graduality regulariser")
     coarse_to_fine: bool = Field(False, description="layer k learns the first 1 − s(k) of each caption's tokens (then eos), "
                                  "layer K the whole caption (DESIGN.md §2, optional coarse-to-fine targets)")
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    log_every: int = Field(50, ge=1)
-    eval_every: int = Field(500, ge=1)
-    checkpoint_every: int = Field(500, ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision: no, bf16 or fp16")
+    log_every: int = Field(50, ge=1, description="steps between TensorBoard scalars")
+    eval_every: int = Field(500, ge=1, description="steps between val evaluations (and per-layer captions in TensorBoard)")
+    checkpoint_every: int = Field(500, ge=1, description="steps between resumable checkpoints")
     num_log_images: int = Field(4, ge=0, description="fixed val images whose per-layer captions go to TensorBoard")
     num_eval_images: int = Field(500, ge=1, description="images used for the test-split report at the end")
     max_nonfinite_steps: int = Field(10, ge=1, description="stop after this many non-finite losses in a row")
 
 
+REWARD_KINDS = ("learned", "distilled", "clip", "refclip", "pac", "refpac", "cider", "python", "sum", "grammar")
+
+
 class RewardSection(Section):
-    """Which reward scores captions (the `rewards` package protocol).
+    """Which reward scores captions (the `rewards` package protocol, rewards/__init__.py).
 
     learned / distilled: a directory written by `train-evaluator` / `distill-reward` (default: the
     run's own); clip / refclip / pac / refpac: an open_clip architecture + a local checkpoint file.
@@ -291,19 +302,31 @@ class RewardSection(Section):
     (Hessel et al. 2021), PAC-S w = 2.0 (Sarto et al. 2023), prefix "A photo depicts ", clamp at 0.
     The DiCO reference code (aimagelab/DiCO) trains on PAC-S as `2.0 · cos` with no prefix and no
     clamp: `scale: 2.0, prefix: "", clamp: false`.
+
+    Kinds users bring:
+    cider: CIDEr-D against the image's references, document frequencies from the training captions
+    (the classic SCST reward); python: your own reward, `target: "package.module:callable"` (+ kwargs);
+    sum: a weighted sum of `terms`, each logged as reward_terms/<name>; grammar: 1 when a caption is
+    in the shapes caption grammar, else 0 (shapes data only).
     """
 
-    kind: Literal["learned", "distilled", "clip", "refclip", "pac", "refpac"] = "distilled"
+    kind: Literal["learned", "distilled", "clip", "refclip", "pac", "refpac", "cider", "python", "sum", "grammar"] = Field(
+        "distilled", description="learned / distilled (a directory), clip / refclip / pac / refpac (open_clip + local checkpoint), cider, python, sum or grammar")
     path: str | None = Field(None, description="evaluator / student directory (default: <run_dir>/evaluator or <run_dir>/distill)")
     model_name: str | None = Field(None, description="open_clip architecture for clip/pac, e.g. ViT-B-32-quickgelu for OpenAI / PAC-S weights")
     checkpoint: str | None = Field(None, description="local open_clip / PAC-S checkpoint for clip/pac")
-    batch_size: int = Field(512, ge=1)
+    batch_size: int = Field(512, ge=1, description="captions scored per forward pass (model rewards)")
     scale: float | None = Field(None, gt=0.0, description="clip/pac: w in w·cos (default: 2.5 for clip, 2.0 for pac)")
     prefix: str | None = Field(None, description="clip/pac: text put before every caption and reference (default: "
                                "'A photo depicts ', as CLIP-S and PAC-S; '' for none)")
     clamp: bool | None = Field(None, description="clip/pac: clamp the score at 0 (default: true, as CLIP-S and PAC-S)")
     allow_gelu_for_openai_weights: bool = Field(False, description="load an OpenAI archive or a {'state_dict': ...} (PAC-S "
                                                 "layout) checkpoint into a GELU architecture anyway (refused by default)")
+    target: str | None = Field(None, description="python: 'package.module:attribute'; a class is instantiated with kwargs "
+                                                 "(and device= if it takes one), any other callable is the reward itself")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="python: keyword arguments for target")
+    terms: list["RewardTerm"] = Field(default_factory=list, description="sum: the weighted terms, e.g. "
+                                      "[{weight: 1, reward: {kind: distilled}}, {weight: 0.5, reward: {kind: grammar}}]")
 
     @model_validator(mode="after")
     def _needs_checkpoint(self) -> "RewardSection":
@@ -315,7 +338,43 @@ class RewardSection(Section):
             raise ValueError(f"{', '.join(options)} apply to reward kinds clip, refclip, pac, refpac only; kind "
                              f"'{self.kind}' takes them from its own directory")
         _existing_path(self.checkpoint, "reward checkpoint")
+        if self.kind == "python":
+            if not self.target:
+                raise ValueError("reward kind 'python' needs target: 'package.module:callable' (a reward following the "
+                                 "protocol in rewards/__init__.py)")
+            from rewards.custom import resolve_target
+
+            resolve_target(self.target)  # an import error names the target now, before any stage runs
+        elif self.target is not None or self.kwargs:
+            raise ValueError(f"target / kwargs are for reward kind 'python', not '{self.kind}'")
+        if self.kind == "sum" and not self.terms:
+            raise ValueError("reward kind 'sum' needs terms: [{weight: w, reward: {kind: ...}}, ...]")
+        if self.kind != "sum" and self.terms:
+            raise ValueError(f"terms are for reward kind 'sum', not '{self.kind}'")
         return self
+
+    def term_names(self) -> list[str]:
+        """Names of a sum's terms: each term's `name`, else its reward kind (kind_2, kind_3 when repeated)."""
+        names: list[str] = []
+        for t in self.terms:
+            base = t.name or t.reward.kind
+            name, i = base, 1
+            while name in names:
+                i += 1
+                name = f"{base}_{i}"
+            names.append(name)
+        return names
+
+
+class RewardTerm(Section):
+    """One term of a `sum` reward: weight · reward."""
+
+    weight: float = Field(1.0, description="the term's weight w_t in r = Σ_t w_t · r_t")
+    name: str | None = Field(None, description="name in TensorBoard (reward_terms/<name>); default: the reward's kind")
+    reward: RewardSection = Field(description="any reward section (a sum may nest)")
+
+
+RewardSection.model_rebuild()
 
 
 class FinetuneSection(Section):
@@ -326,42 +385,42 @@ class FinetuneSection(Section):
     and a reward of 2.0·cos, see recipes/coco_vitb32.yaml).
     """
 
-    method: Literal["dico", "scst"] = "dico"
+    method: Literal["dico", "scst"] = Field("dico", description="dico (preference loss over the candidates) or scst (self-critical policy gradient)")
     init: str | None = Field(None, description="captioner to start from and to anchor to (default: <run_dir>/pretrain/model)")
     output: str = Field("finetune", description="sub-directory of run_dir for this run's outputs")
     reward: RewardSection = RewardSection()
     layers: list[int] | None = Field(None, description="refinement layers to optimise (default: all 1..K)")
-    steps: int = Field(300, ge=1)
+    steps: int = Field(300, ge=1, description="optimizer steps")
     batch_size: int = Field(16, ge=1, description="images per step")
     num_candidates: int = Field(5, ge=2, description="n candidates per image and layer")
     generation: Literal["beam", "sample"] = Field("beam", description="DiCO uses beam search (all beams are candidates); SCST samples")
-    temperature: float = Field(1.0, gt=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_len: int = Field(24, ge=4)
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature (generation: sample)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (generation: sample)")
+    max_len: int = Field(24, ge=4, description="tokens generated per candidate")
     beta: float = Field(0.2, gt=0.0, description="DiCO β (paper: 0.2)")
     tau: float = Field(1.0, gt=0.0, description="τ in the rejected-candidate weights γ_j = softmax_j(τ·(r̃_w − r̃_j)) "
                        "(DiCO reference code: 300 on 2.0·cos PAC-S rewards)")
     kl_coef: float = Field(0.0, ge=0.0, description="optional explicit per-token KL penalty to the reference")
-    scst_baseline: Literal["greedy", "mean"] = "mean"
-    layer_weights: LayerWeighting = "linear"
-    schedule: ScheduleKind = "linear"
-    schedule_eps: float = Field(0.01, gt=0.0, lt=1.0)
+    scst_baseline: Literal["greedy", "mean"] = Field("mean", description="SCST baseline: greedy (the greedy caption's reward) or mean (leave-one-out mean of the other samples)")
+    layer_weights: LayerWeighting = Field("linear", description="w_k of L = Σ_k w_k L_k / Σ_k w_k: linear (w_k = k), log, uniform, final (only K)")
+    schedule: ScheduleKind = Field("linear", description="s(k), the share of the distance still to go after layer k: linear or geometric")
+    schedule_eps: float = Field(0.01, gt=0.0, lt=1.0, description="ε of the geometric schedule")
     lambda_grad: float = Field(0.5, ge=0.0, description="weight of the progress-vs-schedule shaping term (0 = off)")
     lambda_len: float = Field(0.5, ge=0.0, description="weight of the per-layer length-budget penalty (0 = off)")
     len_min: int = Field(3, ge=1, description="allowed caption length (words) at layer 0")
     len_max: int = Field(16, ge=1, description="allowed caption length (words) at layer K")
-    lr: float = Field(1e-4, gt=0.0)
+    lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate")
     lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="after warm-up: cosine decay to 0.1·lr, or "
                                                        "constant (the DiCO reference code)")
-    weight_decay: float = Field(0.0, ge=0.0)
-    warmup_steps: int = Field(20, ge=0)
-    grad_clip: float = Field(1.0, gt=0.0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    log_every: int = Field(10, ge=1)
-    eval_every: int = Field(100, ge=1)
-    checkpoint_every: int = Field(100, ge=1)
-    num_eval_images: int = Field(500, ge=1)
-    max_nonfinite_steps: int = Field(10, ge=1)
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    warmup_steps: int = Field(20, ge=0, description="linear warm-up steps, then lr_schedule")
+    grad_clip: float = Field(1.0, gt=0.0, description="max gradient norm")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision: no, bf16 or fp16")
+    log_every: int = Field(10, ge=1, description="steps between TensorBoard scalars")
+    eval_every: int = Field(100, ge=1, description="steps between sample captions of fixed val images in TensorBoard")
+    checkpoint_every: int = Field(100, ge=1, description="steps between resumable checkpoints")
+    num_eval_images: int = Field(500, ge=1, description="images of the end-of-run evaluation")
+    max_nonfinite_steps: int = Field(10, ge=1, description="stop after this many non-finite losses in a row")
 
     @model_validator(mode="after")
     def _lengths(self) -> "FinetuneSection":
@@ -383,21 +442,42 @@ class DistillSection(Section):
 class EvaluateSection(Section):
     """Per-layer evaluation and the graduality score, DESIGN.md §5."""
 
-    split: Literal["val", "test", "test_novel"] = "test"
+    split: Literal["val", "test", "test_novel"] = Field("test", description="split to evaluate: val, test or test_novel (shapes: held-out colour-shape pairs)")
+    extra_splits: list[Literal["val", "test", "test_novel"]] = Field(
+        default_factory=list, description="more splits the report evaluates every model on (report/compare_<split>.*), "
+                                          "e.g. [test_novel]: colour-shape pairs never seen in training")
     num_images: int = Field(500, ge=1, description="captioning examples of the split to evaluate")
     evaluator: RewardSection = RewardSection(kind="learned")
     extra_rewards: dict[str, RewardSection] = Field(default_factory=dict, description="more scores per layer, e.g. clip, pac")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="RS = (1 − α)·perf_K + α·G")
     kl_reference: bool = Field(True, description="report the final layer's KL to the pretrained (XE) model")
+    java_metrics: bool = Field(True, description="METEOR and SPICE where Java and their jars are present (each starts a Java "
+                                                 "process per layer and model: seconds each); false skips them (reported n/a)")
+
+
+class CompareSection(Section):
+    """Fine-tuning variants that `rlrefine run` trains side by side from the same XE model, and how many
+    seeds each gets. Every key other than `seeds` names a variant: a mapping of `finetune` overrides,
+    e.g. `scst: {method: scst, generation: sample}`; `compare.dico_teacher.reward.kind=learned` adds one
+    from the command line. Seed s of a variant fine-tunes with recipe seed + s (batches, z_0 noise,
+    sampling) into `finetune_<name>` (s = 0) or `finetune_<name>_seed<s>`; the report gives mean ± std."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True, protected_namespaces=())
+    seeds: int = Field(1, ge=1, description="fine-tuning runs per variant, seeds recipe seed + 0..seeds-1 (the report shows mean ± std)")
+
+    @property
+    def variants(self) -> dict[str, dict[str, Any]]:
+        """name -> finetune overrides, in recipe order."""
+        return dict(self.__pydantic_extra__ or {})
 
 
 class RecipeConfig(Section):
     """A whole recipe: every stage's section. `run_dir` holds all outputs of the run."""
 
     paths: PathsSection = Field(default_factory=PathsSection, description="outside paths, given once; referred to as ${paths.KEY}")
-    run_dir: str = "runs/default"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    run_dir: str = Field("runs/default", description="folder for every output of the run (stages write sub-folders)")
+    seed: int = Field(0, description="seed of data order, z_0 noise and initialisation")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (CUDA when available), cpu or cuda")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice, all cores)")
     data: DataSection = DataSection()
     tokenizer: TokenizerSection = TokenizerSection()
@@ -407,10 +487,10 @@ class RecipeConfig(Section):
     distill: DistillSection = DistillSection()
     finetune: FinetuneSection = FinetuneSection()
     evaluate: EvaluateSection = EvaluateSection()
-    compare: dict[str, dict[str, Any]] = Field(
-        default_factory=dict,
-        description="named fine-tuning variants run by `rlrefine run` side by side: name -> finetune overrides "
-                    "(e.g. scst: {method: scst, generation: sample})")
+    compare: CompareSection = Field(
+        default_factory=CompareSection,
+        description="named fine-tuning variants run by `rlrefine run` side by side (name -> finetune overrides, "
+                    "e.g. scst: {method: scst, generation: sample}) and `seeds`, the runs per variant")
 
     @model_validator(mode="after")
     def _layers_in_range(self) -> "RecipeConfig":
@@ -418,21 +498,26 @@ class RecipeConfig(Section):
         bad = [k for k in (self.finetune.layers or []) if not 1 <= k <= K]
         if bad:
             raise ValueError(f"finetune.layers {bad} out of range: layers are 1..K = 1..{K}")
-        for name in self.compare:
+        for name in self.compare.variants:
             self.variant(name)
         return self
 
-    def variant(self, name: str) -> FinetuneSection:
-        """The finetune section of a named comparison variant (its overrides on top of `finetune`)."""
-        overrides = self.compare[name]
+    def variant(self, name: str, seed: int = 0) -> FinetuneSection:
+        """The finetune section of a named comparison variant (its overrides on top of `finetune`); seed
+        s > 0 of it writes to `finetune_<name>_seed<s>`."""
+        overrides = self.compare.variants[name]
         if not isinstance(overrides, dict):
-            raise ValueError(f"compare.{name} must be a mapping of finetune keys, got {overrides!r}")
+            raise ValueError(f"compare.{name} must be a mapping of finetune keys (or compare.seeds an integer), got {overrides!r}")
         base = self.finetune.model_dump()
-        merged = _deep_merge(base, {**overrides, "output": f"finetune_{name}"})
+        new_reward = overrides.get("reward")
+        if isinstance(new_reward, dict) and new_reward.get("kind", base["reward"]["kind"]) != base["reward"]["kind"]:
+            base["reward"] = {}  # another kind of reward: none of the base reward's kind-specific keys apply
+        output = f"finetune_{name}" + (f"_seed{seed}" if seed else "")
+        merged = _deep_merge(base, {**overrides, "output": output})
         try:
             return FinetuneSection.model_validate(merged)
         except ValidationError as err:
-            raise ValueError(format_validation_error(err, FinetuneSection, f"compare.{name}")) from None
+            raise ValueError(format_validation_error(err, FinetuneSection, f"compare.{name}", key_prefix=f"compare.{name}.")) from None
 
     @property
     def run_path(self) -> Path:
@@ -465,12 +550,13 @@ def _section_at(path: tuple, root: type) -> Any:
     return section
 
 
-def format_validation_error(err: ValidationError, root: type[BaseModel] = RecipeConfig, source: str = "recipe") -> str:
-    """One line per problem: the dotted key, what is wrong, and what is allowed."""
+def format_validation_error(err: ValidationError, root: type[BaseModel] = RecipeConfig, source: str = "recipe",
+                            key_prefix: str = "") -> str:
+    """One line per problem: the dotted key (after ``key_prefix``), what is wrong, and what is allowed."""
     lines = [f"{source} is invalid ({err.error_count()} problem{'s' * (err.error_count() > 1)}):"]
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not isinstance(p, int))
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        key = key_prefix + ".".join(str(p) for p in loc) if loc else "(top level)"
         if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             parent = _field_types(_section_at(loc[:-1], root))
             allowed = ", ".join(sorted(parent)) if parent is not None else "?"

@@ -115,7 +115,8 @@ def dry_run_config(cfg: RecipeConfig, steps: int = DRY_RUN_STEPS, images: int = 
     short = dict(steps=steps, log_every=1, eval_every=_NEVER, checkpoint_every=_NEVER, num_eval_images=images)
     d["pretrain"]["batch_size"] = cap(d["pretrain"]["batch_size"])
     d["finetune"].update(short, batch_size=cap(d["finetune"]["batch_size"]))
-    for name in d["compare"]:
+    d["compare"]["seeds"] = 1  # one run per variant; the projection multiplies by the recipe's seeds
+    for name in cfg.compare.variants:
         variant = {**d["compare"][name], **short}
         if "batch_size" in variant:
             variant["batch_size"] = cap(variant["batch_size"])
@@ -266,7 +267,8 @@ def dry_run(cfg: RecipeConfig, until: str | None = None, steps: int = DRY_RUN_ST
                 stage = f"finetune[{variant}]"
                 run_cfg = dry.model_copy(update={"finetune": section})
                 seconds, _ = _measure(stage, run_cfg, lambda: finetune(run_cfg, on_step_end=clock))
-                rows.append(_training_row(stage, seconds, clock, full[variant].steps, section.batch_size,
+                # the full run trains each variant once per seed (compare.seeds)
+                rows.append(_training_row(stage, seconds, clock, full[variant].steps * cfg.compare.seeds, section.batch_size,
                                           full[variant].batch_size))
         elif name == "report":
             rows.extend(_dry_report(cfg, dry, evaluate_checkpoint, finetune_variants))
@@ -285,7 +287,8 @@ def _dry_report(cfg: RecipeConfig, dry: RecipeConfig, evaluate_checkpoint, finet
     the same code, so the projection is the XE model's cost times the number of models; evaluating
     each variant here too would double the dry run's longest stage and check nothing new."""
     xe = dry.run_path / "pretrain" / "model"
-    n_models = 1 + len(finetune_variants(dry))
+    # XE and every variant's seeds, on the main split and each extra split
+    n_models = (1 + len(finetune_variants(dry)) * cfg.compare.seeds) * (1 + len(set(cfg.evaluate.extra_splits) - {cfg.evaluate.split}))
 
     def evaluate(config: RecipeConfig, out: str) -> tuple[float, int]:
         timings: dict = {}

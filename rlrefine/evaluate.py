@@ -2,8 +2,10 @@
 
 For every layer k = 0..K (0 is the caption decoded from the noise z_0): BLEU-4, ROUGE-L, CIDEr-D
 (METEOR / SPICE when Java and their jars are present, else reported as unavailable), the
-evaluator's score (and any extra rewards configured), mean length, vocabulary size, repeated-n-gram
-rate, and on the shapes data grounded precision / recall / object accuracy / relation accuracy.
+evaluator's score (and any extra rewards configured), the Vendi diversity of the captions (on the
+evaluator's text embeddings), mean length, vocabulary size, repeated-n-gram rate, and on the shapes
+data object recall (all images, and images with 2+ objects), hallucination rate, relation accuracy
+and grammaticality (`rlrefine.metrics.grounding`).
 Then the progress curves π_k on latents and on the evaluator's text embeddings of the decoded
 captions against the ideal 1 − s(k), the graduality G, the layer score P and the refinement score
 RS = (1 − α)·perf_K + α·G. With a reference model, the KL of the final layer to it (sampled).
@@ -24,12 +26,14 @@ from tqdm.auto import tqdm
 
 from rlrefine.losses import layer_weights, schedule
 from rlrefine.metrics import caption_metrics, graduality, layer_score, progress_curve, refinement_score, text_stats
+from rlrefine.metrics.diversity import vendi_score
 from rlrefine.models import RefinementCaptioner
 from rlrefine.trainers.common import eval_z0_seeds, load_images
 
 log = logging.getLogger(__name__)
 
-HEADLINE = ["CIDEr-D", "BLEU-4", "ROUGE-L", "evaluator", "object_accuracy", "mean_length"]
+HEADLINE = ["evaluator", "CIDEr-D", "object_recall_multi", "hallucination_rate", "grammaticality", "vendi", "mean_length",
+            "BLEU-4", "ROUGE-L"]  # the plots show the first of these that exist (up to 7)
 
 
 @torch.no_grad()
@@ -72,7 +76,8 @@ def sampled_kl(model: RefinementCaptioner, reference: RefinementCaptioner, split
 
 def evaluate_model(model: RefinementCaptioner, tokenizer, split, evaluator, *, num_images: int, image_size: int,
                    max_len: int, schedule_kind: str = "linear", schedule_eps: float = 0.01, weights_kind: str = "linear",
-                   alpha: float = 0.5, extra_rewards: dict | None = None, reference: RefinementCaptioner | None = None) -> dict:
+                   alpha: float = 0.5, extra_rewards: dict | None = None, reference: RefinementCaptioner | None = None,
+                   java_metrics: bool = True) -> dict:
     """All metrics of DESIGN.md §5 for one model on (the first `num_images` captioning examples of) a split."""
     model.eval()
     K = model.config.num_refine_layers
@@ -87,7 +92,7 @@ def evaluate_model(model: RefinementCaptioner, tokenizer, split, evaluator, *, n
     for k in range(K + 1):
         caps = [c[k] for c in captions]
         row: dict = {"layer": k}
-        m = caption_metrics(refs, {int(i): [c] for i, c in zip(index, caps)})
+        m = caption_metrics(refs, {int(i): [c] for i, c in zip(index, caps)}, java=java_metrics)
         row.update({"BLEU-4": m.get("BLEU-4"), "ROUGE-L": m.get("ROUGE-L"), "CIDEr-D": m.get("CIDEr-D"),
                     "METEOR": m.get("METEOR"), "SPICE": m.get("SPICE")})
         if evaluator is not None:
@@ -95,13 +100,16 @@ def evaluate_model(model: RefinementCaptioner, tokenizer, split, evaluator, *, n
             text_emb.append(evaluator.embed_texts(caps).float().cpu())
         for name, reward in (extra_rewards or {}).items():
             row[name] = float(reward(images, caps, references=[refs[int(i)] for i in index]).mean())
+        if text_emb:
+            row["vendi"] = vendi_score(text_emb[-1])
         row.update(text_stats(caps))
         if split.scenes is not None:
-            from rlrefine.metrics.grounding import grounding_scores
+            from rlrefine.metrics.grounding import grammaticality, grounding_scores
 
             g = grounding_scores(caps, [split.scenes[i] for i in index])
-            row.update({"object_accuracy": g["object_accuracy"], "grounded_precision": g["precision"],
-                        "grounded_recall": g["recall"], "relation_accuracy": g.get("relation_accuracy")})
+            row.update({k: g[k] for k in ("object_accuracy", "object_recall", "object_recall_multi", "hallucination_rate",
+                                          "relation_accuracy")})
+            row.update({"grounded_precision": g["precision"], "grammaticality": grammaticality(caps)})
         per_layer.append(row)
 
     sched = schedule(schedule_kind, K, schedule_eps)
@@ -125,7 +133,8 @@ def evaluate_model(model: RefinementCaptioner, tokenizer, split, evaluator, *, n
     if reference is not None:
         out["kl_ref"] = sampled_kl(model, reference, split, index[: min(200, len(index))], image_size, max_len)
     out["final"] = per_layer[-1]
-    out["examples"] = [{"references": refs[int(i)][:2], "layers": captions[j]} for j, i in enumerate(index[:5])]
+    out["examples"] = [{"image": int(i), "objects": None if split.scenes is None else len(split.scenes[i].objects),
+                        "references": refs[int(i)][:2], "layers": captions[j]} for j, i in enumerate(index[:8])]
     return out
 
 
@@ -133,9 +142,52 @@ def evaluate_model(model: RefinementCaptioner, tokenizer, split, evaluator, *, n
 def _fmt(v) -> str:
     if v is None:
         return "n/a"
+    if isinstance(v, dict) and "mean" in v:
+        return f"{v['mean']:.3f} ± {v['std']:.3f}"
     if isinstance(v, float):
         return f"{v:.3f}"
     return str(v)
+
+
+def _mean(v):
+    """The value of a metric, or its mean over seeds."""
+    return v["mean"] if isinstance(v, dict) and "mean" in v else v
+
+
+SEED_KEYS = ("G", "G_latent", "G_text", "P", "RS", "kl_ref")
+
+
+def aggregate_seeds(results: list[dict]) -> dict:
+    """One model's evaluation over several fine-tuning seeds: every scalar of ``final`` and ``SEED_KEYS``
+    becomes ``{"mean", "std", "n"}`` (std: the sample standard deviation, ddof = 1); ``layers`` and the
+    progress curves hold per-layer means and ``layers_std`` the per-layer stds (for the plots); ``per_seed``
+    keeps each run's final block. A single result is returned unchanged."""
+    if len(results) == 1:
+        return results[0]
+
+    def stat(values):
+        a = np.asarray(values, dtype=np.float64)
+        return {"mean": float(a.mean()), "std": float(a.std(ddof=1)), "n": int(a.size)}
+
+    first = results[0]
+    out = {k: v for k, v in first.items() if k not in ("layers", "final", "examples", *SEED_KEYS)}
+    numeric = lambda row, k: isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)  # noqa: E731
+    out["final"] = {k: stat([r["final"][k] for r in results]) for k in first["final"] if numeric(first["final"], k) and k != "layer"}
+    for k in SEED_KEYS:
+        if all(r.get(k) is not None for r in results):
+            out[k] = stat([r[k] for r in results])
+    out["layers"], out["layers_std"] = [], []
+    for k, row in enumerate(first["layers"]):
+        keys = [m for m in row if numeric(row, m) and all(numeric(r["layers"][k], m) for r in results)]
+        out["layers"].append({m: float(np.mean([r["layers"][k][m] for r in results])) for m in keys} | {"layer": k})
+        out["layers_std"].append({m: float(np.std([r["layers"][k][m] for r in results], ddof=1)) for m in keys} | {"layer": k})
+    for curve in ("progress_text", "progress_latent"):
+        if all(r.get(curve) is not None for r in results):
+            out[curve] = np.mean([r[curve] for r in results], axis=0).tolist()
+    out["seeds"] = len(results)
+    out["per_seed"] = [{"final": r["final"], **{k: r.get(k) for k in SEED_KEYS}} for r in results]
+    out["examples"] = first.get("examples", [])
+    return out
 
 
 def markdown_table(result: dict) -> str:
@@ -166,13 +218,13 @@ def plot_layers(results: dict[str, dict], path: Path, metrics: list[str] | None 
     import matplotlib.pyplot as plt
 
     first = next(iter(results.values()))
-    metrics = metrics or [m for m in HEADLINE if m in first["layers"][0]]
+    metrics = metrics or [m for m in HEADLINE if m in first["layers"][0]][:7]
     n_panels = len(metrics) + 1
     cols = 3
     rows = (n_panels + cols - 1) // cols
     # The empty panels of the last row zoom into layers 1..K of the headline scores: layer 0 (noise)
     # sets the y-range of the full panels and hides the differences between models.
-    zooms = [m for m in ("evaluator", "object_accuracy", "CIDEr-D") if m in metrics][: rows * cols - n_panels]
+    zooms = [m for m in ("evaluator", "object_recall_multi", "CIDEr-D") if m in metrics][: rows * cols - n_panels]
     if len(results) < 2 or first["K"] < 2:
         zooms = []
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
@@ -182,8 +234,13 @@ def plot_layers(results: dict[str, dict], path: Path, metrics: list[str] | None 
             continue
         for name, res in results.items():
             rows_k = [r for r in res["layers"] if r["layer"] >= start]
-            ax.plot([r["layer"] for r in rows_k], [r.get(metric) if r.get(metric) is not None else np.nan for r in rows_k],
-                    marker="o", label=name)
+            xs = [r["layer"] for r in rows_k]
+            ys = np.array([r.get(metric) if r.get(metric) is not None else np.nan for r in rows_k], dtype=float)
+            label = name + (f" ({res['seeds']} seeds, ± std)" if res.get("seeds", 1) > 1 else "")
+            line, = ax.plot(xs, ys, marker="o", label=label)
+            if res.get("layers_std"):
+                sd = np.array([r.get(metric, np.nan) for r in res["layers_std"] if r["layer"] >= start], dtype=float)
+                ax.fill_between(xs, ys - sd, ys + sd, color=line.get_color(), alpha=0.2)
         ax.set_title(f"{metric} per refinement layer" if start == 0 else f"{metric}, layers 1..K (zoom)")
         ax.set_xlabel("layer k (0 = noise z_0)" if start == 0 else "layer k")
         if start:
@@ -196,7 +253,7 @@ def plot_layers(results: dict[str, dict], path: Path, metrics: list[str] | None 
     ax.plot(ks, first["ideal_progress"], "k--", label="ideal 1 − s(k)")
     for name, res in results.items():
         curve = res.get("progress_text") or res["progress_latent"]
-        ax.plot(ks, curve, marker="o", label=f"{name} (G={res['G']:.3f})")
+        ax.plot(ks, curve, marker="o", label=f"{name} (G={_fmt(res['G'])})")
     ax.set_title("progress vs ideal schedule (text embeddings)")
     ax.set_xlabel("layer k")
     ax.set_ylabel("progress π_k")
@@ -232,13 +289,18 @@ def write_report(result: dict, out_dir: Path, name: str = "model", writer=None) 
         writer.flush()
 
 
+COMPARE_COLUMNS = ["evaluator", "CIDEr-D", "BLEU-4", "object_recall", "object_recall_multi", "hallucination_rate",
+                   "relation_accuracy", "grammaticality", "vendi", "mean_length", "repeated_ngram_rate"]
+
+
 def compare_table(results: dict[str, dict]) -> str:
-    """Models side by side on the final layer (+ G, P, RS, KL)."""
-    cols = ["evaluator", "CIDEr-D", "BLEU-4", "object_accuracy", "relation_accuracy", "mean_length", "repeated_ngram_rate"]
-    cols = [c for c in cols if any(c in r["final"] for r in results.values())]
-    head = "| model | " + " | ".join(f"{c} (layer K)" for c in cols) + " | G | P | RS | KL to ref |"
-    lines = [head, "|" + "---|" * (len(cols) + 5)]
+    """Models side by side on the final layer (+ G, P, RS, KL); a model run with several seeds shows
+    mean ± std (see `aggregate_seeds`)."""
+    cols = [c for c in COMPARE_COLUMNS if any(c in r["final"] for r in results.values())]
+    head = "| model | seeds | " + " | ".join(f"{c} (layer K)" for c in cols) + " | G | P | RS | KL to ref |"
+    lines = [head, "|" + "---|" * (len(cols) + 6)]
     for name, r in results.items():
-        cells = [_fmt(r["final"].get(c)) for c in cols] + [_fmt(r.get("G")), _fmt(r.get("P")), _fmt(r.get("RS")), _fmt(r.get("kl_ref"))]
+        cells = [str(r.get("seeds", 1))] + [_fmt(r["final"].get(c)) for c in cols]
+        cells += [_fmt(r.get("G")), _fmt(r.get("P")), _fmt(r.get("RS")), _fmt(r.get("kl_ref"))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -38,12 +38,49 @@ def train_evaluator_stage(cfg: RecipeConfig, resume: bool = False, force: bool =
     acc = make_accelerator(cfg, "evaluator")
     acc.init_trackers("tb")
     splits = load_splits(cfg)
+    train, val = splits["train"], splits["val"]
+    salient = cfg.data.kind == "shapes" and cfg.data.shapes.references == "salient"
+    if salient:  # the teacher learns from descriptions of every object, as PAC-S from curated data
+        from rlrefine.data.shapes import complete_descriptions
+
+        size = cfg.data.shapes.image_size
+        train = dataclasses.replace(train, captions=complete_descriptions(train, size, seed=cfg.seed + 1))
+        val = dataclasses.replace(val, captions=complete_descriptions(val, size, seed=cfg.seed + 2))
     ecfg = dataclasses.replace(cfg.evaluator, device=str(acc.device))
-    metrics = train_evaluator(ecfg, splits["train"], splits["val"], cfg.run_path / "evaluator", logger=acc)
+    metrics = train_evaluator(ecfg, train, val, cfg.run_path / "evaluator", logger=acc)
+    if salient:
+        metrics.update(_complete_over_partial(cfg, splits["val"], val.captions, acc.device))
     (cfg.run_path / "evaluator" / "report.json").write_text(json.dumps(metrics, indent=1))
+    if acc.is_main_process:
+        from rlrefine.trainers.model_card import scalars_table, write_model_card
+
+        write_model_card(cfg.run_path / "evaluator", "Learned evaluator (teacher reward)",
+                         "A CLIP-style dual encoder (open_clip classes) trained contrastively with hard negatives "
+                         "(`rlrefine train-evaluator`); load it with `rewards.LearnedScore.from_dir`.", cfg, scalars_table(metrics))
     acc.end_training()
-    log.info("evaluator: swap accuracy %.3f, R@1 i2t %.3f", metrics.get("swap_acc", float("nan")), metrics.get("r1_i2t", float("nan")))
+    log.info("evaluator: swap accuracy %.3f (colour %.3f, shape %.3f, relation %.3f), R@1 i2t %.3f, complete description "
+             "above every partial reference %.3f", *(metrics.get(k, float("nan")) for k in (
+                 "swap_acc", "swap_acc/colour", "swap_acc/shape", "swap_acc/relation", "r1_i2t", "complete_over_partial")))
     return metrics
+
+
+def _complete_over_partial(cfg: RecipeConfig, split, descriptions: list[list[str]], device) -> dict[str, float]:
+    """On held-out images: how often the trained evaluator scores an image's complete description above
+    every one of its references that leaves an object out (all images, and those with 2+ objects)."""
+    import torch
+
+    from rewards import LearnedScore
+    from rewards.evaluator import preference_rate
+    from rlrefine.data.shapes import parse_caption
+
+    reward = LearnedScore.from_dir(cfg.run_path / "evaluator", device=device)
+    images = torch.from_numpy(split.images)
+    n = min(len(split), cfg.evaluator.eval_max_images)
+    partial = [[] if split.is_label[i] else
+               [c for c in split.captions[i] if len(set(parse_caption(c).mentions)) < len(split.scenes[i].objects)]
+               for i in range(n)]
+    result = preference_rate(reward, images[:n], [d[0] for d in descriptions[:n]], partial)
+    return {"complete_over_partial": result["rate"], "complete_over_partial_images": result["images"]}
 
 
 def captioner_candidates(cfg: RecipeConfig, split, index, beams: int, sampled: bool = True) -> list[tuple[int, int, str]]:
@@ -90,7 +127,7 @@ def distill_stage(cfg: RecipeConfig, resume: bool = False, force: bool = False) 
     acc = make_accelerator(cfg, "distill")
     acc.init_trackers("tb")
     splits = load_splits(cfg)
-    teacher = build_reward(d.teacher, cfg, acc.device, "distill.teacher")
+    teacher = build_reward(d.teacher, cfg, acc.device, name="distill.teacher")
     candidates = None
     if d.candidate_images > 0 and (cfg.run_path / "pretrain" / "model").is_dir():
         import numpy as np
@@ -102,6 +139,12 @@ def distill_stage(cfg: RecipeConfig, resume: bool = False, force: bool = False) 
     scfg = dataclasses.replace(d.student, device=str(acc.device))
     metrics = distill_reward(scfg, teacher, splits["train"], cfg.run_path / "distill", candidates=candidates, logger=acc)
     (cfg.run_path / "distill" / "report.json").write_text(json.dumps(metrics, indent=1))
+    if acc.is_main_process:
+        from rlrefine.trainers.model_card import scalars_table, write_model_card
+
+        write_model_card(cfg.run_path / "distill", f"Distilled reward (student of the {d.teacher.kind} teacher)",
+                         "A compact student that imitates the teacher reward (`rlrefine distill-reward`); load it with "
+                         "`rewards.DistilledScore.from_dir`. Held-out fidelity to the teacher below.", cfg, scalars_table(metrics))
     acc.end_training()
     log.info("distilled reward: spearman %.3f, kendall %.3f, argmax agreement %.3f, %.0f vs %.0f pairs/s (student vs teacher)",
              metrics.get("spearman", float("nan")), metrics.get("kendall", float("nan")), metrics.get("argmax_agreement", float("nan")),
@@ -110,8 +153,9 @@ def distill_stage(cfg: RecipeConfig, resume: bool = False, force: bool = False) 
 
 
 def evaluate_checkpoint(cfg: RecipeConfig, model_dir: Path, name: str, out_dir: Path, reference_dir: Path | None = None,
-                        timings: dict | None = None) -> dict:
-    """Evaluate one saved captioner on the recipe's evaluate.split; writes metrics.{json,md,png} + TensorBoard.
+                        split_name: str | None = None, timings: dict | None = None) -> dict:
+    """Evaluate one saved captioner on a split (default: the recipe's evaluate.split); writes
+    metrics.{json,md,png} + TensorBoard.
 
     ``timings``, if given, receives ``setup_s`` (loading the model, data and rewards) and ``eval_s``
     (scoring the images), which the dry run projects to the full split."""
@@ -128,22 +172,35 @@ def evaluate_checkpoint(cfg: RecipeConfig, model_dir: Path, name: str, out_dir: 
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     model = RefinementCaptioner.from_pretrained(model_dir, map_location=device).eval()
     tokenizer = CaptionTokenizer.from_dir(model_dir)
-    split = load_splits(cfg)[e.split]
-    evaluator = build_reward(e.evaluator, cfg, device, "evaluate.evaluator")
-    extra = {k: build_reward(v, cfg, device, f"evaluate.extra_rewards.{k}") for k, v in e.extra_rewards.items()}
+    split_name = split_name or e.split
+    splits = load_splits(cfg)
+    if split_name not in splits:
+        raise ValueError(f"evaluate: this data has no split '{split_name}' (it has {', '.join(splits)}); "
+                         f"change evaluate.split / evaluate.extra_splits")
+    split = splits[split_name]
+    evaluator = build_reward(e.evaluator, cfg, device, name="evaluate.evaluator")
+    extra = {k: build_reward(v, cfg, device, name=f"evaluate.extra_rewards.{k}") for k, v in e.extra_rewards.items()}
     reference = None
     if reference_dir is not None and e.kl_reference and Path(reference_dir).resolve() != Path(model_dir).resolve():
         reference = RefinementCaptioner.from_pretrained(reference_dir, map_location=device).eval()
     t1 = time.perf_counter()
     result = evaluate_model(model, tokenizer, split, evaluator, num_images=e.num_images, image_size=cfg.data.image_size,
                             max_len=cfg.finetune.max_len, schedule_kind=cfg.pretrain.schedule, schedule_eps=cfg.pretrain.schedule_eps,
-                            weights_kind=cfg.pretrain.layer_weights, alpha=e.alpha, extra_rewards=extra, reference=reference)
+                            weights_kind=cfg.pretrain.layer_weights, alpha=e.alpha, extra_rewards=extra, reference=reference,
+                            java_metrics=e.java_metrics)
     if timings is not None:
         timings.update(setup_s=t1 - t0, eval_s=time.perf_counter() - t1)
-    result.update({"model": str(model_dir), "split": e.split})
+    result.update({"model": str(model_dir), "split": split_name,
+                   "evaluate_config": e.model_dump(mode="json", exclude={"split", "extra_splits"})})
     writer = SummaryWriter(str(out_dir / "tb"))
     write_report(result, out_dir, name=name, writer=writer)
     writer.close()
+    from rlrefine.evaluate import markdown_table
+    from rlrefine.trainers.model_card import set_card_metrics
+
+    if split_name == e.split:  # the card carries the main split's table
+        set_card_metrics(model_dir, f"Split `{e.split}`, {result['num_images']} images, evaluator `{e.evaluator.kind}` "
+                                    f"(full results: `{out_dir}/metrics.json`).\n\n" + markdown_table(result))
     return result
 
 
@@ -198,60 +255,110 @@ def caption_folder(model_dir: Path, folder: Path, layers: list[int] | str | None
     return out
 
 
+def finetune_runs(cfg: RecipeConfig) -> dict[str, list]:
+    """name -> one FinetuneSection per seed (`compare.seeds`) for every fine-tuning variant of the recipe
+    (the `compare` variants, or the `finetune` section alone). Seed s writes to `<output>_seed<s>` (s > 0)."""
+    seeds = range(cfg.compare.seeds)
+    if cfg.compare.variants:
+        return {name: [cfg.variant(name, s) for s in seeds] for name in cfg.compare.variants}
+    f = cfg.finetune
+    return {f.method: [f if s == 0 else f.model_copy(update={"output": f"{f.output}_seed{s}"}) for s in seeds]}
+
+
 def finetune_variants(cfg: RecipeConfig) -> dict[str, object]:
-    """name -> FinetuneSection for every fine-tuning run of the recipe (the `compare` variants, or `finetune`)."""
-    if cfg.compare:
-        return {name: cfg.variant(name) for name in cfg.compare}
-    return {cfg.finetune.method: cfg.finetune}
+    """name -> the FinetuneSection of every fine-tuning variant, its first seed (what a variant trains with)."""
+    return {name: sections[0] for name, sections in finetune_runs(cfg).items()}
 
 
 def run_finetune_variants(cfg: RecipeConfig, resume: bool, force: bool = False) -> None:
     from rlrefine.trainers.finetune import finetune
 
-    for name, section in finetune_variants(cfg).items():
-        if (cfg.run_path / section.output / "model" / "config.json").exists() and not force:
-            log.info("finetune variant %s: output exists, skipped", name)
-            continue
-        log.info("finetune variant %s (%s) ...", name, section.method)
-        finetune(cfg.model_copy(update={"finetune": section}), resume=resume)
+    for name, sections in finetune_runs(cfg).items():
+        for s, section in enumerate(sections):
+            label = name + (f" seed {cfg.seed + s}" if len(sections) > 1 else "")
+            if (cfg.run_path / section.output / "model" / "config.json").exists() and not force:
+                log.info("finetune variant %s: output exists, skipped", label)
+                continue
+            log.info("finetune variant %s (%s) ...", label, section.method)
+            finetune(cfg.model_copy(update={"finetune": section, "seed": cfg.seed + s}), resume=resume)
 
 
 def report(cfg: RecipeConfig, resume: bool = False) -> str:
-    """Evaluate XE and every fine-tuned variant; write report/compare.{md,json,png}; return the table."""
-    from rlrefine.evaluate import compare_table, plot_layers
+    """Evaluate XE and every fine-tuned variant (each of its seeds) on `evaluate.split` and every
+    `evaluate.extra_splits`; write report/compare.{md,json,png} (and compare_<split>.* per extra split);
+    return the Markdown of all tables. A variant with several seeds is reported as mean ± std."""
+    from rlrefine.evaluate import aggregate_seeds, compare_table, plot_layers
 
     out = cfg.run_path / "report"
     xe_dir = cfg.run_path / "pretrain" / "model"
-    models = {"XE": xe_dir}
-    for name, section in finetune_variants(cfg).items():
-        models[name] = cfg.run_path / section.output / "model"
-    results = {}
-    for name, model_dir in models.items():
-        t0 = time.time()
-        results[name] = evaluate_checkpoint(cfg, model_dir, name, out / name, reference_dir=xe_dir)
-        log.info("evaluated %s in %.0f s", name, time.time() - t0)
-    table = compare_table(results)
-    header = (f"Test split '{cfg.evaluate.split}', {results['XE']['num_images']} images, K = {results['XE']['K']}; "
-              f"evaluator = {cfg.evaluate.evaluator.kind}; G = graduality on text embeddings (1 = on schedule).\n\n")
-    (out / "compare.md").write_text(header + table)
-    (out / "compare.json").write_text(json.dumps({k: {kk: v for kk, v in r.items() if kk != "examples"} for k, r in results.items()}, indent=1))
-    plot_layers(results, out / "compare.png")
-    return table
+    models = {"XE": [xe_dir]}
+    for name, sections in finetune_runs(cfg).items():
+        models[name] = [cfg.run_path / section.output / "model" for section in sections]
+    tables = []
+    for split in [cfg.evaluate.split, *[s for s in cfg.evaluate.extra_splits if s != cfg.evaluate.split]]:
+        main = split == cfg.evaluate.split
+        results = {}
+        for name, dirs in models.items():
+            t0 = time.time()
+            runs = []
+            for s, model_dir in enumerate(dirs):
+                sub = name + (f"_seed{s}" if s else "")
+                sub_dir = out / (sub if main else f"{split}/{sub}")
+                cached = _cached_evaluation(cfg, model_dir, sub_dir, split)
+                runs.append(cached if cached is not None else
+                            evaluate_checkpoint(cfg, model_dir, sub, sub_dir, reference_dir=xe_dir, split_name=split))
+            results[name] = aggregate_seeds(runs)
+            log.info("evaluated %s on %s (%d model%s) in %.0f s", name, split, len(dirs), "s" * (len(dirs) > 1), time.time() - t0)
+        stem = "compare" if main else f"compare_{split}"
+        header = (f"### Split '{split}', {results['XE']['num_images']} images, K = {results['XE']['K']}; evaluator = "
+                  f"{cfg.evaluate.evaluator.kind}; {cfg.compare.seeds} fine-tuning seed(s) per variant (mean ± sample std); "
+                  f"G = graduality on text embeddings (1 = on schedule).\n\n")
+        table = header + compare_table(results)
+        (out / f"{stem}.json").write_text(json.dumps({k: {kk: v for kk, v in r.items() if kk != "examples"} for k, r in results.items()}, indent=1))
+        plot_layers(results, out / f"{stem}.png")
+        tables.append(table)
+    text = "\n".join(tables)
+    (out / "compare.md").write_text(text)
+    return text
+
+
+def _cached_evaluation(cfg: RecipeConfig, model_dir: Path, out_dir: Path, split: str) -> dict | None:
+    """A model's earlier evaluation in ``out_dir`` when it is still valid: written after the model's
+    weights, of the same model on the same split with the same `evaluate` settings (so adding a variant
+    or a seed re-evaluates only the new models). None otherwise."""
+    metrics, weights = out_dir / "metrics.json", Path(model_dir) / "model.safetensors"
+    if not metrics.is_file() or not weights.is_file() or metrics.stat().st_mtime <= weights.stat().st_mtime:
+        return None
+    result = json.loads(metrics.read_text())
+    settings = cfg.evaluate.model_dump(mode="json", exclude={"split", "extra_splits"})
+    if result.get("split") != split or result.get("evaluate_config") != settings or Path(result.get("model", "")) != Path(model_dir):
+        return None
+    log.info("report: reusing %s (newer than %s)", metrics, weights)
+    return result
 
 
 def _report_stage(cfg: RecipeConfig, resume: bool = False, force: bool = False) -> None:
-    """The report, redone whenever the set of compared models changed (e.g. a variant was added)."""
+    """The report, redone whenever the set of compared models changed (e.g. a variant or a seed was added)."""
     done = cfg.run_path / "report" / "compare.json"
-    wanted = {"XE", *finetune_variants(cfg)}
-    if done.is_file() and not force and set(json.loads(done.read_text())) == wanted:
-        log.info("report: %s already compares %s, skipped (--force redoes it)", done, ", ".join(sorted(wanted)))
-        return
+    wanted = {"XE", *finetune_runs(cfg)}
+    if done.is_file() and not force:
+        old = json.loads(done.read_text())
+        if set(old) == wanted and all(old[k].get("seeds", 1) == (1 if k == "XE" else cfg.compare.seeds) for k in old):
+            log.info("report: %s already compares %s, skipped (--force redoes it)", done, ", ".join(sorted(wanted)))
+            return
     print("\n" + report(cfg, resume))
 
 
 def _reward_sections(cfg: RecipeConfig) -> list:
-    """Every reward section a run reads: each fine-tuning variant's reward and the evaluation scores."""
-    return [*(v.reward for v in finetune_variants(cfg).values()), cfg.evaluate.evaluator, *cfg.evaluate.extra_rewards.values()]
+    """Every reward section a run reads: each fine-tuning variant's reward and the evaluation scores,
+    with the terms of `sum` rewards."""
+    todo = [*(v.reward for v in finetune_variants(cfg).values()), cfg.evaluate.evaluator, *cfg.evaluate.extra_rewards.values()]
+    out = []
+    while todo:
+        section = todo.pop()
+        out.append(section)
+        todo.extend(term.reward for term in section.terms)
+    return out
 
 
 def needs_evaluator(cfg: RecipeConfig) -> bool:

@@ -60,3 +60,18 @@ def test_reward(capsys):
         assert r[k] > 0, k
     assert r["dedup_scores_equal"] is True
     assert r["pairs"] == 2 * 2 * 2 and 0 < r["unique_fraction"] <= 1
+
+
+def test_realsize(capsys):
+    """The real-size benchmark at toy sizes (the same code; sizes are flags): its keys and breakdown."""
+    r = run("realsize", ["--quick", "--K", "2", "--n", "2", "--max-len", "5", "--d-model", "64", "--slots", "4",
+                         "--heads", "2", "--readout-layers", "1", "--encoder", "tiny_vit", "--image-size", "32",
+                         "--reward-model", "tiny", "--student-width", "32", "--student-layers", "1",
+                         "--student-heads", "2", "--memory"], capsys)
+    for k in ("decode_vs_generate", "student_speedup", "dico_over_floor", "ratio", "floor", "reward_share",
+              "memory_per_image_mb"):
+        assert isinstance(r[k], float) and r[k] > 0, k
+    assert {"generation", "reward", "policy_forward", "policy_backward", "reference_forward"} <= set(r["breakdown_s"])
+    assert r["decode_tokens"] == 1 * 2 * 2 * 4  # images x layers x beams x (max_len - 1), both decoders
+    assert r["reward_pairs"] == 1 * (2 * 2 + 2)  # K*n candidates + the two greedy anchors per image
+    assert isinstance(r["max_batch_141gb"], int)

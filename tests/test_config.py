@@ -187,3 +187,22 @@ def test_fuzz_recipe_loader_only_raises_recipe_error(tree, overrides):
             assert str(err)
         else:
             assert isinstance(cfg, RecipeConfig)
+
+
+def test_compare_takes_seeds_beside_named_variants():
+    cfg = load_recipe(RECIPES / "tiny.yaml", ["compare.seeds=3", "compare.extra.lambda_grad=1.0"])
+    assert cfg.compare.seeds == 3 and list(cfg.compare.variants)[-1] == "extra"
+    assert cfg.variant("extra", seed=2).output == "finetune_extra_seed2" and cfg.variant("extra").lambda_grad == 1.0
+    with pytest.raises(RecipeError, match="compare.seeds"):
+        load_recipe(RECIPES / "tiny.yaml", ["compare.seeds=0"])
+    with pytest.raises(RecipeError, match="compare.oops must be a mapping"):
+        load_recipe(RECIPES / "tiny.yaml", ["compare.oops=3"])
+    with pytest.raises(RecipeError, match="compare.extra.lambda_gradd"):
+        load_recipe(RECIPES / "tiny.yaml", ["compare.extra.lambda_gradd=1.0"])
+
+
+def test_a_variant_with_another_reward_kind_does_not_inherit_the_base_rewards_keys():
+    cfg = load_recipe(RECIPES / "tiny.yaml", ["finetune.reward={kind: sum, terms: [{weight: 1, reward: {kind: distilled}}]}",
+                                              "compare.teacher.reward.kind=learned"])
+    assert cfg.variant("teacher").reward.kind == "learned" and cfg.variant("teacher").reward.terms == []
+    assert cfg.variant("dico").reward.kind == "sum" and len(cfg.variant("dico").reward.terms) == 1

@@ -14,11 +14,16 @@ from rlrefine.data.shapes import (
     Scene,
     SceneObject,
     ShapesConfig,
+    MENTION_PROBABILITY,
+    complete_descriptions,
     generate_shapes,
+    is_grammatical,
     load_or_generate_shapes,
     parse_caption,
     relation,
+    salience_order,
 )
+from rlrefine.data.shapes import _captions_one, _template_three, _template_two
 from rlrefine.data.split import CaptionSplit, load_split, save_split
 
 SMALL = ShapesConfig(num_train=300, num_val=40, num_test=40, num_test_novel=120, seed=3)
@@ -103,11 +108,82 @@ def test_vocabulary_and_length(splits):
     assert max(len(c.split()) for name in SPLITS for refs in splits[name].captions for c in refs) <= 17
 
 
-def test_three_object_captions_name_every_object(splits):
-    for refs, scene in zip(splits["train"].captions, splits["train"].scenes):
-        if len(scene.objects) == 3:
+def test_complete_references_name_every_object():
+    split = generate_shapes(ShapesConfig(num_train=200, num_val=1, num_test=1, num_test_novel=1, references="complete"))["train"]
+    for refs, scene, is_label in zip(split.captions, split.scenes, split.is_label):
+        if not is_label:
             for c in refs:
                 assert set(parse_caption(c).mentions) == {o.combo for o in scene.objects}, c
+
+
+def test_salient_references_always_name_the_most_salient_object_and_often_leave_others_out(splits):
+    train = splits["train"]
+    counts = {1: 0, 2: 0, 3: 0}
+    for refs, scene, is_label in zip(train.captions, train.scenes, train.is_label):
+        if is_label or len(scene.objects) < 3:
+            continue
+        first = scene.objects[salience_order(scene.objects, 64)[0]].combo
+        for c in refs:
+            named = set(parse_caption(c).mentions)
+            assert first in named and named <= {o.combo for o in scene.objects}, c
+            counts[len(named)] += 1
+    total = sum(counts.values())
+    # P(1) = 0.65 * 0.85 = 0.55, P(2) = 0.35 * 0.85 + 0.65 * 0.15 = 0.40, P(3) = 0.05 (per draw; five
+    # distinct references per image shift these a little towards the rarer counts).
+    assert MENTION_PROBABILITY == (1.0, 0.35, 0.15)
+    assert 0.4 < counts[1] / total < 0.65 and 0.3 < counts[2] / total < 0.5 and counts[3] / total < 0.12
+
+
+def test_salience_order_large_first_then_nearest_the_centre():
+    objs = [SceneObject("circle", "red", "small", 32, 32, 6), SceneObject("square", "blue", "large", 5, 5, 11),
+            SceneObject("cross", "green", "large", 40, 30, 11)]
+    assert salience_order(objs, 64) == [2, 1, 0]
+
+
+def test_complete_descriptions_name_every_object_and_keep_labels(splits):
+    train = splits["train"]
+    desc = complete_descriptions(train, 64, seed=1)
+    assert len(desc) == len(train)
+    for caps, refs, scene, is_label in zip(desc, train.captions, train.scenes, train.is_label):
+        if is_label:
+            assert caps == refs
+        else:
+            assert len(caps) == 5 and all(set(parse_caption(c).mentions) == {o.combo for o in scene.objects} for c in caps)
+
+
+def test_grammar_accepts_every_template_and_every_generated_caption(splits):
+    objs = [SceneObject("circle", "orange", "small", 10, 10, 6), SceneObject("square", "blue", "large", 40, 45, 11),
+            SceneObject("cross", "yellow", "large", 50, 12, 11)]
+    made = _captions_one(objs[0], 64) + [_template_two(t, objs[0], objs[1]) for t in range(5)]
+    made += [_template_three(t, *objs) for t in range(5)] + ["orange circle"]
+    assert len(made) == 19 and all(is_grammatical(c) for c in made), [c for c in made if not is_grammatical(c)]
+    for name in SPLITS:
+        assert all(is_grammatical(c) for refs in splits[name].captions for c in refs)
+    assert all(is_grammatical(c) for caps in complete_descriptions(splits["test"], 64) for c in caps)
+
+
+@pytest.mark.parametrize("broken", [
+    "",
+    "a red circle and",                                   # cut short (an early layer's prefix)
+    "a large red circle above",
+    "an red circle",                                      # wrong article
+    "a orange square on a dark background",
+    "a red circle and a red circle",                      # the same object twice
+    "a large red circle and a large red circle",
+    "a red circle above a blue square and a green cross left of the red circle",  # "the" must be the 2nd object
+    "a large red circle a small blue square",             # missing conjunction
+    "a large red circle , a small blue square , a large green cross",
+    "there is a red circle over",
+    "red circle red circle",
+    "a large red dog",                                    # not a shape
+    "a large red circle and a small orange circle and a large blue square",  # no template has two "and"s
+])
+def test_grammar_rejects_broken_captions(broken):
+    assert not is_grammatical(broken)
+
+
+def test_grammar_normalises_case_and_spaces():
+    assert is_grammatical("  A large  Red circle ")
 
 
 def test_rendered_object_colour_at_centre(splits):

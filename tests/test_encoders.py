@@ -1,6 +1,8 @@
 """Image encoders: every backend loads from a tiny checkpoint written to tmp_path through the same
 path a user takes for a real one (open_clip ViT-B-32 file / local-dir:, HF model directory)."""
 import json
+import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -215,9 +217,9 @@ def test_hf_missing_dir(tmp_path):
 
 # ------------------------------------------------------------------------------------ captioner checkpoints
 @pytest.mark.parametrize("kind", ["open_clip", "hf"])
-def test_captioner_checkpoint_carries_encoder(kind, tiny_clip, tmp_path):
+def test_captioner_checkpoint_carries_encoder(kind, tiny_clip, tmp_path, caplog):
     """save_pretrained stores the backbone's weights and architecture: from_pretrained works after the
-    original encoder checkpoint is gone, and gives the same outputs."""
+    original encoder checkpoint is gone, gives the same outputs, and warns about nothing."""
     import shutil
 
     src = tmp_path / "src"
@@ -237,7 +239,12 @@ def test_captioner_checkpoint_carries_encoder(kind, tiny_clip, tmp_path):
     out = model.generate(px, seeds, [0, 2], method="beam", num_candidates=2)
     model.save_pretrained(tmp_path / "ckpt")
     shutil.rmtree(src)
-    loaded = RefinementCaptioner.from_pretrained(tmp_path / "ckpt").eval()
+    with caplog.at_level("DEBUG"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = RefinementCaptioner.from_pretrained(tmp_path / "ckpt").eval()
+    # loading is silent: no "No pretrained weights loaded ... initialized randomly" (the weights follow)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert [str(w.message) for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))] == []
     torch.testing.assert_close(loaded.encoder.encode(px), model.encoder.encode(px))
     out2 = loaded.generate(px, seeds, [0, 2], method="beam", num_candidates=2)
     assert torch.equal(out.tokens, out2.tokens)

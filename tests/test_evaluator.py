@@ -86,3 +86,29 @@ def test_train_evaluator_improves_swap_accuracy(tmp_path):
     a = LearnedScore.from_dir(tmp_path)(imgs, caps)
     b = CLIPScore.from_pretrained(f"local-dir:{tmp_path}", w=meta["w"], text_prefix="")(imgs, caps)
     assert a.shape == (8,) and torch.allclose(a, b, atol=1e-6)
+
+
+def test_relation_swaps_stay_in_their_pair_and_are_reported_as_one_kind():
+    from rewards.evaluator import shapes_attribute_groups
+
+    groups = shapes_attribute_groups()
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(50):
+        new, group = swap_attribute("a red circle above a blue square", groups, rng, group="relation")
+        assert new == "a red circle below a blue square" and group == "relation"
+        new, group = swap_attribute("there is a red circle to the left of a blue square", groups, rng, group="relation:side")
+        seen.add(new)
+    assert seen == {"there is a red circle to the right of a blue square"}
+
+
+def test_preference_rate_counts_images_whose_preferred_caption_beats_every_other():
+    import torch
+
+    from rewards.evaluator import preference_rate
+
+    table = {"full": 2.0, "half": 1.0, "best": 3.0, "tie": 2.0}
+    reward = lambda images, captions: torch.tensor([table[c] for c in captions])  # noqa: E731
+    images = torch.zeros(4, 2, 2, 3, dtype=torch.uint8)
+    out = preference_rate(reward, images, ["full", "full", "full", "full"], [["half"], ["half", "best"], ["tie"], []])
+    assert out == {"rate": 1 / 3, "images": 3.0}  # image 1 loses to "best", image 2 ties (not strictly above)

@@ -24,8 +24,8 @@ THREE = Scene.from_objects(
 )
 
 
-def test_references_score_perfectly():
-    splits = generate_shapes(ShapesConfig(num_train=150, num_val=5, num_test=5, num_test_novel=60))
+def test_complete_references_score_perfectly():
+    splits = generate_shapes(ShapesConfig(num_train=150, num_val=5, num_test=5, num_test_novel=60, references="complete"))
     for name in ("train", "test_novel"):
         split = splits[name]
         captions = [c for refs in split.captions for c in refs]
@@ -34,6 +34,15 @@ def test_references_score_perfectly():
         for key in ("precision", "recall", "object_accuracy", "relation_accuracy", "exact_match"):
             assert scores[key] == 1.0, (name, key)
         assert scores["num_relations"] > 0
+
+
+def test_salient_references_are_precise_but_leave_objects_out():
+    split = generate_shapes(ShapesConfig(num_train=300, num_val=5, num_test=5, num_test_novel=5))["train"]
+    captions = [c for refs in split.captions for c in refs]
+    scenes = [s for refs, s in zip(split.captions, split.scenes) for _ in refs]
+    scores = grounding_scores(captions, scenes)
+    assert scores["precision"] == scores["relation_accuracy"] == 1.0 and scores["hallucination_rate"] == 0.0
+    assert 0.45 < scores["object_recall_multi"] < 0.75  # most references name one or two objects
 
 
 def test_correct_caption():
@@ -93,3 +102,16 @@ def test_empty_inputs_and_mismatch():
     assert grounding_scores([], [])["num_captions"] == 0.0
     with pytest.raises(ValueError, match="2 captions but 1 scenes"):
         grounding_scores(["a", "b"], [TWO])
+
+
+def test_recall_on_multi_object_images_hallucination_and_grammaticality():
+    from rlrefine.metrics.grounding import grammaticality
+
+    one = Scene.from_objects([SceneObject("circle", "red", "large", 20, 20, 10)])
+    two = Scene.from_objects([SceneObject("circle", "red", "large", 20, 20, 10), SceneObject("square", "blue", "small", 50, 50, 6)])
+    captions = ["a large red circle", "a large red circle and a small green cross"]
+    s = grounding_scores(captions, [one, two])
+    assert s["object_recall"] == pytest.approx(2 / 3)          # 1 of 1, 1 of 2
+    assert s["object_recall_multi"] == pytest.approx(1 / 2)    # the two-object image alone
+    assert s["hallucination_rate"] == pytest.approx(1 / 3)     # the green cross of 3 mentions
+    assert grammaticality(captions + ["a large red circle and"]) == pytest.approx(2 / 3)

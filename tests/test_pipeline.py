@@ -1,7 +1,10 @@
 """`rlrefine run` end to end on a micro version of recipes/tiny.yaml: every stage runs, is skipped
 when its output exists, and the report compares XE with every fine-tuned variant."""
 
+import contextlib
+import io
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,10 +25,27 @@ MICRO = [
 ]
 
 
+# SCST against CIDEr-D beside DiCO: the override the README documents.
+SCST_CIDER = "compare.scst_cider={method: scst, generation: sample, reward: {kind: cider}}"
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
+    """One micro run at the default log level; what a user would see on the console (stderr, where
+    logging and progress bars go) is kept in console.txt, the Python warnings in warnings.json.
+    METEOR is switched off (the recipe's evaluate.java_metrics: false) because its Java start costs ~10 s per
+    layer and model. Every fine-tuning variant runs with two seeds."""
     out = tmp_path_factory.mktemp("pipeline")
-    assert main(["run", str(RECIPE), f"run_dir={out}", "threads=1", *MICRO]) == 0
+    console = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(console), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # as a plain `python` run shows them (deprecations hidden)
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.filterwarnings("ignore", category=category)
+        code = main(["run", str(RECIPE), f"run_dir={out}", "threads=1", "compare.seeds=2", *MICRO, SCST_CIDER])
+    (out / "console.txt").write_text(console.getvalue())
+    (out / "warnings.json").write_text(json.dumps([f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught]))
+    assert code == 0, console.getvalue()[-3000:]
     return out
 
 
@@ -37,9 +57,24 @@ def test_every_stage_writes_its_output(run_dir):
     assert list((run_dir / "pretrain" / "tb").rglob("events.out.tfevents*"))
 
 
+def test_default_output_is_quiet(run_dir):
+    """One line per stage and progress bars: no open_clip or accelerate internals, no warning."""
+    lines = [ln for ln in (run_dir / "console.txt").read_text().replace("\r", "\n").splitlines() if ln.strip()]
+    for i, stage in enumerate(["train-evaluator", "pretrain", "distill-reward", "finetune", "report"], 1):
+        assert any(f"[{i}/5] {stage} done" in ln for ln in lines), stage
+    third_party = [ln for ln in lines if " INFO " in ln and not (" rlrefine." in ln or " rewards." in ln)]
+    assert third_party == []
+    for chatter in ("Parsing model identifier", "root:", "accelerate", "initialized randomly", "Removed shared tensor"):
+        assert not [ln for ln in lines if chatter in ln], chatter
+    # The one warning a 4-step micro model earns honestly: it decodes the same caption at every layer.
+    honest = "text progress undefined"
+    assert [ln for ln in lines if ("WARNING" in ln or "Warning" in ln) and honest not in ln] == []
+    assert json.loads((run_dir / "warnings.json").read_text()) == []
+
+
 def test_report_compares_xe_and_every_variant_per_layer(run_dir):
     table = (run_dir / "report" / "compare.md").read_text()
-    for name in ("| XE |", "| dico |", "| scst |"):
+    for name in ("| XE |", "| dico |", "| scst |", "| scst_cider |"):
         assert name in table
     result = json.loads((run_dir / "report" / "compare.json").read_text())
     dico = result["dico"]
@@ -47,8 +82,37 @@ def test_report_compares_xe_and_every_variant_per_layer(run_dir):
     assert set(dico) >= {"G", "G_latent", "P", "RS", "kl_ref", "progress_text", "ideal_progress"}
     assert dico["ideal_progress"] == pytest.approx([0.0, 0.5, 1.0])
     assert result["XE"].get("kl_ref") is None  # the reference itself
+    # SCST against CIDEr-D, reported beside DiCO: its CIDEr-D at layer K
+    assert result["scst_cider"]["final"]["CIDEr-D"]["mean"] >= 0.0 and result["scst_cider"]["layers"][-1]["layer"] == 2
+    # every saved model says where it came from, and the report's evaluation is in its card
+    card = (run_dir / "finetune_scst_cider" / "model" / "README.md").read_text()
+    assert "## Evaluation" in card and "| layer |" in card and "kind: cider" in card and "rlrefine " in card
+    for d in ("pretrain/model", "evaluator", "distill"):
+        assert (run_dir / d / "README.md").is_file(), d
+    import yaml
+
+    ran = yaml.safe_load((run_dir / "finetune_scst_cider" / "recipe.yaml").read_text())["finetune"]
+    assert ran["method"] == "scst" and ran["reward"]["kind"] == "cider"
     for row in dico["layers"]:
         assert 0.0 <= row["object_accuracy"] <= 1.0 and row["CIDEr-D"] >= 0.0 and row["evaluator"] >= 0.0
+        assert 0.0 <= row["grammaticality"] <= 1.0 and 1.0 <= row["vendi"] <= 6 and 0.0 <= row["hallucination_rate"] <= 1.0
+
+
+def test_every_variant_runs_with_each_seed_and_the_report_gives_mean_and_std(run_dir):
+    assert (run_dir / "finetune_dico_seed1" / "model" / "config.json").is_file()
+    assert (run_dir / "finetune_dico_teacher_seed1" / "model" / "config.json").is_file()
+    for stem in ("compare", "compare_test_novel"):
+        result = json.loads((run_dir / "report" / f"{stem}.json").read_text())
+        assert set(result) == {"XE", "dico", "dico_no_shaping", "dico_teacher", "scst", "scst_cider"}
+        final = result["dico"]["final"]
+        for key in ("object_recall", "object_recall_multi", "hallucination_rate", "grammaticality"):
+            assert set(final[key]) == {"mean", "std", "n"} and final[key]["n"] == 2, key
+            per_seed = [run["final"][key] for run in result["dico"]["per_seed"]]
+            assert final[key]["mean"] == pytest.approx(sum(per_seed) / 2)
+        assert result["dico"]["seeds"] == 2 and isinstance(result["XE"]["final"]["object_recall"], float)
+        assert result["dico"]["kl_ref"]["n"] == 2
+    table = (run_dir / "report" / "compare.md").read_text()
+    assert "Split 'test_novel'" in table and " ± " in table
 
 
 def test_distill_benchmark_rescores_the_held_out_pairs(run_dir, capsys):
@@ -84,7 +148,7 @@ def test_distill_benchmark_rescores_the_held_out_pairs(run_dir, capsys):
 def test_run_skips_done_stages(run_dir, caplog):
     before = (run_dir / "pretrain" / "model" / "model.safetensors").stat().st_mtime_ns
     caplog.set_level("INFO")
-    assert main(["run", str(RECIPE), f"run_dir={run_dir}", "threads=1", *MICRO]) == 0
+    assert main(["run", str(RECIPE), f"run_dir={run_dir}", "threads=1", "compare.seeds=2", *MICRO, SCST_CIDER]) == 0
     assert (run_dir / "pretrain" / "model" / "model.safetensors").stat().st_mtime_ns == before
     assert "skipped" in caplog.text
 
@@ -131,3 +195,17 @@ def test_pretrain_on_the_evaluator_tower_trains_the_evaluator_first(tmp_path, ca
     cfg = load_recipe(RECIPE, [f"run_dir={tmp_path / 'fresh'}", *MICRO])
     with pytest.raises(FileNotFoundError, match="rlrefine train-evaluator"):
         captioner_config(cfg, None)
+
+
+def test_report_reuses_evaluations_that_are_still_valid(run_dir, caplog):
+    from rlrefine.config import load_recipe
+    from rlrefine.pipeline import _cached_evaluation
+
+    cfg = load_recipe(RECIPE, [f"run_dir={run_dir}", "threads=1", "compare.seeds=2", *MICRO, SCST_CIDER])
+    model, out = run_dir / "finetune_dico" / "model", run_dir / "report" / "dico"
+    assert _cached_evaluation(cfg, model, out, "test")["model"] == str(model)
+    assert _cached_evaluation(cfg, model, out, "test_novel") is None  # another split
+    fewer = load_recipe(RECIPE, [f"run_dir={run_dir}", *MICRO, "evaluate.num_images=3"])
+    assert _cached_evaluation(fewer, model, out, "test") is None  # other settings
+    (model / "model.safetensors").touch()  # the model changed after its evaluation
+    assert _cached_evaluation(cfg, model, out, "test") is None

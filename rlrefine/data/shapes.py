@@ -60,8 +60,13 @@ __all__ = [
     "SceneObject",
     "Scene",
     "ParsedCaption",
+    "MENTION_PROBABILITY",
+    "REFERENCE_STYLES",
+    "complete_descriptions",
     "generate_shapes",
+    "is_grammatical",
     "parse_caption",
+    "salience_order",
     "load_or_generate_shapes",
     "SPLITS",
 ]
@@ -79,6 +84,11 @@ SIZES: tuple[str, ...] = ("small", "large")
 RELATIONS: tuple[str, ...] = ("above", "below", "left of", "right of")
 INVERSE_RELATION = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
 SPLITS: tuple[str, ...] = ("train", "val", "test", "test_novel")
+REFERENCE_STYLES: tuple[str, ...] = ("salient", "complete")
+# Salient references: the probability that a reference names the object of salience rank r
+# (0 = most salient). For a 3-object image 55% of references name one object, 40% two, 5% all three;
+# for a 2-object image 65% name one. Chosen so that most references leave something out, as COCO's do.
+MENTION_PROBABILITY: tuple[float, ...] = (1.0, 0.35, 0.15)
 
 # One held-out shape per colour for four colours, each shape at most once: every colour and every
 # shape still occurs in training (4 of the 30 combinations are held out).
@@ -120,11 +130,18 @@ class ShapesConfig:
     """Seed of everything: scenes, rendering noise, caption choices."""
     held_out: tuple[tuple[str, str], ...] = DEFAULT_HELD_OUT
     """(colour, shape) pairs never shown in train/val/test; each test_novel image has one."""
+    references: str = "salient"
+    """``salient``: references written the way people write them (the most salient object always,
+    the others with a probability that falls with salience, ``MENTION_PROBABILITY``); ``complete``:
+    every reference names every object. Either way `complete_descriptions` gives captions that
+    name every object (the teacher evaluator's corpus)."""
 
     def __post_init__(self) -> None:
         self.held_out = tuple((str(c), str(s)) for c, s in self.held_out)
         if not 1 <= self.max_objects <= 3:
             raise ValueError(f"max_objects must be 1, 2 or 3, got {self.max_objects}")
+        if self.references not in REFERENCE_STYLES:
+            raise ValueError(f"references must be one of {REFERENCE_STYLES}, got {self.references!r}")
         if self.image_size < 16:
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
         if not 0.0 <= self.label_fraction <= 1.0:
@@ -348,8 +365,8 @@ NUM_REFERENCES = 5
 
 
 def _captions(objects: list[SceneObject], image_size: int, rnd: random.Random) -> list[str]:
-    """5 distinct references: 5 of 8 templates (1 object) or all 5 templates, each with a random
-    object order (2-3 objects). Distinct templates give distinct strings."""
+    """5 distinct complete references: 5 of 8 templates (1 object) or all 5 templates, each with a
+    random object order (2-3 objects). Distinct templates give distinct strings."""
     if len(objects) == 1:
         return rnd.sample(_captions_one(objects[0], image_size), NUM_REFERENCES)
     template_order = rnd.sample(range(NUM_REFERENCES), NUM_REFERENCES)
@@ -358,6 +375,120 @@ def _captions(objects: list[SceneObject], image_size: int, rnd: random.Random) -
         perm = rnd.sample(objects, len(objects))
         out.append((_template_two if len(objects) == 2 else _template_three)(t, *perm))
     return out
+
+
+def salience_order(objects: Sequence[SceneObject], image_size: int) -> list[int]:
+    """Object indices, most salient first: large before small, then nearest the image centre."""
+    c = (image_size - 1) / 2
+    return sorted(range(len(objects)),
+                  key=lambda i: (objects[i].size != "large", (objects[i].x - c) ** 2 + (objects[i].y - c) ** 2))
+
+
+def _salient_caption(named: list[SceneObject], scene_size: int, image_size: int, rnd: random.Random) -> str:
+    """One caption naming exactly ``named`` (most salient first) with a random template for that count;
+    "a single ..." only when the image really holds one object."""
+    if len(named) == 1:
+        options = _captions_one(named[0], image_size)
+        if scene_size > 1:
+            options = [o for o in options if not o.startswith("a single ")]
+        return rnd.choice(options)
+    template = _template_two if len(named) == 2 else _template_three
+    return template(rnd.randrange(NUM_REFERENCES), *named)
+
+
+def _salient_captions(objects: list[SceneObject], image_size: int, rnd: random.Random) -> list[str]:
+    """5 distinct human-style references: each names the most salient object and each further object
+    of salience rank r with probability ``MENTION_PROBABILITY[r]``, drawn per reference."""
+    order = [objects[i] for i in salience_order(objects, image_size)]
+    out: list[str] = []
+    while len(out) < NUM_REFERENCES:
+        named = [o for r, o in enumerate(order) if r == 0 or rnd.random() < MENTION_PROBABILITY[r]]
+        caption = _salient_caption(named, len(objects), image_size, rnd)
+        if caption not in out:
+            out.append(caption)
+    return out
+
+
+def complete_descriptions(split: CaptionSplit, image_size: int, seed: int = 0) -> list[list[str]]:
+    """Per row of a shapes split, 5 captions that name every object (the templates of
+    ``references: complete``); label-only rows keep their label. The corpus the teacher evaluator
+    learns from when the references are salient, as PAC-S learns from curated data that alt-text lacks."""
+    if split.scenes is None:
+        raise ValueError("complete_descriptions needs a shapes split (one Scene per image)")
+    rnd = random.Random(seed)
+    return [list(caps) if is_label else _captions(scene.objects, image_size, rnd)
+            for caps, scene, is_label in zip(split.captions, split.scenes, split.is_label)]
+
+
+# ------------------------------------------------------------------------------------ grammar
+def _grammar() -> tuple["re.Pattern[str]", ...]:
+    """One compiled pattern per caption template (+ the label form), over space-separated words.
+
+    Noun phrases carry named groups ``c<i>`` / ``s<i>`` (colour, shape) so `is_grammatical` can check
+    that one caption never names the same object twice, as the generator never does."""
+    vowel = [c for c in COLOURS if c[0] in "aeiou"]
+    consonant = [c for c in COLOURS if c[0] not in "aeiou"]
+    shape = "|".join(SHAPES)
+    size = "|".join(SIZES)
+    counter = iter(range(10**6))
+
+    def np_(sized: bool) -> str:
+        i = next(counter)
+        if sized:
+            return f"a (?:{size}) (?P<c{i}>{'|'.join(COLOURS)}) (?P<s{i}>{shape})"
+        return f"(?:a (?P<c{i}>{'|'.join(consonant)})|an (?P<c{i}x>{'|'.join(vowel)})) (?P<s{i}>{shape})"
+
+    rel = "(?:above|below|left of|right of)"
+    alt = "(?:over|under|to the left of|to the right of)"
+    region = "(?:in the (?:top|bottom) (?:left|right)|at the (?:top|bottom)|on the (?:left|right)|in the middle)"
+    colour = "|".join(COLOURS)
+    templates = [
+        lambda: f"{np_(True)}",
+        lambda: f"there is {np_(False)}",
+        lambda: f"there is {np_(True)} {region}",
+        lambda: f"an image with {np_(True)}",
+        lambda: f"a picture of {np_(False)} {region}",
+        lambda: f"{np_(False)} on a dark background",
+        lambda: f"a single (?:{size}) (?:{colour}) (?:{shape})",
+        lambda: f"one (?:{colour}) (?:{shape}) {region}",
+        lambda: f"{np_(True)} {rel} {np_(True)}",
+        lambda: f"there is {np_(False)} {alt} {np_(False)}",
+        lambda: f"{np_(False)} {rel} {np_(False)}",
+        lambda: f"an image with {np_(False)} and {np_(False)}",
+        lambda: f"{np_(True)} and {np_(True)}",
+        lambda: f"{np_(False)} {rel} {np_(False)} and {np_(False)}",
+        lambda: f"{np_(True)} , {np_(True)} and {np_(True)}",
+        lambda: f"an image with {np_(False)} , {np_(False)} and {np_(False)}",
+        lambda: (lambda a, b, c: f"{a} {rel} {b} and {c} {rel} the (?P<cref>{colour}) (?P<sref>{shape})")(
+            np_(False), np_(False), np_(False)),
+        lambda: f"there is {np_(False)} and {np_(False)} {alt} {np_(False)}",
+        lambda: f"(?:{colour}) (?:{shape})",  # label-only examples ("red circle")
+    ]
+    return tuple(re.compile(t() + r"\Z") for t in templates)
+
+
+_GRAMMAR = _grammar()
+
+
+def is_grammatical(text: str) -> bool:
+    """True when ``text`` is a caption the shapes caption grammar produces: one of the reference
+    templates (1, 2 or 3 objects, either reference style) or a label, with the right articles
+    ("an orange", "a large"), no object named twice, and the "... the <colour> <shape>" of the
+    longest template referring back to its second object. Whitespace and case are normalised."""
+    words = " ".join(text.lower().split())
+    for pattern in _GRAMMAR:
+        m = pattern.match(words)
+        if m is None:
+            continue
+        groups = m.groupdict()
+        named = [((groups[k] or groups.get(k + "x")), groups["s" + k[1:]]) for k in groups
+                 if re.fullmatch(r"c\d+", k)]
+        if len(set(named)) != len(named):
+            continue
+        if groups.get("cref") is not None and (groups["cref"], groups["sref"]) != named[1]:
+            continue
+        return True
+    return False
 
 
 # ---------------------------------------------------------------------------------- rendering
@@ -549,7 +680,8 @@ def _generate_split(
     if label:
         captions = [[f"{objs[0].colour} {objs[0].shape}"] for objs in objects]
     else:
-        captions = [_captions(objs, cfg.image_size, rnd) for objs in objects]
+        write = _salient_captions if cfg.references == "salient" else _captions
+        captions = [write(objs, cfg.image_size, rnd) for objs in objects]
     return CaptionSplit(
         images=images,
         captions=captions,

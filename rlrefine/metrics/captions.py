@@ -1,9 +1,11 @@
 """Reference-based caption metrics: BLEU-4, ROUGE-L, CIDEr-D (pure Python), METEOR and SPICE
 (Java, only where their jars are present).
 
-Where this sits in the flow: ``trainers -> **metrics** / evaluate``. Scoring is pycocoevalcap's own
-scorers, so numbers are comparable with the COCO caption literature; this module only adds a
-Java-free tokenizer and availability checks.
+Where this sits in the flow: ``trainers -> **metrics** / evaluate``. BLEU, ROUGE-L, METEOR and SPICE
+are pycocoevalcap's own scorers, so numbers are comparable with the COCO caption literature;
+CIDEr-D is :class:`rewards.cider.CiderD`, the one implementation shared with the ``cider`` SCST
+reward, tested equal to pycocoevalcap's ``Cider``. This module adds a Java-free tokenizer
+(:mod:`rlrefine.data.ptb`) and availability checks.
 
 Inputs everywhere: ``gts: dict[id, list[str]]`` (references, raw text) and
 ``res: dict[id, list[str]]`` (exactly one raw candidate per id, same ids). Each function tokenizes
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from collections.abc import Hashable, Mapping, Sequence
 
@@ -49,103 +50,7 @@ __all__ = [
     "caption_metrics",
 ]
 
-# pycocoevalcap/tokenizer/ptbtokenizer.py: tokens dropped after PTB tokenization. Kept verbatim
-# (with its upper-case bracket names, which never match lower-cased output).
-PTB_PUNCTUATIONS = frozenset(
-    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
-)
-
-_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
-_CLITICS = ("'s", "'re", "'ve", "'ll", "'d", "'m")
-# Words PTBTokenizer splits into two tokens.
-_SPLIT_WORDS = {
-    "cannot": ("can", "not"),
-    "gonna": ("gon", "na"),
-    "gotta": ("got", "ta"),
-    "wanna": ("wan", "na"),
-    "lemme": ("lem", "me"),
-    "gimme": ("gim", "me"),
-}
-# Abbreviations PTBTokenizer keeps with their final period.
-_ABBREVIATIONS = frozenset(["mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "mt", "prof", "inc", "co", "ltd"])
-_DOTTED_ABBREV = re.compile(r"^(?:[a-z]\.){2,}$")  # u.s., p.m., a.m.
-_LEAD = set("\"'`([{$")
-_TRAIL = set("\"'`)]}.,;:!?%")
-
-
-def _split_core(core: str) -> list[str]:
-    """Split one whitespace-free chunk with no leading/trailing punctuation."""
-    out: list[str] = []
-    # "--" inside a chunk ("smiling--who") separates words.
-    if "--" in core:
-        parts = core.split("--")
-        for i, p in enumerate(parts):
-            if i:
-                out.append("--")
-            if p:
-                out.extend(_split_core(p))
-        return out
-    # Commas / semicolons / other separators glued between words (not inside numbers like 1,000).
-    m = re.search(r"(?<!\d)[,;!?]|[,;!?](?!\d)", core)
-    if m:
-        left, sep, right = core[: m.start()], core[m.start()], core[m.end() :]
-        return _tokenize_chunk(left) + [sep] + _tokenize_chunk(right)
-    if core in _SPLIT_WORDS:
-        return list(_SPLIT_WORDS[core])
-    if core.endswith("n't") and len(core) > 3:
-        return [core[:-3], "n't"]
-    for clitic in _CLITICS:
-        if core.endswith(clitic) and len(core) > len(clitic):
-            return [core[: -len(clitic)], clitic]
-    return [core]
-
-
-def _tokenize_chunk(chunk: str) -> list[str]:
-    """PTB-style tokens of one whitespace-free chunk (punctuation still included)."""
-    head: list[str] = []
-    tail: list[str] = []
-    if chunk in _CLITICS or chunk == "n't":  # already split by the writer: "dog 's"
-        return [chunk]
-    # Leading quotes, brackets and currency.
-    while chunk and chunk[0] in _LEAD:
-        ch = chunk[0]
-        head.append(_BRACKETS.get(ch, "``" if ch == '"' else ch))
-        chunk = chunk[1:]
-    # Trailing punctuation, innermost last.
-    while chunk:
-        if chunk.endswith("..."):
-            tail.append("...")
-            chunk = chunk[:-3]
-            continue
-        ch = chunk[-1]
-        if ch not in _TRAIL:
-            break
-        if ch in "!?":  # PTB keeps a run like "!!" or "?!" as one token (not in the removal list)
-            run = len(chunk) - len(chunk.rstrip("!?"))
-            tail.append(chunk[-run:])
-            chunk = chunk[:-run]
-            continue
-        if ch == ".":
-            stem = chunk[:-1]
-            if _DOTTED_ABBREV.match(chunk) or stem in _ABBREVIATIONS:
-                break  # the period belongs to the abbreviation
-        tail.append(_BRACKETS.get(ch, "''" if ch == '"' else ch))
-        chunk = chunk[:-1]
-    middle = _split_core(chunk) if chunk else []
-    return head + middle + tail[::-1]
-
-
-def ptb_tokenize(text: str) -> str:
-    """Tokenize one caption the way pycocoevalcap's PTBTokenizer + punctuation removal does.
-
-    Returns the tokens joined by single spaces (what the scorers expect); ``""`` for a caption
-    with no words. See the module docstring for the rules.
-    """
-    text = text.replace("\n", " ").lower()
-    tokens: list[str] = []
-    for chunk in text.split():
-        tokens.extend(_tokenize_chunk(chunk))
-    return " ".join(t for t in tokens if t and t not in PTB_PUNCTUATIONS)
+from rlrefine.data.ptb import PTB_PUNCTUATIONS, ptb_tokenize  # noqa: F401 (re-exported)
 
 
 def tokenize_corpus(captions: Mapping[Hashable, Sequence[str]]) -> dict[Hashable, list[str]]:
@@ -153,16 +58,14 @@ def tokenize_corpus(captions: Mapping[Hashable, Sequence[str]]) -> dict[Hashable
     return {k: [ptb_tokenize(c) for c in v] for k, v in captions.items()}
 
 
-def _prepare(gts: Mapping, res: Mapping) -> tuple[dict, dict]:
-    """Validate inputs and tokenize them; ids are kept in ``gts`` order."""
+def _validate(gts: Mapping, res: Mapping) -> None:
+    """Same ids on both sides, a non-empty list of references and exactly one candidate per id."""
     if not gts:
         raise ValueError("gts is empty: caption metrics need at least one image")
     if set(gts.keys()) != set(res.keys()):
         missing = sorted(map(str, set(gts) - set(res)))[:5]
         extra = sorted(map(str, set(res) - set(gts)))[:5]
         raise ValueError(f"gts and res must have the same ids; missing in res: {missing}, extra in res: {extra}")
-    g: dict = {}
-    r: dict = {}
     for k in gts:
         refs = gts[k]
         cand = res[k]
@@ -172,27 +75,32 @@ def _prepare(gts: Mapping, res: Mapping) -> tuple[dict, dict]:
             raise ValueError(f"res[{k!r}] must be a list with one caption, got the bare string {cand!r}")
         if len(cand) != 1:
             raise ValueError(f"res[{k!r}] must hold exactly one candidate caption, got {len(cand)}")
-        g[k] = [ptb_tokenize(t) for t in refs]
-        r[k] = [ptb_tokenize(cand[0])]
+
+
+def _prepare(gts: Mapping, res: Mapping) -> tuple[dict, dict]:
+    """Validate inputs and tokenize them; ids are kept in ``gts`` order."""
+    _validate(gts, res)
+    g = {k: [ptb_tokenize(t) for t in gts[k]] for k in gts}
+    r = {k: [ptb_tokenize(res[k][0])] for k in gts}
     return g, r
 
 
 def cider_d(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, Sequence[str]]) -> float:
-    """Corpus CIDEr-D with pycocoevalcap's ``Cider`` scorer.
+    """Corpus CIDEr-D (Vedantam et al. 2015, §CIDEr-D), the mean of the per-image scores.
 
-    pycocoevalcap's class is named ``Cider`` but computes CIDEr-D (Vedantam et al. 2015, §CIDEr-D),
-    as checked in its ``cider_scorer.py``: n = 1..4 tf-idf vectors with document frequencies from
-    the references of the evaluated corpus, candidate counts clipped by the reference counts
-    (``min(vec_hyp, vec_ref) * vec_ref``), a Gaussian length penalty exp(−δ²/2σ²) with σ = 6,
-    mean over n and over references, times 10. Per-image scores are averaged. The idf comes from
-    this corpus, so scores on tiny corpora are not comparable with published numbers (a corpus of
-    one image always scores 0: log(1) − log(df) = 0).
+    Computed by :class:`rewards.cider.CiderD`, the same code as the ``cider`` reward of SCST, with
+    document frequencies from the references of the evaluated corpus, as pycocoevalcap's ``Cider``
+    does (whose class name says CIDEr but which computes CIDEr-D; tests check the two agree): n = 1..4
+    tf-idf vectors, candidate weights clipped by the reference's (``min(vec_hyp, vec_ref) * vec_ref``),
+    a Gaussian length penalty exp(−δ²/2σ²) with σ = 6, mean over n and over references, times 10.
+    The idf comes from this corpus, so scores on tiny corpora are not comparable with published
+    numbers (a corpus of one image always scores 0: log(1) − log(df) = 0).
     """
-    from pycocoevalcap.cider.cider import Cider
+    from rewards.cider import CiderD
 
-    g, r = _prepare(gts, res)
-    score, _ = Cider().compute_score(g, r)
-    return float(score)
+    _validate(gts, res)
+    scorer = CiderD([gts[k] for k in gts])
+    return float(sum(scorer.score(res[k][0], gts[k]) for k in gts) / len(gts))
 
 
 def bleu4(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, Sequence[str]]) -> float:
@@ -255,7 +163,7 @@ def meteor(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, Sequenc
     """Corpus METEOR 1.5 (``-l en -norm``) through pycocoevalcap's ``Meteor`` (a Java subprocess),
     or ``None`` when :func:`meteor_available` is False ("unavailable", never 0)."""
     if not meteor_available():
-        logger.info("METEOR unavailable (needs java and pycocoevalcap's meteor-1.5.jar)")
+        logger.debug("METEOR unavailable (needs java and pycocoevalcap's meteor-1.5.jar)")
         return None
     from pycocoevalcap.meteor.meteor import Meteor
 
@@ -272,7 +180,7 @@ def spice(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, Sequence
     """Corpus SPICE (Anderson et al. 2016) through pycocoevalcap's ``Spice``, or ``None`` when
     :func:`spice_available` is False (the CoreNLP jars are not shipped and are never downloaded)."""
     if not spice_available():
-        logger.info("SPICE unavailable (needs java, spice-1.0.jar and Stanford CoreNLP 3.6.0 jars)")
+        logger.debug("SPICE unavailable (needs java, spice-1.0.jar and Stanford CoreNLP 3.6.0 jars)")
         return None
     from pycocoevalcap.spice.spice import Spice
 
@@ -282,14 +190,15 @@ def spice(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, Sequence
 
 
 def caption_metrics(
-    gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, Sequence[str]]
+    gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, Sequence[str]], java: bool = True
 ) -> dict[str, float | None]:
     """All reference-based metrics: ``{"BLEU-4", "ROUGE-L", "CIDEr-D", "METEOR", "SPICE"}``;
-    METEOR / SPICE are ``None`` where unavailable (see :func:`meteor`, :func:`spice`)."""
+    METEOR / SPICE are ``None`` where unavailable (see :func:`meteor`, :func:`spice`) or not asked
+    for (``java=False``: each starts a Java process, seconds per call)."""
     return {
         "BLEU-4": bleu4(gts, res),
         "ROUGE-L": rouge_l(gts, res),
         "CIDEr-D": cider_d(gts, res),
-        "METEOR": meteor(gts, res),
-        "SPICE": spice(gts, res),
+        "METEOR": meteor(gts, res) if java else None,
+        "SPICE": spice(gts, res) if java else None,
     }

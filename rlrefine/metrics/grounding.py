@@ -8,13 +8,19 @@ compared with the `Scene` it describes. All rates are micro-averaged over the wh
                         (distinct pairs per caption: "the blue square" said twice counts once)
 * ``object_accuracy`` = scene objects whose colour AND shape are both named (as one mention) /
                         scene objects — the headline "names the right colour and shape for X % of
-                        objects"; ``recall`` is the same number under its IR name
+                        objects"; ``recall`` and ``object_recall`` are the same number
+* ``object_recall_multi`` = the same over the images with 2 or more objects only (where a caption
+                        can leave objects out; 0.0 when there are none)
+* ``hallucination_rate`` = mentioned pairs that are NOT in the scene / pairs mentioned (1 − precision)
 * ``colour_recall`` / ``shape_recall`` = scene objects whose colour / shape word occurs in the
                         caption at all (partial credit: early layers often get one right)
 * ``relation_accuracy`` = stated relations that hold in the scene / relations stated; a relation
                         holds when both pairs are scene objects and ``Scene.relations`` has it (the
                         dominant-axis relation the references use)
 * ``exact_match``     = captions whose set of mentions equals the scene's set of objects
+
+`grammaticality` is the fraction of captions the shapes caption grammar produces
+(`rlrefine.data.shapes.is_grammatical`, an exact recogniser).
 
 A rate with an empty denominator (e.g. no relation stated anywhere) is 0.0; the counts beside the
 rates (``num_mentions``, ``num_objects``, ``num_relations``) tell it apart from a real zero.
@@ -24,9 +30,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from rlrefine.data.shapes import Scene, parse_caption
+from rlrefine.data.shapes import Scene, is_grammatical, parse_caption
 
-__all__ = ["grounding_scores", "caption_grounding_counts"]
+__all__ = ["grounding_scores", "caption_grounding_counts", "grammaticality"]
 
 _COUNT_KEYS = (
     "mentions",
@@ -76,14 +82,23 @@ def grounding_scores(captions: Sequence[str], scenes: Sequence[Scene]) -> dict[s
     if len(captions) != len(scenes):
         raise ValueError(f"{len(captions)} captions but {len(scenes)} scenes")
     total = dict.fromkeys(_COUNT_KEYS, 0)
+    multi_objects = multi_named = 0
     for caption, scene in zip(captions, scenes):
-        for k, v in caption_grounding_counts(caption, scene).items():
+        counts = caption_grounding_counts(caption, scene)
+        for k, v in counts.items():
             total[k] += v
+        if counts["objects"] >= 2:
+            multi_objects += counts["objects"]
+            multi_named += counts["objects_named"]
     object_accuracy = _rate(total["objects_named"], total["objects"])
+    precision = _rate(total["mentions_correct"], total["mentions"])
     return {
-        "precision": _rate(total["mentions_correct"], total["mentions"]),
+        "precision": precision,
+        "hallucination_rate": 1.0 - precision if total["mentions"] else 0.0,
         "recall": object_accuracy,
         "object_accuracy": object_accuracy,
+        "object_recall": object_accuracy,
+        "object_recall_multi": _rate(multi_named, multi_objects),
         "colour_recall": _rate(total["colours_named"], total["objects"]),
         "shape_recall": _rate(total["shapes_named"], total["objects"]),
         "relation_accuracy": _rate(total["relations_correct"], total["relations"]),
@@ -93,3 +108,8 @@ def grounding_scores(captions: Sequence[str], scenes: Sequence[Scene]) -> dict[s
         "num_objects": float(total["objects"]),
         "num_relations": float(total["relations"]),
     }
+
+
+def grammaticality(captions: Sequence[str]) -> float:
+    """Fraction of ``captions`` the shapes caption grammar produces (0.0 for no captions)."""
+    return _rate(sum(is_grammatical(c) for c in captions), len(captions))

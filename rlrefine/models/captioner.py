@@ -406,10 +406,11 @@ class RefinementCaptioner(nn.Module):
                         temperature=temperature, top_p=top_p, generator=generator, length_penalty=length_penalty)
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None, model_card: str | None = None) -> None:
         """Write `model.safetensors` (all weights, the image encoder's included), `config.json`,
         `encoder/` (the encoder backbone's architecture, open_clip / hf only) and, if given,
-        the tokenizer (`tokenizer.save(dir)`). Written to a temporary sibling folder and renamed
+        the tokenizer (`tokenizer.save(dir)`) and a model card (`README.md`, the text given; see
+        `rlrefine.trainers.model_card`). Written to a temporary sibling folder and renamed
         into place, so a crash never leaves a half-written checkpoint at `directory`."""
         from safetensors.torch import save_model
 
@@ -424,6 +425,8 @@ class RefinementCaptioner(nn.Module):
                 self.encoder.save_architecture(tmp / ENCODER_ARCH_DIR)
             if tokenizer is not None:
                 tokenizer.save(tmp)
+            if model_card is not None:
+                (tmp / "README.md").write_text(model_card)
             old = None
             if final.exists():
                 old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"

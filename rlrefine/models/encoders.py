@@ -31,6 +31,7 @@ carries everything it needs (weights in its safetensors, architecture in ``encod
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -329,6 +330,34 @@ def _init_weights(module: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------------- open_clip
+class _DropMessages(logging.Filter):
+    """Drops log records whose message contains one of `fragments`."""
+
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(f in message for f in self.fragments)
+
+
+@contextlib.contextmanager
+def _without_random_init_warnings():
+    """Building a saved captioner's open_clip tower from its architecture alone (`load_weights=False`)
+    makes open_clip warn "No pretrained weights loaded ... Model initialized randomly" and "Local config
+    loaded, but no CLIP weights found" (on the root logger). Both are false here: the tower's weights
+    are in the captioner's model.safetensors and are loaded right after. Only these two records of
+    this one call are dropped."""
+    drop = _DropMessages("No pretrained weights loaded for model", "but no CLIP weights found in")
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 class OpenCLIPVisual(ImageEncoder):
     """The visual tower of an open_clip model, as a token sequence.
 
@@ -349,15 +378,14 @@ class OpenCLIPVisual(ImageEncoder):
         super().__init__(frozen)
         import open_clip
 
-        from rlrefine.models.clip_checkpoint import (check_activation, create_bare_model, load_state_checked,
-                                                     mute_random_init_warning, read_checkpoint)
+        from rlrefine.models.clip_checkpoint import check_activation, create_bare_model, load_state_checked, read_checkpoint
 
         if architecture_dir is not None:
             # architecture only (weights come from a saved RefinementCaptioner)
             d = Path(architecture_dir)
             if not (d / "open_clip_config.json").is_file():
                 raise FileNotFoundError(f"open_clip architecture file not found: {d / 'open_clip_config.json'}")
-            with mute_random_init_warning():  # the weights come from the captioner's checkpoint
+            with _without_random_init_warnings():
                 model = open_clip.create_model(LOCAL_DIR + str(d), load_weights=False)
             arch = json.loads((d / "open_clip_config.json").read_text())
         elif checkpoint is None:

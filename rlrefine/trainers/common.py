@@ -138,6 +138,7 @@ def load_splits(cfg: RecipeConfig, issues: DataIssues | None = None) -> dict:
         splits = generate_shapes(ShapesConfig(
             image_size=s.image_size, num_train=s.num_train, num_val=s.num_val, num_test=s.num_test,
             num_test_novel=s.num_test_novel, max_objects=s.max_objects, seed=s.seed, label_fraction=s.label_fraction,
+            references=s.references,
         ))
     elif data.kind == "coco":  # Karpathy or official COCO captions, detected from the file
         from rlrefine.data.coco import load_coco
@@ -341,26 +342,4 @@ def eval_z0_seeds(index: torch.Tensor | np.ndarray, seed: int = 0) -> torch.Tens
     return torch.as_tensor(np.asarray(index), dtype=torch.long) * 1_000_003 + seed
 
 
-def build_reward(section, cfg: RecipeConfig, device, where: str = ""):
-    """The reward a recipe section names (rewards protocol), on `device`, ready for inference.
-
-    ``where``: the section's recipe key (e.g. "finetune.reward"), named in loading errors. For the
-    clip family the section's `scale`, `prefix` and `clamp` are passed on (None: the kind's official
-    value: w 2.5 CLIP-S / 2.0 PAC-S, "A photo depicts ", clamp at 0)."""
-    import rewards
-
-    kind = section.kind
-    if kind == "learned":
-        score = rewards.LearnedScore.from_dir(section.path or cfg.run_path / "evaluator", device=device)
-    elif kind == "distilled":
-        score = rewards.DistilledScore.from_dir(section.path or cfg.run_path / "distill", device=device)
-    else:
-        cls = {"clip": rewards.CLIPScore, "refclip": rewards.RefCLIPScore, "pac": rewards.PACScore, "refpac": rewards.RefPACScore}[kind]
-        options = {"w": section.scale, "text_prefix": section.prefix, "clamp": True if section.clamp is None else section.clamp}
-        score = cls.from_pretrained(section.model_name, section.checkpoint, device=device,
-                                    allow_gelu_for_openai_weights=section.allow_gelu_for_openai_weights,
-                                    option=f"{where}.allow_gelu_for_openai_weights" if where else "allow_gelu_for_openai_weights",
-                                    **options)
-    if hasattr(score, "batch_size"):
-        score.batch_size = section.batch_size
-    return score
+from rlrefine.trainers.reward_factory import build_reward  # noqa: E402,F401 (its old home; kept importable)

@@ -12,7 +12,8 @@ One step, for a batch of B images and the L configured layers:
 
 Logged per layer (TensorBoard, TRL-style names): `layer_k/reward`, `layer_k/shaped_reward`,
 `layer_k/rewards/chosen|rejected|margins|accuracies`, `layer_k/kl_ref`, `layer_k/progress` vs
-`layer_k/progress_target`; sample captions of fixed val images at every layer.
+`layer_k/progress_target`; for a `sum` reward every term, unweighted, as `reward_terms/<name>` (all
+layers) and `layer_k/reward_terms/<name>`; sample captions of fixed val images at every layer.
 Outputs: `<run_dir>/<output>/model` (the fine-tuned captioner), `report.json`, checkpoints.
 """
 
@@ -34,11 +35,13 @@ from rlrefine.config import FinetuneSection, RecipeConfig, dump_recipe
 from rlrefine.losses import dico_loss, kl_to_reference, layer_weights, schedule, scst_loss, shape_rewards
 from rlrefine.models import RefinementCaptioner
 from rlrefine.trainers.checkpoint import CheckpointManager
+from rlrefine.trainers.model_card import render_model_card
 from rlrefine.trainers.common import (
-    NonFiniteGuard, batch_stream, build_reward, eval_z0_seeds, load_images, load_splits, make_accelerator, step_z0_seeds,
+    NonFiniteGuard, batch_stream, eval_z0_seeds, load_images, load_splits, make_accelerator, step_z0_seeds,
     tensorboard_writer,
 )
 from rlrefine.trainers.pretrain import greedy_captions, warmup_cosine
+from rlrefine.trainers.reward_factory import build_reward, training_corpus
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +72,17 @@ class Rollout:
     shaped: torch.Tensor  # [B, L, n]
     progress: torch.Tensor  # [B, L, n]
     greedy_rewards: torch.Tensor | None  # [B, L] (SCST greedy baseline)
+    terms: dict[str, torch.Tensor] | None = None  # name -> [B, L, n] unweighted term scores (a `sum` reward)
 
 
 @torch.no_grad()
 def rollout(policy: RefinementCaptioner, reward, images: torch.Tensor, pixels: torch.Tensor, seeds: torch.Tensor,
             layers: list[int], f: FinetuneSection, tokenizer, sched: torch.Tensor,
-            generator: torch.Generator | None = None) -> Rollout:
-    """Generate candidates at every configured layer, score them in one call, and shape the rewards."""
+            generator: torch.Generator | None = None, references: list[list[str]] | None = None) -> Rollout:
+    """Generate candidates at every configured layer, score them in one call, and shape the rewards.
+
+    ``references``: the B images' reference captions (for rewards that use them: cider, refclip, ...).
+    A `sum` reward's terms are kept, unweighted, in ``Rollout.terms`` for logging."""
     K = policy.config.num_refine_layers
     B, L, n = pixels.shape[0], len(layers), f.num_candidates
     was_training = policy.training
@@ -94,7 +101,14 @@ def rollout(policy: RefinementCaptioner, reward, images: torch.Tensor, pixels: t
     anchor_text = [row[0] for per_img in tokenizer.decode_batch(greedy.tokens.cpu()) for row in per_img]
     texts = cand_text + anchor_text
     image_index = torch.cat([torch.arange(B).repeat_interleave(L * n), torch.arange(B).repeat_interleave(len(anchor_layers))])
-    scores = reward(images, texts, image_index=image_index).float().cpu()
+    terms = None
+    if hasattr(reward, "term_scores"):  # rewards.weighted.WeightedSum: score once, keep every term
+        term_scores = reward.term_scores(images, texts, references=references, image_index=image_index)
+        scores = reward.combine(term_scores)
+        terms = {k: v.float().cpu()[: B * L * n].view(B, L, n) for k, v in term_scores.items()}
+    else:
+        scores = reward(images, texts, references=references, image_index=image_index)
+    scores = torch.as_tensor(scores).float().cpu()
     r = scores[: B * L * n].view(B, L, n)
     anchors = scores[B * L * n:].view(B, len(anchor_layers))
     r0, rK = anchors[:, anchor_layers.index(0)], anchors[:, anchor_layers.index(K)]
@@ -104,7 +118,7 @@ def rollout(policy: RefinementCaptioner, reward, images: torch.Tensor, pixels: t
     greedy_r = None
     if f.method == "scst" and f.scst_baseline == "greedy":
         greedy_r = anchors[:, [anchor_layers.index(k) for k in layers]]
-    return Rollout(gen.tokens, cand_text, r, shaped, progress, greedy_r)
+    return Rollout(gen.tokens, cand_text, r, shaped, progress, greedy_r, terms)
 
 
 def layer_losses(policy_logps: torch.Tensor, ref_logps: torch.Tensor, ro: Rollout, f: FinetuneSection,
@@ -129,13 +143,14 @@ def layer_losses(policy_logps: torch.Tensor, ref_logps: torch.Tensor, ro: Rollou
 def compute_loss(core: RefinementCaptioner, policy, reference: RefinementCaptioner, reward, images: torch.Tensor,
                  pixels: torch.Tensor, seeds: torch.Tensor, layers: list[int], f: FinetuneSection, tokenizer,
                  sched: torch.Tensor, weights: torch.Tensor, acc,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, Rollout, list[dict]]:
+                 generator: torch.Generator | None = None,
+                 references: list[list[str]] | None = None) -> tuple[torch.Tensor, Rollout, list[dict]]:
     """One fine-tuning step's loss: rollout (no grad), then policy / reference log-probs and Σ_k w_k L_k / Σ_k w_k.
 
     `core` is the bare policy (for generation), `policy` the accelerate-prepared `SequenceScorer`
     around it (for the gradient pass).
     """
-    ro = rollout(core, reward, images, pixels, seeds, layers, f, tokenizer, sched, generator)
+    ro = rollout(core, reward, images, pixels, seeds, layers, f, tokenizer, sched, generator, references)
     tokens = ro.tokens.to(pixels.device)
     lengths = (tokens[..., 1:] != tokenizer.pad_id).sum(-1).float()
     policy.train()
@@ -169,7 +184,7 @@ def finetune(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[...,
     disable_dropout_in_model(policy)
     disable_dropout_in_model(reference)
     tokenizer = policy.tokenizer if getattr(policy, "tokenizer", None) is not None else _load_tokenizer(init)
-    reward = build_reward(f.reward, cfg, acc.device, "finetune.reward")
+    reward = build_reward(f.reward, cfg, acc.device, corpus=training_corpus(splits["train"]), name=f"{f.output}.reward")
     K = policy.config.num_refine_layers
     layers = f.layers or list(range(1, K + 1))
     weights = layer_weights(f.layer_weights, K)[torch.tensor(layers) - 1]
@@ -204,8 +219,9 @@ def finetune(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[...,
         pixels = core.encoder.preprocess(images)
         seeds = step_z0_seeds(cfg.seed + 1, step, f.batch_size, acc.process_index, acc.num_processes).to(acc.device)
         sampler = torch.Generator(device=acc.device).manual_seed(int(step_z0_seeds(cfg.seed + 2, step, 1)[0]))
+        references = [list(splits["train"].captions[int(i)]) for i in batch.index]
         loss, ro, metrics = compute_loss(core, policy, reference, reward, images, pixels, seeds, layers, f, tokenizer,
-                                         sched, weights, acc, generator=sampler)
+                                         sched, weights, acc, generator=sampler, references=references)
         grad_norm = guard.backward(step, loss, policy.parameters(), f.grad_clip)
         if grad_norm is None:
             continue
@@ -225,6 +241,10 @@ def finetune(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[...,
                 scalars[f"layer_{k}/progress"] = ro.progress[:, l].mean()
                 scalars[f"layer_{k}/length"] = lengths[:, l].mean()
                 scalars.update({f"layer_{k}/{name}": torch.tensor(v) for name, v in metrics[l].items()})
+                for name, t in (ro.terms or {}).items():
+                    scalars[f"layer_{k}/reward_terms/{name}"] = t[:, l].mean()
+            for name, t in (ro.terms or {}).items():
+                scalars[f"reward_terms/{name}"] = t.mean()
             # every process's batch counts: the logged numbers are means over processes
             means = acc.reduce(torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()) for v in scalars.values()])
                                .to(acc.device), "mean").tolist()
@@ -245,7 +265,10 @@ def finetune(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[...,
     report = {}
     if acc.is_main_process:
         core.eval()
-        core.save_pretrained(stage_dir / "model", tokenizer=tokenizer)
+        card = render_model_card(f"Refinement captioner ({f.method.upper()} fine-tuned, K = {K})",
+                                 f"{f.method.upper()} fine-tuning at layers {layers} against the `{f.reward.kind}` reward, "
+                                 f"{f.steps} steps from `{init}` (`rlrefine finetune`, output `{f.output}`).", cfg)
+        core.save_pretrained(stage_dir / "model", tokenizer=tokenizer, model_card=card)
         report = {"method": f.method, "steps": f.steps, "train_seconds": round(time.time() - t0, 1), "layers": layers}
         (stage_dir / "report.json").write_text(json.dumps(report, indent=1))
     acc.wait_for_everyone()

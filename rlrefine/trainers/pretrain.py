@@ -27,6 +27,7 @@ from rlrefine.data.datasets import DataIssues
 from rlrefine.losses import coarse_to_fine_targets, latent_graduality_loss, layer_weights, schedule, xe_loss
 from rlrefine.models import RefinementCaptioner
 from rlrefine.trainers.checkpoint import CheckpointManager
+from rlrefine.trainers.model_card import render_model_card
 from rlrefine.trainers.common import (
     NonFiniteGuard, NonFiniteLossError, batch_stream, build_tokenizer, captioner_config, drop_unreadable,
     eval_z0_seeds, load_images, load_splits, make_accelerator, tensorboard_writer,
@@ -124,7 +125,7 @@ def pretrain(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[...,
     model = RefinementCaptioner(captioner_config(cfg, tokenizer))
     K = model.config.num_refine_layers
     n_params = sum(t.numel() for t in model.parameters() if t.requires_grad)
-    log.info("captioner: %.2fM trainable parameters, K=%d", n_params / 1e6, K)
+    log.debug("captioner: %.2fM trainable parameters, K=%d", n_params / 1e6, K)
 
     encoder_params = [t for t in model.encoder.parameters() if t.requires_grad]
     encoder_ids = {id(t) for t in encoder_params}
@@ -209,14 +210,16 @@ def pretrain(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[...,
     report = {}
     if acc.is_main_process:
         core.eval()
-        core.save_pretrained(stage_dir / "model", tokenizer=tokenizer)
+        card = render_model_card(f"Refinement captioner (XE pretrained, K = {K})",
+                                 f"Teacher-forced (XE) pretraining, {p.steps} steps (`rlrefine pretrain`).", cfg)
+        core.save_pretrained(stage_dir / "model", tokenizer=tokenizer, model_card=card)
         report = {"steps": p.steps, "train_seconds": round(train_time, 1), "trainable_params": n_params,
                   "data_issues": issues.as_dict(), "nonfinite_steps": state.get("nonfinite_total", 0)}
         for name in ("val", "test", "test_novel"):
             if name in splits:
                 report[name] = evaluate_split(core, splits[name], tokenizer, cfg, p.num_eval_images)
         (stage_dir / "report.json").write_text(json.dumps(report, indent=1))
-        log.info("pretrain report: %s", json.dumps({k: v for k, v in report.items() if k != "val"}))
+        log.debug("pretrain report: %s", json.dumps({k: v for k, v in report.items() if k != "val"}))
     acc.wait_for_everyone()
     acc.end_training()
     return report

@@ -126,13 +126,14 @@ def build_pacs(args, device):
     import open_clip
 
     from rewards import PACScore
-    from rewards.loading import BatchedPreprocess, _mute_random_init_warning, register_model_config
+    from rewards.loading import BatchedPreprocess, register_model_config
+    from rlrefine.models.clip_checkpoint import mute_random_init_warning
 
     name = args.reward_model
     if name == "tiny":
         name = register_model_config("realsize-tiny-clip", TINY_CLIP)
     torch.manual_seed(args.seed + 1)
-    with _mute_random_init_warning():  # random init is the point here
+    with mute_random_init_warning():  # random init is the point here
         model = open_clip.create_model(name, pretrained=None, device=device).eval().requires_grad_(False)
     pcfg = open_clip.get_model_preprocess_cfg(model)
     preprocess = BatchedPreprocess(pcfg.get("size", 224), pcfg["mean"], pcfg["std"], pcfg.get("interpolation", "bicubic"))

@@ -9,13 +9,7 @@ import torch.nn.functional as F
 from rlrefine.models import CaptionerConfig, CaptionerOutput, EncoderConfig, RefinementCaptioner
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight the other jobs on a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_config(**kw):

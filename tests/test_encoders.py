@@ -20,13 +20,7 @@ from rlrefine.models import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight the other jobs on a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 TINY_CLIP_NAME = "rlrefine-test-tiny-clip"
 TINY_CLIP_CFG = {

@@ -126,6 +126,9 @@ def evaluate_model(model: RefinementCaptioner, tokenizer, split, evaluator, *, n
             log.warning("text progress undefined (layer-0 and layer-K captions coincide for every image); G uses latents")
     G = graduality(progress_text, sched) if progress_text is not None else out["G_latent"]
     out.update({"progress_text": progress_text, "G_text": G if progress_text is not None else None, "G": G})
+    if progress_text is not None:  # the per-image mean, unstable where a layer-0 caption lies near the final one
+        mean_curve = progress_curve(torch.stack(text_emb, dim=1), distance="cosine", estimator="mean").tolist()
+        out.update({"progress_text_mean": mean_curve, "G_text_mean": graduality(mean_curve, sched)})
     if perf_key is not None:
         perf = torch.tensor([r[perf_key] for r in per_layer[1:]])
         out.update({"P": layer_score(perf, layer_weights(weights_kind, K)), "RS": refinement_score(float(perf[-1]), G, alpha),
@@ -154,7 +157,7 @@ def _mean(v):
     return v["mean"] if isinstance(v, dict) and "mean" in v else v
 
 
-SEED_KEYS = ("G", "G_latent", "G_text", "P", "RS", "kl_ref")
+SEED_KEYS = ("G", "G_latent", "G_text", "G_text_mean", "P", "RS", "kl_ref")
 
 
 def aggregate_seeds(results: list[dict]) -> dict:
@@ -181,7 +184,7 @@ def aggregate_seeds(results: list[dict]) -> dict:
         keys = [m for m in row if numeric(row, m) and all(numeric(r["layers"][k], m) for r in results)]
         out["layers"].append({m: float(np.mean([r["layers"][k][m] for r in results])) for m in keys} | {"layer": k})
         out["layers_std"].append({m: float(np.std([r["layers"][k][m] for r in results], ddof=1)) for m in keys} | {"layer": k})
-    for curve in ("progress_text", "progress_latent"):
+    for curve in ("progress_text", "progress_text_mean", "progress_latent"):
         if all(r.get(curve) is not None for r in results):
             out[curve] = np.mean([r[curve] for r in results], axis=0).tolist()
     out["seeds"] = len(results)

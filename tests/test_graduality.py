@@ -78,11 +78,24 @@ def test_progress_curve_averages_samples_and_skips_degenerate_ones():
             [[5.0], [7.0], [5.0]],  # z_0 = z_K: undefined, left out
         ]
     )
-    assert torch.allclose(progress_curve(e), torch.tensor([0.0, 0.625, 1.0]))
+    # pooled (default): 1 - (1 + 1) / (4 + 2); the mean of the per-sample ratios: (0.75 + 0.5) / 2
+    assert torch.allclose(progress_curve(e), torch.tensor([0.0, 2 / 3, 1.0]))
+    assert torch.allclose(progress_curve(e, estimator="mean"), torch.tensor([0.0, 0.625, 1.0]))
     with pytest.raises(ValueError, match="undefined"):
         progress_curve(torch.ones(2, 3, 4))
     with pytest.raises(ValueError, match="distance"):
         progress_curve(e, distance="manhattan")
+    with pytest.raises(ValueError, match="estimator"):
+        progress_curve(e, estimator="median")
+
+
+def test_pooled_progress_is_not_moved_by_a_sample_whose_start_is_near_its_end():
+    # 9 samples exactly on schedule (pi_1 = 0.5) and one whose layer-0 point lies 0.01 from the end
+    # while layer 1 is 1 away (pi_1 = -99): the mean of ratios collapses, the pooled curve barely moves
+    on = [[[2.0], [1.0], [0.0]]] * 9
+    e = torch.tensor(on + [[[0.01], [1.0], [0.0]]])
+    assert progress_curve(e, estimator="mean")[1].item() == pytest.approx((9 * 0.5 - 99) / 10)
+    assert progress_curve(e)[1].item() == pytest.approx(1 - 10 / 18.01)
 
 
 def test_layer_score_hand_value():

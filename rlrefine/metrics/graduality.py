@@ -4,7 +4,7 @@ Where this sits in the flow: ``trainers -> **metrics** / evaluate``. Pure functi
 floats; ``evaluate`` feeds them latents Z or the evaluator's text embeddings of each layer's
 captions, plus the schedule s(k) from :func:`rewards.shaping.schedule`.
 
-* :func:`progress_curve`     π_k = 1 − D(e_k, e_K) / D(e_0, e_K), averaged over samples
+* :func:`progress_curve`     π_k = 1 − D(e_k, e_K) / D(e_0, e_K), distances pooled over samples
 * :func:`graduality`         G = 1 − mean_{k=1..K−1} |π_k − (1 − s(k))|
 * :func:`layer_score`        P = Σ w_k perf_k / Σ w_k
 * :func:`refinement_score`   RS = (1 − α) perf_K + α G
@@ -22,26 +22,35 @@ __all__ = ["progress_curve", "graduality", "layer_score", "refinement_score"]
 _DISTANCES = ("euclidean", "cosine")
 
 
-def progress_curve(embeddings: Tensor, distance: str = "euclidean", eps: float = 1e-8) -> Tensor:
-    """Mean progress of each layer toward the final one.
+def progress_curve(embeddings: Tensor, distance: str = "euclidean", eps: float = 1e-8,
+                   estimator: str = "pooled") -> Tensor:
+    """Progress of each layer toward the final one, over N samples.
 
     ``embeddings`` is **sample-major**, [N, K+1, *F]: for each of N samples, one representation per
     layer 0..K (the layout of the captioner's latents Z [B, K+1, M, d]; trailing feature dims are
-    flattened, so Z can be passed as is). Per sample,
+    flattened, so Z can be passed as is). With D the Euclidean distance (``distance="euclidean"``, for
+    latents) or the cosine distance 1 − cos(e_k, e_K) (``distance="cosine"``, for text embeddings of
+    the captions decoded at each layer):
 
-        π_k = 1 − D(e_k, e_K) / D(e_0, e_K)
+    * ``estimator="pooled"`` (default): π_k = 1 − Σ_i D(e_k^i, e_K^i) / Σ_i D(e_0^i, e_K^i), the
+      distances pooled over samples before the ratio; the same as the per-sample progress averaged
+      with weights D(e_0^i, e_K^i).
+    * ``estimator="mean"``: the plain mean over samples of π_k^i = 1 − D(e_k^i, e_K^i) / D(e_0^i, e_K^i).
+      A sample whose layer-0 caption happens to lie near its final one has a tiny denominator and
+      an unbounded π_k^i: on captions, 5–7% of images with π_1^i < −1 moved the mean by up to 0.25
+      and ranked models backwards (docs/shapes_world.md, "Measuring G"), hence the pooled default.
 
-    with D the Euclidean distance (``distance="euclidean"``, for latents) or the cosine distance
-    1 − cos(e_k, e_K) (``distance="cosine"``, for text embeddings of the captions decoded at each
-    layer). The result [K+1] is the mean over samples, with π_0 = 0 and π_K = 1 by construction.
-    π_k is not clipped: a layer that overshoots or moves away from the final representation
-    gives π_k > 1 or < 0, which :func:`graduality` then penalises.
+    The result [K+1] has π_0 = 0 and π_K = 1 by construction. π_k is not clipped: a layer that
+    overshoots or moves away from the final representation gives π_k > 1 or < 0, which
+    :func:`graduality` then penalises.
 
     Samples whose start and end coincide (D(e_0, e_K) <= eps) have no defined progress and are
-    left out of the mean; if every sample is degenerate a ValueError is raised.
+    left out; if every sample is degenerate a ValueError is raised.
     """
     if distance not in _DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; choose one of {list(_DISTANCES)}")
+    if estimator not in ("pooled", "mean"):
+        raise ValueError(f"unknown estimator {estimator!r}; choose 'pooled' or 'mean'")
     e = torch.as_tensor(embeddings)
     if e.dim() < 3:
         raise ValueError(f"embeddings must be [N, K+1, *features], got shape {tuple(e.shape)}")
@@ -58,8 +67,10 @@ def progress_curve(embeddings: Tensor, distance: str = "euclidean", eps: float =
     valid = start > eps
     if not valid.any():
         raise ValueError("progress_curve: every sample has D(e_0, e_K) = 0, progress is undefined")
-    pi = 1.0 - dist[valid] / start[valid, None]  # [N_valid, K+1]
-    curve = pi.mean(dim=0)
+    if estimator == "pooled":
+        curve = 1.0 - dist[valid].sum(dim=0) / start[valid].sum()
+    else:
+        curve = (1.0 - dist[valid] / start[valid, None]).mean(dim=0)  # mean over [N_valid, K+1]
     curve[0] = 0.0
     curve[-1] = 1.0
     return curve.float()

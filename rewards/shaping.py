@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["length_budget", "progress", "schedule", "shape_rewards"]
+__all__ = ["embedding_progress", "length_budget", "progress", "schedule", "shape_rewards"]
 
 
 def schedule(kind: str, K: int, eps: float = 0.01) -> torch.Tensor:
@@ -58,11 +59,30 @@ def progress(rewards: torch.Tensor, r0: torch.Tensor, rK: torch.Tensor, eps: flo
     return p.clamp(min=clip[0], max=clip[1])
 
 
+def embedding_progress(candidates: torch.Tensor, e0: torch.Tensor, eK: torch.Tensor, eps: float = 1e-4,
+                       clip: tuple[float, float] = (-1.0, 2.0)) -> torch.Tensor:
+    """Progress measured in text-embedding space, the quantity the graduality score G reads (DESIGN §5):
+
+        p = 1 - D(e_c, e_K) / D(e_0, e_K),   D(a, b) = 1 - cos(a, b)
+
+    per image; ``candidates`` is ``[B, ..., D]`` (the reward's text embeddings of the candidates),
+    ``e0``/``eK`` are ``[B, D]`` (the captions decoded greedily from z_0 and at layer K). A denominator
+    below ``eps`` (z_0 already decodes the final caption) is raised to ``eps``; p is clipped to ``clip``.
+    """
+    B, D = e0.shape
+    c = F.normalize(candidates.float(), dim=-1)
+    shape = (B,) + (1,) * (candidates.dim() - 2) + (D,)
+    e0n, eKn = F.normalize(e0.float(), dim=-1).view(shape), F.normalize(eK.float(), dim=-1).view(shape)
+    dist = 1.0 - (c * eKn).sum(-1)  # [B, ...]
+    start = (1.0 - (e0n * eKn).sum(-1)).clamp(min=eps)  # [B, 1, ...]
+    return (1.0 - dist / start).clamp(min=clip[0], max=clip[1])
+
+
 def shape_rewards(rewards: torch.Tensor, layers: Sequence[int] | torch.Tensor, K: int,
                   r0: torch.Tensor, rK: torch.Tensor, sched: torch.Tensor, lambda_grad: float,
                   lambda_len: float, lengths: torch.Tensor, len_min: float, len_max: float,
                   progress_clip: tuple[float, float] = (-1.0, 2.0),
-                  eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+                  eps: float = 1e-4, progress_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Graduality- and length-shaped rewards for candidates decoded at several layers.
 
         p_k(c)  = clip((r(c) - r0) / (rK - r0), progress_clip)
@@ -82,6 +102,8 @@ def shape_rewards(rewards: torch.Tensor, layers: Sequence[int] | torch.Tensor, K
         len_min, len_max: length budget at layer 0 and at layer K.
         progress_clip: range p is clipped to.
         eps: smallest |rK - r0| used as the progress denominator.
+        progress_values: ``[B, L, n]`` progress measured another way (e.g. :func:`embedding_progress`);
+            replaces the reward progress p_k(c) when given.
 
     Returns:
         ``(shaped [B, L, n], progress [B, L, n])``. The last layer is judged on quality (and
@@ -93,7 +115,12 @@ def shape_rewards(rewards: torch.Tensor, layers: Sequence[int] | torch.Tensor, K
     if int(k.min()) < 0 or int(k.max()) > K:
         raise ValueError(f"layers must lie in 0..{K}; got {k.tolist()}")
     sched = sched.to(device=rewards.device, dtype=rewards.dtype)
-    p = progress(rewards, r0.to(rewards), rK.to(rewards), eps=eps, clip=progress_clip)
+    if progress_values is None:
+        p = progress(rewards, r0.to(rewards), rK.to(rewards), eps=eps, clip=progress_clip)
+    elif progress_values.shape != rewards.shape:
+        raise ValueError(f"progress_values must have the rewards' shape {tuple(rewards.shape)}; got {tuple(progress_values.shape)}")
+    else:
+        p = progress_values.to(rewards)
     target = (1.0 - sched[k]).view(1, -1, 1)  # [1, L, 1] ideal progress 1 - s(k)
     not_last = (k < K).to(rewards.dtype).view(1, -1, 1)
     budget = length_budget(k.cpu(), K, len_min, len_max).to(rewards).view(1, -1, 1)

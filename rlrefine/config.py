@@ -406,6 +406,10 @@ class FinetuneSection(Section):
     schedule: ScheduleKind = Field("linear", description="s(k), the share of the distance still to go after layer k: linear or geometric")
     schedule_eps: float = Field(0.01, gt=0.0, lt=1.0, description="ε of the geometric schedule")
     lambda_grad: float = Field(0.5, ge=0.0, description="weight of the progress-vs-schedule shaping term (0 = off)")
+    shaping_progress: Literal["reward", "embedding"] = Field(
+        "reward", description="how the shaping measures a candidate's progress p_k: reward, (r − r_0)/(r_K − r_0) "
+                              "(DESIGN §4), or embedding, 1 − D(e, e_K)/D(e_0, e_K) on the reward's text embeddings "
+                              "(cosine distance; what the graduality score G measures; needs a reward with embed_texts)")
     lambda_len: float = Field(0.5, ge=0.0, description="weight of the per-layer length-budget penalty (0 = off)")
     len_min: int = Field(3, ge=1, description="allowed caption length (words) at layer 0")
     len_max: int = Field(16, ge=1, description="allowed caption length (words) at layer K")

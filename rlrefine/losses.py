@@ -9,6 +9,7 @@ Layer indexing (CONTRACTS.md): layer 0 is z_0 (noise), layers 1..K are refinemen
 * :func:`layer_weights`            w_k for layers 1..K (DESIGN §2: less weight on early layers)
 * :func:`schedule`                 re-exported from :mod:`rewards.shaping` (s(k), fraction still to go)
 * :func:`shape_rewards`            re-exported from :mod:`rewards.shaping` (DESIGN §4 step 2)
+* :func:`embedding_progress`       re-exported from :mod:`rewards.shaping` (progress on text embeddings)
 * :func:`xe_loss`                  teacher-forced cross entropy over layers, Σ w_k CE_k / Σ w_k
 * :func:`latent_distances`         d_k = ‖z_k − z_K‖ / ‖z_0 − z_K‖
 * :func:`latent_graduality_loss`   mean_k (d_k − s(k))² over the interior layers
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rewards.shaping import schedule, shape_rewards  # noqa: F401  (re-exported, owned by rewards)
+from rewards.shaping import embedding_progress, schedule, shape_rewards  # noqa: F401  (re-exported, owned by rewards)
 
 __all__ = [
     "LAYER_WEIGHT_KINDS",

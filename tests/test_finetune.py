@@ -86,3 +86,38 @@ def test_rollout_shapes_and_shaping_penalises_off_schedule_layers():
     expected = ro_on.rewards[:, 0] - (ro_on.progress[:, 0] - 0.5).abs()
     torch.testing.assert_close(ro_on.shaped[:, 0], expected)
     torch.testing.assert_close(ro_on.shaped[:, 1], ro_on.rewards[:, 1])
+
+
+class BagOfWordsReward(RedReward):
+    """The red-word reward with text embeddings: word counts over the toy vocabulary."""
+
+    def embed_texts(self, texts):
+        vocab = WORDS.split()
+        counts = torch.tensor([[c.split().count(w) for w in vocab] for c in texts], dtype=torch.float32)
+        return torch.nn.functional.normalize(counts + 1e-3, dim=-1)
+
+
+def test_rollout_shapes_on_text_embedding_progress():
+    from rlrefine.losses import embedding_progress
+
+    policy, tok = tiny_policy(1)
+    images = torch.randint(0, 255, (3, 16, 16, 3), dtype=torch.uint8)
+    pixels = policy.encoder.preprocess(images)
+    f = FinetuneSection(num_candidates=3, max_len=8, lambda_grad=1.0, lambda_len=0.0, shaping_progress="embedding")
+    reward = BagOfWordsReward()
+    ro = rollout(policy, reward, images, pixels, torch.arange(3), [1, 2], f, tok, schedule("linear", 2))
+    greedy = policy.generate(pixels, torch.arange(3), [0, 2], method="greedy", num_candidates=1, max_len=8)
+    anchors = reward.embed_texts([row[0] for per_img in tok.decode_batch(greedy.tokens) for row in per_img]).view(3, 2, -1)
+    expected = embedding_progress(reward.embed_texts(ro.captions).view(3, 2, 3, -1), anchors[:, 0], anchors[:, 1])
+    torch.testing.assert_close(ro.progress, expected)
+    torch.testing.assert_close(ro.shaped[:, 0], ro.rewards[:, 0] - (expected[:, 0] - 0.5).abs())
+
+
+def test_embedding_progress_needs_a_reward_with_text_embeddings():
+    from rlrefine.trainers.finetune import check_shaping_reward
+
+    f = FinetuneSection(shaping_progress="embedding", lambda_grad=1.0)
+    with pytest.raises(ValueError, match="shaping_progress=reward"):
+        check_shaping_reward(f, RedReward())
+    check_shaping_reward(f, BagOfWordsReward())
+    check_shaping_reward(f.model_copy(update={"lambda_grad": 0.0}), RedReward())  # no shaping, nothing to measure

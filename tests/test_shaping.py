@@ -64,3 +64,31 @@ def test_shape_rewards_rejects_bad_layers():
     with pytest.raises(ValueError, match="layers"):
         shape_rewards(torch.zeros(1, 1, 1), [5], 4, torch.zeros(1), torch.ones(1),
                       schedule("linear", 4), 1.0, 1.0, torch.zeros(1, 1, 1), 1, 2)
+
+
+def test_embedding_progress_hand_computed():
+    from rewards.shaping import embedding_progress
+
+    e0 = torch.tensor([[1.0, 0.0]])  # D(e0, eK) = 1 - cos 90° = 1
+    eK = torch.tensor([[0.0, 1.0]])
+    c = torch.tensor([[[[1.0, 0.0], [0.0, 3.0], [1.0, 1.0], [-1.0, 0.0]]]])  # [B=1, L=1, n=4, D=2]
+    p = embedding_progress(c, e0, eK)
+    # D(c, eK) = 1, 0, 1 - 1/sqrt(2), 1  ->  p = 0, 1, 1/sqrt(2), 0
+    torch.testing.assert_close(p, torch.tensor([[[0.0, 1.0, 2 ** -0.5, 0.0]]]))
+    # e0 == eK: the denominator is raised to eps and p is clipped
+    far = embedding_progress(torch.tensor([[[[1.0, 0.0]]]]), eK, eK, eps=1e-4, clip=(-1.0, 2.0))
+    assert float(far) == -1.0
+
+
+def test_shape_rewards_takes_progress_measured_elsewhere():
+    K, layers = 2, [1, 2]
+    rewards = torch.tensor([[[0.8, 0.5], [1.2, 1.0]]])
+    given = torch.tensor([[[0.5, 0.0], [1.0, 1.0]]])
+    shaped, p = shape_rewards(rewards, layers, K, torch.tensor([0.4]), torch.tensor([1.2]), schedule("linear", K), 0.5, 0.0,
+                              torch.zeros(1, 2, 2), 4, 16, progress_values=given)
+    assert torch.equal(p, given)
+    # layer 1 target 0.5: c1 pays 0.5 * |0 - 0.5|; layer K is judged on quality alone
+    torch.testing.assert_close(shaped, torch.tensor([[[0.8, 0.25], [1.2, 1.0]]]))
+    with pytest.raises(ValueError, match="progress_values"):
+        shape_rewards(rewards, layers, K, torch.zeros(1), torch.ones(1), schedule("linear", K), 0.5, 0.0,
+                      torch.zeros(1, 2, 2), 4, 16, progress_values=given[:, :1])

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from trl.trainer.utils import disable_dropout_in_model
 
 from rlrefine.config import FinetuneSection, RecipeConfig, dump_recipe
-from rlrefine.losses import dico_loss, kl_to_reference, layer_weights, schedule, scst_loss, shape_rewards
+from rlrefine.losses import dico_loss, embedding_progress, kl_to_reference, layer_weights, schedule, scst_loss, shape_rewards
 from rlrefine.models import RefinementCaptioner
 from rlrefine.trainers.checkpoint import CheckpointManager
 from rlrefine.trainers.model_card import render_model_card
@@ -75,6 +75,13 @@ class Rollout:
     terms: dict[str, torch.Tensor] | None = None  # name -> [B, L, n] unweighted term scores (a `sum` reward)
 
 
+def check_shaping_reward(f: FinetuneSection, reward) -> None:
+    """Fail before training when the shaping cannot measure progress with this reward."""
+    if f.shaping_progress == "embedding" and f.lambda_grad > 0 and not hasattr(reward, "embed_texts"):
+        raise ValueError(f"{f.output}.shaping_progress: embedding needs a reward with text embeddings (embed_texts), and "
+                         f"reward kind {f.reward.kind!r} has none; set {f.output}.shaping_progress=reward")
+
+
 @torch.no_grad()
 def rollout(policy: RefinementCaptioner, reward, images: torch.Tensor, pixels: torch.Tensor, seeds: torch.Tensor,
             layers: list[int], f: FinetuneSection, tokenizer, sched: torch.Tensor,
@@ -113,8 +120,14 @@ def rollout(policy: RefinementCaptioner, reward, images: torch.Tensor, pixels: t
     anchors = scores[B * L * n:].view(B, len(anchor_layers))
     r0, rK = anchors[:, anchor_layers.index(0)], anchors[:, anchor_layers.index(K)]
     lengths = word_lengths(cand_text).view(B, L, n)
+    emb_progress = None
+    if f.shaping_progress == "embedding" and f.lambda_grad > 0:  # the text-embedding progress G measures, on the reward's own text tower
+        emb = reward.embed_texts(texts).float().cpu()
+        a = emb[B * L * n:].view(B, len(anchor_layers), -1)
+        emb_progress = embedding_progress(emb[: B * L * n].view(B, L, n, -1), a[:, anchor_layers.index(0)],
+                                          a[:, anchor_layers.index(K)])
     shaped, progress = shape_rewards(r, torch.tensor(layers), K, r0, rK, sched.cpu(), f.lambda_grad, f.lambda_len,
-                                     lengths, f.len_min, f.len_max)
+                                     lengths, f.len_min, f.len_max, progress_values=emb_progress)
     greedy_r = None
     if f.method == "scst" and f.scst_baseline == "greedy":
         greedy_r = anchors[:, [anchor_layers.index(k) for k in layers]]
@@ -185,6 +198,7 @@ def finetune(cfg: RecipeConfig, resume: bool = False, on_step_end: Callable[...,
     disable_dropout_in_model(reference)
     tokenizer = policy.tokenizer if getattr(policy, "tokenizer", None) is not None else _load_tokenizer(init)
     reward = build_reward(f.reward, cfg, acc.device, corpus=training_corpus(splits["train"]), name=f"{f.output}.reward")
+    check_shaping_reward(f, reward)
     K = policy.config.num_refine_layers
     layers = f.layers or list(range(1, K + 1))
     weights = layer_weights(f.layer_weights, K)[torch.tensor(layers) - 1]

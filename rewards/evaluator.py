@@ -12,7 +12,10 @@ or shape). Recipe:
   (a) the same caption with one attribute word swapped for another word of the same group
       (``swap_attribute``: colours for colours, shapes for shapes), and
   (b) captions of its nearest images in the current image-embedding space (re-mined every
-      ``neighbour_refresh_every`` steps).
+      ``neighbour_refresh_every`` steps);
+  and, when the data supplies them (``preference_pairs``), a pairwise logistic loss that orders
+  captions of the same image (shapes: the complete description above a correct partial one, and that
+  above the same plus one misnamed object, so that naming an object wrongly scores below leaving it out).
 * Output (``out_dir``): ``evaluator.pt`` (state dict) + ``evaluator.json`` (architecture config,
   w, text prefix, metrics) for ``LearnedScore.from_dir(out_dir)``; ``open_clip_config.json`` and
   ``open_clip_pytorch_model.bin`` (a hard link to the same bytes) for ``local-dir:out_dir``.
@@ -31,7 +34,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -83,6 +86,8 @@ class EvaluatorConfig:
     neighbour_k: int = 5  # nearest images to draw those captions from
     neighbour_refresh_every: int = 200  # steps between nearest-neighbour re-mining
     hard_negative_weight: float = 1.0  # weight of the hard-negative cross-entropy
+    preference_pairs: int = 0  # draws per image per step of caption pairs (better, worse) to order (shapes: complete > correct partial > the partial plus one misnamed object)
+    preference_weight: float = 1.0  # weight of the pairwise logistic loss on those pairs
     attribute_groups: dict[str, tuple[str, ...]] = field(
         default_factory=shapes_attribute_groups)  # swap words within each group (default: shapes)
     score_w: float = 2.5  # w of the saved LearnedScore (CLIP-S convention)
@@ -341,13 +346,20 @@ def save_dual_encoder(model: torch.nn.Module, out_dir: Path, stem: str, model_na
 
 
 def train_evaluator(cfg: EvaluatorConfig, train_split: Any, val_split: Any | None,
-                    out_dir: str | Path, logger: Any = None) -> dict[str, float]:
+                    out_dir: str | Path, logger: Any = None,
+                    preference_pairs: Callable[[int, random.Random], Sequence[tuple[str, str]]] | None = None) -> dict[str, float]:
     """Train the learned evaluator and save it to ``out_dir``; returns the final metrics.
 
     ``train_split`` / ``val_split``: CaptionSplit-like (``images`` uint8 [N,H,W,3] or image paths,
     ``captions`` list of reference lists). ``logger``: an accelerate-style tracker with
     ``.log(metrics, step=)`` or a callable ``(metrics, step)``; metric names ``evaluator/...``.
+    ``preference_pairs(i, rng) -> [(better, worse), ...]``: pairs of captions of training image i the
+    evaluator must order, drawn ``cfg.preference_pairs`` times per image per step, with the loss
+    ``softplus(logit_scale · (cos(img, worse) − cos(img, better)))``.
     """
+    if cfg.preference_pairs and preference_pairs is None:
+        raise ValueError(f"evaluator.preference_pairs is {cfg.preference_pairs} but this data gives no caption pairs to "
+                         "order (the shapes data does); set evaluator.preference_pairs=0")
     out_dir = Path(out_dir)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -402,11 +414,19 @@ def train_evaluator(cfg: EvaluatorConfig, train_split: Any, val_split: Any | Non
                 c = rng.choice(captions[j])
                 negs.append(cfg.text_prefix + c)
                 valid.append(c not in ref_sets[i])
+        better, worse, pair_owner = [], [], []
+        for row, i in enumerate(idx):
+            for _ in range(cfg.preference_pairs):
+                for b, w in preference_pairs(i, rng):
+                    better.append(cfg.text_prefix + b)
+                    worse.append(cfg.text_prefix + w)
+                    pair_owner.append(row)
         pix = preprocess(_image_batch(images, idx), device=device)
-        tokens = tokenizer(pos + negs).to(device)
+        tokens = tokenizer(pos + negs + better + worse).to(device)
         img_f = model.encode_image(pix, normalize=True)  # [B, D]
-        txt_f = model.encode_text(tokens, normalize=True)  # [B + B*H, D]
-        pos_f, neg_f = txt_f[:batch], txt_f[batch:].view(batch, n_neg, -1)
+        txt_f = model.encode_text(tokens, normalize=True)  # [B + B*H + 2*B*P, D]
+        n_txt = batch * (1 + n_neg)
+        pos_f, neg_f = txt_f[:batch], txt_f[batch:n_txt].view(batch, n_neg, -1)
         scale = model.logit_scale.exp()
         loss_clip = clip_loss(img_f, pos_f, scale)
         loss = loss_clip
@@ -417,6 +437,11 @@ def train_evaluator(cfg: EvaluatorConfig, train_split: Any, val_split: Any | Non
             hard[:, 1:] = hard[:, 1:].masked_fill(~mask, float("-inf"))
             loss_hard = F.cross_entropy(hard, torch.zeros(batch, dtype=torch.long, device=device))
             loss = loss + cfg.hard_negative_weight * loss_hard
+        if better:
+            pair_img = img_f[torch.tensor(pair_owner, device=device)]  # [pairs, D]
+            b_f, w_f = txt_f[n_txt:n_txt + len(better)], txt_f[n_txt + len(better):]
+            loss_pref = F.softplus(scale * ((pair_img * w_f).sum(-1) - (pair_img * b_f).sum(-1))).mean()
+            loss = loss + cfg.preference_weight * loss_pref
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -428,6 +453,8 @@ def train_evaluator(cfg: EvaluatorConfig, train_split: Any, val_split: Any | Non
                     "evaluator/lr": sched.get_last_lr()[0], "evaluator/logit_scale": scale.item()}
             if n_neg:
                 logs["evaluator/loss_hard"] = loss_hard.item()
+            if better:
+                logs["evaluator/loss_preference"] = loss_pref.item()
             bar.set_postfix(loss=f"{loss.item():.3f}")
             _log(logger, logs, step)
         if (val_split is not None and cfg.eval_every and step > 0 and step % cfg.eval_every == 0):

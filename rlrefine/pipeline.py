@@ -46,10 +46,16 @@ def train_evaluator_stage(cfg: RecipeConfig, resume: bool = False, force: bool =
         size = cfg.data.shapes.image_size
         train = dataclasses.replace(train, captions=complete_descriptions(train, size, seed=cfg.seed + 1))
         val = dataclasses.replace(val, captions=complete_descriptions(val, size, seed=cfg.seed + 2))
+    pairs = None
+    if cfg.data.kind == "shapes" and cfg.evaluator.preference_pairs:
+        from rlrefine.data.shapes import DEFAULT_HELD_OUT, ordered_descriptions
+
+        size = cfg.data.shapes.image_size
+        pairs = lambda i, rng: ordered_descriptions(train.scenes[i], size, rng, exclude=DEFAULT_HELD_OUT)  # noqa: E731
     ecfg = dataclasses.replace(cfg.evaluator, device=str(acc.device))
-    metrics = train_evaluator(ecfg, train, val, cfg.run_path / "evaluator", logger=acc)
+    metrics = train_evaluator(ecfg, train, val, cfg.run_path / "evaluator", logger=acc, preference_pairs=pairs)
     if salient:
-        metrics.update(_complete_over_partial(cfg, splits["val"], val.captions, acc.device))
+        metrics.update(_teacher_preferences(cfg, splits["val"], val.captions, acc.device))
     (cfg.run_path / "evaluator" / "report.json").write_text(json.dumps(metrics, indent=1))
     if acc.is_main_process:
         from rlrefine.trainers.model_card import scalars_table, write_model_card
@@ -59,19 +65,26 @@ def train_evaluator_stage(cfg: RecipeConfig, resume: bool = False, force: bool =
                          "(`rlrefine train-evaluator`); load it with `rewards.LearnedScore.from_dir`.", cfg, scalars_table(metrics))
     acc.end_training()
     log.info("evaluator: swap accuracy %.3f (colour %.3f, shape %.3f, relation %.3f), R@1 i2t %.3f, complete description "
-             "above every partial reference %.3f", *(metrics.get(k, float("nan")) for k in (
-                 "swap_acc", "swap_acc/colour", "swap_acc/shape", "swap_acc/relation", "r1_i2t", "complete_over_partial")))
+             "above every partial reference %.3f, partial description above a misnamed object %.3f",
+             *(metrics.get(k, float("nan")) for k in ("swap_acc", "swap_acc/colour", "swap_acc/shape", "swap_acc/relation",
+                                                       "r1_i2t", "complete_over_partial", "partial_over_misnamed")))
     return metrics
 
 
-def _complete_over_partial(cfg: RecipeConfig, split, descriptions: list[list[str]], device) -> dict[str, float]:
-    """On held-out images: how often the trained evaluator scores an image's complete description above
-    every one of its references that leaves an object out (all images, and those with 2+ objects)."""
+def _teacher_preferences(cfg: RecipeConfig, split, descriptions: list[list[str]], device) -> dict[str, float]:
+    """On held-out images, how often the trained evaluator scores
+    * ``complete_over_partial``: an image's complete description above every one of its references that
+      leaves an object out (the gap reward fine-tuning can exploit), and
+    * ``partial_over_misnamed``: a correct partial description above the same plus one misnamed object
+      (`rlrefine.data.shapes.misnamed_pair`; at 0.5 the reward pays as much for a wrong object as it
+      costs, and fine-tuning hallucinates)."""
+    import random
+
     import torch
 
     from rewards import LearnedScore
     from rewards.evaluator import preference_rate
-    from rlrefine.data.shapes import parse_caption
+    from rlrefine.data.shapes import DEFAULT_HELD_OUT, misnamed_pair, parse_caption
 
     reward = LearnedScore.from_dir(cfg.run_path / "evaluator", device=device)
     images = torch.from_numpy(split.images)
@@ -80,7 +93,12 @@ def _complete_over_partial(cfg: RecipeConfig, split, descriptions: list[list[str
                [c for c in split.captions[i] if len(set(parse_caption(c).mentions)) < len(split.scenes[i].objects)]
                for i in range(n)]
     result = preference_rate(reward, images[:n], [d[0] for d in descriptions[:n]], partial)
-    return {"complete_over_partial": result["rate"], "complete_over_partial_images": result["images"]}
+    rng, size = random.Random(cfg.seed), cfg.data.shapes.image_size
+    rows = [i for i in range(n) if not split.is_label[i]]
+    pairs = [misnamed_pair(split.scenes[i], size, rng, exclude=DEFAULT_HELD_OUT) for i in rows]
+    misnamed = preference_rate(reward, images[rows], [b for b, _ in pairs], [[w] for _, w in pairs])
+    return {"complete_over_partial": result["rate"], "complete_over_partial_images": result["images"],
+            "partial_over_misnamed": misnamed["rate"], "partial_over_misnamed_images": misnamed["images"]}
 
 
 def captioner_candidates(cfg: RecipeConfig, split, index, beams: int, sampled: bool = True) -> list[tuple[int, int, str]]:
@@ -190,7 +208,7 @@ def evaluate_checkpoint(cfg: RecipeConfig, model_dir: Path, name: str, out_dir: 
                             java_metrics=e.java_metrics)
     if timings is not None:
         timings.update(setup_s=t1 - t0, eval_s=time.perf_counter() - t1)
-    result.update({"model": str(model_dir), "split": split_name,
+    result.update({"model": str(model_dir), "split": split_name, "metrics_version": METRICS_VERSION,
                    "evaluate_config": e.model_dump(mode="json", exclude={"split", "extra_splits"})})
     writer = SummaryWriter(str(out_dir / "tb"))
     write_report(result, out_dir, name=name, writer=writer)
@@ -322,16 +340,22 @@ def report(cfg: RecipeConfig, resume: bool = False) -> str:
     return text
 
 
+# Bumped when a metric's definition changes, so the report does not reuse evaluations computed the old way
+# (2: the progress curve pools distances over images, rlrefine.metrics.graduality.progress_curve).
+METRICS_VERSION = 2
+
+
 def _cached_evaluation(cfg: RecipeConfig, model_dir: Path, out_dir: Path, split: str) -> dict | None:
     """A model's earlier evaluation in ``out_dir`` when it is still valid: written after the model's
     weights, of the same model on the same split with the same `evaluate` settings (so adding a variant
-    or a seed re-evaluates only the new models). None otherwise."""
+    or a seed re-evaluates only the new models) and the same `METRICS_VERSION`. None otherwise."""
     metrics, weights = out_dir / "metrics.json", Path(model_dir) / "model.safetensors"
     if not metrics.is_file() or not weights.is_file() or metrics.stat().st_mtime <= weights.stat().st_mtime:
         return None
     result = json.loads(metrics.read_text())
     settings = cfg.evaluate.model_dump(mode="json", exclude={"split", "extra_splits"})
-    if result.get("split") != split or result.get("evaluate_config") != settings or Path(result.get("model", "")) != Path(model_dir):
+    if (result.get("split") != split or result.get("evaluate_config") != settings or Path(result.get("model", "")) != Path(model_dir)
+            or result.get("metrics_version") != METRICS_VERSION):
         return None
     log.info("report: reusing %s (newer than %s)", metrics, weights)
     return result

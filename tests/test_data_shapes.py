@@ -288,3 +288,40 @@ def test_caption_split_validates_alignment():
     s = CaptionSplit(images=np.zeros((3, 4, 4, 3), np.uint8), captions=[["a"], ["b"], ["c"]])
     sub = s.subset([2, 0])
     assert sub.captions == [["c"], ["a"]] and sub.image_ids == [2, 0] and len(sub) == 2
+
+
+def test_misnamed_pair_adds_exactly_one_wrong_object_to_a_correct_description(splits):
+    import random
+
+    from rlrefine.data.shapes import misnamed_pair
+
+    rng = random.Random(0)
+    split = splits["val"]
+    for scene in split.scenes:
+        correct, misnamed = misnamed_pair(scene, 64, rng, exclude=DEFAULT_HELD_OUT)
+        truth = {o.combo for o in scene.objects}
+        right, wrong = set(parse_caption(correct).mentions), set(parse_caption(misnamed).mentions)
+        assert is_grammatical(correct) and is_grammatical(misnamed), (correct, misnamed)
+        assert right <= truth and right < wrong and len(wrong - right) == 1, (scene, correct, misnamed)
+        (extra,) = wrong - right
+        assert extra not in truth and extra not in DEFAULT_HELD_OUT
+        salient = scene.objects[salience_order(scene.objects, 64)[0]].combo
+        assert salient in right
+
+
+def test_ordered_descriptions_rank_complete_over_partial_over_misnamed(splits):
+    import random
+
+    from rlrefine.data.shapes import ordered_descriptions
+
+    rng = random.Random(1)
+    for scene in splits["val"].scenes:
+        pairs = ordered_descriptions(scene, 64, rng, exclude=DEFAULT_HELD_OUT)
+        truth = {o.combo for o in scene.objects}
+        mentions = [[set(parse_caption(c).mentions) for c in pair] for pair in pairs]
+        if len(scene.objects) == 1:
+            assert len(pairs) == 1
+        else:  # complete > partial, and the partial is the better caption of the next pair
+            assert len(pairs) == 2 and mentions[0][0] == truth and mentions[0][1] < truth
+            assert pairs[0][1] == pairs[1][0]
+        assert len(mentions[-1][1] - truth) == 1

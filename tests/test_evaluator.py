@@ -1,4 +1,5 @@
 """rewards.evaluator: attribute swaps and a short real training run on a tiny shapes fixture."""
+import dataclasses
 import json
 import random
 
@@ -106,3 +107,38 @@ def test_preference_rate_counts_images_whose_preferred_caption_beats_every_other
     images = torch.zeros(4, 2, 2, 3, dtype=torch.uint8)
     out = preference_rate(reward, images, ["full", "full", "full", "full"], [["half"], ["half", "best"], ["tie"], []])
     assert out == {"rate": 1 / 3, "images": 3.0}  # image 1 loses to "best", image 2 ties (not strictly above)
+
+
+def _misnamed_pairs(data):
+    """(better, worse) per image of `tiny_shapes`: its caption, and the same plus an object it does not hold."""
+    def pair(i, rng):
+        colour, shape = data["captions"][i][0].split()[1:3]
+        other = rng.choice([c for c in COLOURS if c != colour])
+        return [(f"a {colour} {shape}", f"a {colour} {shape} and a {other} {rng.choice(SHAPES)}")]
+    return pair
+
+
+def test_preference_pairs_teach_the_evaluator_to_order_them(tmp_path):
+    from rewards.evaluator import preference_rate
+
+    train, val = tiny_shapes(120), tiny_shapes(40, seed=1)
+    cfg = EvaluatorConfig(
+        model_name="rlrefine-test-evaluator", embed_dim=32, image_size=16, patch_size=4,
+        vision_width=32, vision_layers=1, vision_head_width=16, text_width=32, text_heads=2,
+        text_layers=1, context_length=12, steps=50, batch_size=32, lr=3e-3, warmup_steps=5,
+        neighbour_refresh_every=25, eval_every=0, attribute_groups=GROUPS)
+    with pytest.raises(ValueError, match="preference_pairs=0"):
+        train_evaluator(dataclasses.replace(cfg, preference_pairs=1), train, None, tmp_path / "none")
+    pairs = _misnamed_pairs(val)
+    rng = random.Random(0)
+    held_out = [pairs(i, rng)[0] for i in range(40)]
+    images = torch.from_numpy(val["images"])
+    rates = {}
+    for p in (0, 1):
+        seen = []
+        train_evaluator(dataclasses.replace(cfg, preference_pairs=p), train, None, tmp_path / str(p),
+                        logger=lambda m, step: seen.append(m), preference_pairs=_misnamed_pairs(train))
+        assert any("evaluator/loss_preference" in m for m in seen) == bool(p)
+        rates[p] = preference_rate(LearnedScore.from_dir(tmp_path / str(p)), images, [b for b, _ in held_out],
+                                   [[w] for _, w in held_out])["rate"]
+    assert rates[1] >= 0.9 and rates[1] >= rates[0] + 0.2, rates

@@ -207,5 +207,11 @@ def test_report_reuses_evaluations_that_are_still_valid(run_dir, caplog):
     assert _cached_evaluation(cfg, model, out, "test_novel") is None  # another split
     fewer = load_recipe(RECIPE, [f"run_dir={run_dir}", *MICRO, "evaluate.num_images=3"])
     assert _cached_evaluation(fewer, model, out, "test") is None  # other settings
+    metrics = out / "metrics.json"
+    old = json.loads(metrics.read_text())
+    metrics.write_text(json.dumps({**old, "metrics_version": 1}))  # computed with an older metric definition
+    assert _cached_evaluation(cfg, model, out, "test") is None
+    metrics.write_text(json.dumps(old))
+    assert _cached_evaluation(cfg, model, out, "test") is not None
     (model / "model.safetensors").touch()  # the model changed after its evaluation
     assert _cached_evaluation(cfg, model, out, "test") is None

@@ -61,6 +61,8 @@ __all__ = [
     "Scene",
     "ParsedCaption",
     "MENTION_PROBABILITY",
+    "misnamed_pair",
+    "ordered_descriptions",
     "REFERENCE_STYLES",
     "complete_descriptions",
     "generate_shapes",
@@ -418,6 +420,52 @@ def complete_descriptions(split: CaptionSplit, image_size: int, seed: int = 0) -
     rnd = random.Random(seed)
     return [list(caps) if is_label else _captions(scene.objects, image_size, rnd)
             for caps, scene, is_label in zip(split.captions, split.scenes, split.is_label)]
+
+
+def misnamed_pair(scene: Scene, image_size: int, rnd: random.Random,
+                  exclude: Sequence[tuple[str, str]] = ()) -> tuple[str, str]:
+    """``(correct, misnamed)``: a human-style caption naming a correct subset of the scene's objects, and
+    a caption naming the same objects plus one that is not in the image.
+
+    The extra object is one the correct caption leaves out with its colour or its shape changed (on a
+    1-object image, a made-up small object), so the pair teaches an evaluator that naming an object
+    wrongly is worse than leaving it out, the ordering a hallucination-aware evaluator has. The subset
+    is drawn as the salient references are (the most salient object, others by ``MENTION_PROBABILITY``);
+    the wrong combination is never one in the scene or in ``exclude`` (e.g. the held-out pairs)."""
+    objects = scene.objects
+    order = [objects[i] for i in salience_order(objects, image_size)]
+    taken = {o.combo for o in objects} | set(exclude)
+    if len(order) > 1:
+        left_out = rnd.randrange(1, len(order))
+        base = order[left_out]
+        named = [o for r, o in enumerate(order) if r != left_out and (r == 0 or rnd.random() < MENTION_PROBABILITY[r])]
+    else:
+        left_out, named = 1, list(order)
+        base = SceneObject(rnd.choice(SHAPES), rnd.choice(list(COLOURS)), "small",
+                           rnd.randrange(image_size), rnd.randrange(image_size), 1)
+    options = [(c, base.shape) for c in COLOURS] + [(base.colour, sh) for sh in SHAPES]
+    options = [c for c in options if c not in taken]
+    colour, shape = rnd.choice(options)
+    wrong = SceneObject(shape, colour, base.size, base.x, base.y, base.radius)
+    with_wrong = [o for r, o in enumerate(order) if o in named] if len(order) > 1 else list(named)
+    with_wrong.insert(sum(1 for r, o in enumerate(order) if o in named and r < left_out), wrong)
+    template_seed = rnd.random()
+    correct = _salient_caption(named, len(objects), image_size, random.Random(template_seed))
+    misnamed = _salient_caption(with_wrong, len(objects), image_size, random.Random(template_seed))
+    return correct, misnamed
+
+
+def ordered_descriptions(scene: Scene, image_size: int, rnd: random.Random,
+                         exclude: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+    """Caption pairs ``(better, worse)`` of one image in the order a hallucination-aware evaluator keeps:
+    the complete description above a correct partial one (multi-object images), and the partial one
+    above the same plus a misnamed object (`misnamed_pair`)."""
+    correct, misnamed = misnamed_pair(scene, image_size, rnd, exclude)
+    pairs = [(correct, misnamed)]
+    if len(scene.objects) > 1:
+        order = [scene.objects[i] for i in salience_order(scene.objects, image_size)]
+        pairs.insert(0, (_salient_caption(order, len(order), image_size, rnd), correct))
+    return pairs
 
 
 # ------------------------------------------------------------------------------------ grammar

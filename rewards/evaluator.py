@@ -88,6 +88,7 @@ class EvaluatorConfig:
     hard_negative_weight: float = 1.0  # weight of the hard-negative cross-entropy
     preference_pairs: int = 0  # draws per image per step of caption pairs (better, worse) to order (shapes: complete > correct partial > the partial plus one misnamed object)
     preference_weight: float = 1.0  # weight of the pairwise logistic loss on those pairs
+    preference_steps: int = 0  # > 0: the pairs are taught in this many extra steps that train the text tower only (the image tower, which a captioner may reuse as its encoder, stays as contrastive training left it); 0: throughout
     attribute_groups: dict[str, tuple[str, ...]] = field(
         default_factory=shapes_attribute_groups)  # swap words within each group (default: shapes)
     score_w: float = 2.5  # w of the saved LearnedScore (CLIP-S convention)
@@ -386,9 +387,16 @@ def train_evaluator(cfg: EvaluatorConfig, train_split: Any, val_split: Any | Non
             cfg.text_prefix).items()}
     model.train()
     start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="train-evaluator", dynamic_ncols=True)
+    bar = tqdm(range(cfg.steps + cfg.preference_steps), desc="train-evaluator", dynamic_ncols=True)
     step = 0
+    pairs_now = not cfg.preference_steps  # with preference_steps, the pairs join in the text-only phase
     for step in bar:
+        if step == cfg.steps:  # text-only phase: freeze the image tower (BatchNorm statistics too)
+            model.visual.requires_grad_(False)
+            opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, _cosine_with_warmup(max(1, cfg.preference_steps // 10), cfg.preference_steps))
+            pairs_now = True
         if (cfg.neighbour_negatives and step > 0 and step % cfg.neighbour_refresh_every == 0
                 and n_train > 1):
             model.eval()
@@ -397,6 +405,8 @@ def train_evaluator(cfg: EvaluatorConfig, train_split: Any, val_split: Any | Non
             sims.fill_diagonal_(float("-inf"))
             neighbours = sims.topk(min(cfg.neighbour_k, n_train - 1), dim=1).indices.cpu()
             model.train()
+        if step >= cfg.steps:
+            model.visual.eval()  # again after every evaluation (which restores train mode)
         idx = rng.sample(range(n_train), batch)
         pos = [cfg.text_prefix + rng.choice(captions[i]) for i in idx]
         negs: list[str] = []
@@ -416,7 +426,7 @@ def train_evaluator(cfg: EvaluatorConfig, train_split: Any, val_split: Any | Non
                 valid.append(c not in ref_sets[i])
         better, worse, pair_owner = [], [], []
         for row, i in enumerate(idx):
-            for _ in range(cfg.preference_pairs):
+            for _ in range(cfg.preference_pairs if pairs_now else 0):
                 for b, w in preference_pairs(i, rng):
                     better.append(cfg.text_prefix + b)
                     worse.append(cfg.text_prefix + w)

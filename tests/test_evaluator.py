@@ -133,12 +133,18 @@ def test_preference_pairs_teach_the_evaluator_to_order_them(tmp_path):
     rng = random.Random(0)
     held_out = [pairs(i, rng)[0] for i in range(40)]
     images = torch.from_numpy(val["images"])
-    rates = {}
-    for p in (0, 1):
+    rates, towers = {}, {}
+    # no pairs; pairs throughout; pairs in 30 extra steps that train the text tower only
+    for name, pairs_per_image, extra in (("none", 0, 0), ("joint", 1, 0), ("text_only", 1, 30)):
         seen = []
-        train_evaluator(dataclasses.replace(cfg, preference_pairs=p), train, None, tmp_path / str(p),
-                        logger=lambda m, step: seen.append(m), preference_pairs=_misnamed_pairs(train))
-        assert any("evaluator/loss_preference" in m for m in seen) == bool(p)
-        rates[p] = preference_rate(LearnedScore.from_dir(tmp_path / str(p)), images, [b for b, _ in held_out],
-                                   [[w] for _, w in held_out])["rate"]
-    assert rates[1] >= 0.9 and rates[1] >= rates[0] + 0.2, rates
+        train_evaluator(dataclasses.replace(cfg, preference_pairs=pairs_per_image, preference_steps=extra), train, None,
+                        tmp_path / name, logger=lambda m, step: seen.append(m), preference_pairs=_misnamed_pairs(train))
+        assert any("evaluator/loss_preference" in m for m in seen) == bool(pairs_per_image)
+        score = LearnedScore.from_dir(tmp_path / name)
+        rates[name] = preference_rate(score, images, [b for b, _ in held_out], [[w] for _, w in held_out])["rate"]
+        towers[name] = score.model.visual.state_dict()
+    assert rates["joint"] >= 0.9 and rates["joint"] >= rates["none"] + 0.2, rates
+    assert rates["text_only"] >= 0.9, rates
+    # the text-only phase leaves the image tower exactly as contrastive training left it (BatchNorm included)
+    assert all(torch.equal(towers["none"][k], towers["text_only"][k]) for k in towers["none"])
+    assert not all(torch.equal(towers["none"][k], towers["joint"][k]) for k in towers["none"])

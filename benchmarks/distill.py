@@ -70,7 +70,8 @@ def main(argv=None) -> dict:
     images, captions = _split_fields(split)
     m = compare_to_teacher(student, teacher, images, captions, pairs, repeats=args.repeats)
     fidelity = {k.split("/", 1)[1]: round(v, 4) for k, v in m.items() if k.startswith("fidelity/")}
-    cosines = sorted({*COSINES, *(round(fidelity[k], 4) for k in ("image_cos", "text_cos") if k in fidelity)}, reverse=True)
+    own = (round(fidelity[k], 4) for k in ("image_cos", "text_cos") if k in fidelity)
+    cosines = sorted({*COSINES, *(c for c in own if 0.0 < c <= 1.0)}, reverse=True)  # an untrained student can sit below 0
     sensitivity = [{k: round(v, 4) for k, v in row.items()}
                    for row in noise_sensitivity(teacher, images, pairs, cosines, seed=args.seed)]
     decisions = None

@@ -167,7 +167,7 @@ def test_two_process_finetune_keeps_ranks_identical(tmp_path):
     from rlrefine.cli import main
 
     run_dir = tmp_path / "run"
-    setup = [f"run_dir={run_dir}", "threads=1", *OVERRIDES, "evaluator.steps=2", "evaluator.batch_size=8",
+    setup = [f"run_dir={run_dir}", "threads=1", *OVERRIDES, "evaluator.steps=2", "evaluator.preference_steps=2", "evaluator.batch_size=8",
              "evaluator.eval_max_images=8"]
     assert main(["train-evaluator", "--config", str(REPO / "recipes" / "tiny.yaml"), *setup]) == 0
     assert main(["pretrain", "--config", str(REPO / "recipes" / "tiny.yaml"), *setup]) == 0

@@ -18,7 +18,7 @@ MICRO = [
     "model.d_model=32", "model.n_heads=2", "model.num_slots=4", "model.num_refine_layers=2", "model.readout_layers=1",
     "model.encoder.width=32", "model.encoder.depth=1", "model.encoder.heads=2", "model.encoder.stem_channels=8",
     "pretrain.steps=4", "pretrain.batch_size=8", "pretrain.eval_every=4", "pretrain.num_eval_images=8", "pretrain.warmup_steps=1",
-    "evaluator.steps=3", "evaluator.batch_size=8", "evaluator.eval_max_images=8",
+    "evaluator.steps=3", "evaluator.preference_steps=2", "evaluator.batch_size=8", "evaluator.eval_max_images=8",
     "distill.candidate_images=4", "distill.candidate_beams=2", "distill.student.steps=3", "distill.student.images_per_step=4",
     "finetune.steps=2", "finetune.batch_size=2", "finetune.num_candidates=2", "finetune.max_len=12", "finetune.warmup_steps=1",
     "evaluate.num_images=6",

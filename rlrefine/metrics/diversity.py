@@ -22,4 +22,5 @@ def vendi_score(embeddings: torch.Tensor) -> float:
     x = torch.nn.functional.normalize(embeddings.double(), dim=-1)
     lam = torch.linalg.svdvals(x / x.shape[0] ** 0.5) ** 2
     lam = lam[lam > 1e-12]
+    lam = lam / lam.sum()  # trace(K/N) = 1 exactly; rounding otherwise lets VS dip below 1 (1 - 4e-16)
     return float(torch.exp(-(lam * lam.log()).sum()))

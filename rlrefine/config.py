@@ -564,7 +564,10 @@ def format_validation_error(err: ValidationError, root: type[BaseModel] = Recipe
         if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             parent = _field_types(_section_at(loc[:-1], root))
             allowed = ", ".join(sorted(parent)) if parent is not None else "?"
-            lines.append(f"  - unknown key '{key}'. Allowed keys here: {allowed}")
+            hint = ""
+            if key.startswith("compare.") and any(part[:1].isdigit() for part in key.split(".")[2:]):
+                hint = " (a compare variant's name cannot contain '.': the override splits keys at dots)"
+            lines.append(f"  - unknown key '{key}'.{hint} Allowed keys here: {allowed}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")

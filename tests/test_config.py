@@ -35,6 +35,11 @@ def test_unknown_key_names_the_key_and_lists_allowed_ones():
     assert "steps" in msg and "batch_size" in msg  # the valid choices are listed
 
 
+def test_a_dot_in_a_compare_variant_name_is_explained():
+    with pytest.raises(RecipeError, match="variant's name cannot contain '.'"):
+        load_recipe(RECIPES / "tiny.yaml", ["compare.dico_lr2.5e-5={lr: 2.5e-5}"])
+
+
 def test_all_problems_reported_together():
     with pytest.raises(RecipeError) as err:
         load_recipe(None, ["model.d_model=abc", "pretrain.layer_weights=cubic", "data.shapes.num_train=-1"])

@@ -120,14 +120,15 @@ def evaluate_model(model: RefinementCaptioner, tokenizer, split, evaluator, *, n
     perf_key = "evaluator" if text_emb else None
     progress_text = None
     if text_emb:
+        text_stack = torch.stack(text_emb, dim=1)  # [N, K+1, D]
         try:
-            progress_text = progress_curve(torch.stack(text_emb, dim=1), distance="cosine").tolist()  # [N, K+1, D]
+            progress_text = progress_curve(text_stack, distance="cosine").tolist()
         except ValueError:  # every image's layer-0 caption equals its layer-K caption: no text progress to measure
             log.warning("text progress undefined (layer-0 and layer-K captions coincide for every image); G uses latents")
     G = graduality(progress_text, sched) if progress_text is not None else out["G_latent"]
     out.update({"progress_text": progress_text, "G_text": G if progress_text is not None else None, "G": G})
     if progress_text is not None:  # the per-image mean, unstable where a layer-0 caption lies near the final one
-        mean_curve = progress_curve(torch.stack(text_emb, dim=1), distance="cosine", estimator="mean").tolist()
+        mean_curve = progress_curve(text_stack, distance="cosine", estimator="mean").tolist()
         out.update({"progress_text_mean": mean_curve, "G_text_mean": graduality(mean_curve, sched)})
     if perf_key is not None:
         perf = torch.tensor([r[perf_key] for r in per_layer[1:]])

@@ -438,17 +438,18 @@ def misnamed_pair(scene: Scene, image_size: int, rnd: random.Random,
     if len(order) > 1:
         left_out = rnd.randrange(1, len(order))
         base = order[left_out]
-        named = [o for r, o in enumerate(order) if r != left_out and (r == 0 or rnd.random() < MENTION_PROBABILITY[r])]
+        ranks = [r for r in range(len(order)) if r != left_out and (r == 0 or rnd.random() < MENTION_PROBABILITY[r])]
     else:
-        left_out, named = 1, list(order)
+        left_out, ranks = 1, [0]
         base = SceneObject(rnd.choice(SHAPES), rnd.choice(list(COLOURS)), "small",
                            rnd.randrange(image_size), rnd.randrange(image_size), 1)
     options = [(c, base.shape) for c in COLOURS] + [(base.colour, sh) for sh in SHAPES]
     options = [c for c in options if c not in taken]
     colour, shape = rnd.choice(options)
     wrong = SceneObject(shape, colour, base.size, base.x, base.y, base.radius)
-    with_wrong = [o for r, o in enumerate(order) if o in named] if len(order) > 1 else list(named)
-    with_wrong.insert(sum(1 for r, o in enumerate(order) if o in named and r < left_out), wrong)
+    named = [order[r] for r in ranks]
+    with_wrong = list(named)
+    with_wrong.insert(sum(r < left_out for r in ranks), wrong)  # where the left-out object ranks in salience
     template_seed = rnd.random()
     correct = _salient_caption(named, len(objects), image_size, random.Random(template_seed))
     misnamed = _salient_caption(with_wrong, len(objects), image_size, random.Random(template_seed))

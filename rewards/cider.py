@@ -30,6 +30,8 @@ import torch
 
 from rlrefine.data.ptb import ptb_tokenize
 
+from .registry import register_reward
+
 NGRAM_MAX = 4
 SIGMA = 6.0
 
@@ -162,3 +164,13 @@ class CiderReward:
         rows = range(len(captions)) if image_index is None else [int(i) for i in image_index]
         scores = self.cider.scores(captions, [references[i] for i in rows])
         return torch.tensor(scores, dtype=torch.float32, device=self.device)
+
+
+def _build(section, ctx):
+    if ctx.corpus is None:
+        raise ValueError(f"{ctx.name}: the cider reward needs the training captions (its document frequencies)")
+    return CiderReward(ctx.corpus(), device=ctx.device)
+
+
+register_reward("cider", _build, "CIDEr-D against the image's references, document frequencies from the training captions "
+                "(self-critical.pytorch's SCST reward)", needs_corpus=True)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .loading import load_open_clip, register_model_config
+from .registry import register_reward
 
 __all__ = [
     "CLIPScore",
@@ -31,6 +32,7 @@ __all__ = [
     "RefCLIPScore",
     "RefPACScore",
     "clip_s",
+    "register_unique",
     "harmonic_mean",
     "ref_text_similarity",
 ]
@@ -254,17 +256,41 @@ class LearnedScore(OpenCLIPReward):
         if not manifest.is_file():
             raise FileNotFoundError(f"no {cls.manifest_name} in {out_dir}")
         meta = json.loads(manifest.read_text())
-        name = _register_unique(meta["model_name"], meta["model_cfg"])
+        name = register_unique(meta["model_name"], meta["model_cfg"])
         kwargs = dict(w=meta.get("w"), text_prefix=meta.get("text_prefix", ""),
                       clamp=meta.get("clamp", True), bias=meta.get("bias", 0.0))
         kwargs.update(overrides)
         return cls.from_pretrained(name, out_dir / meta["weights"], device=device, **kwargs)
 
 
-def _register_unique(name: str, model_cfg: dict) -> str:
+def register_unique(name: str, model_cfg: dict) -> str:
     """Register ``model_cfg`` as ``name``, or as ``name-<hash>`` if ``name`` means another config."""
     try:
         return register_model_config(name, model_cfg)
     except ValueError:
         digest = hashlib.sha1(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:8]
         return register_model_config(f"{name}-{digest}", model_cfg)
+
+
+# ------------------------------------------------------------------------------- registrations
+_CLIP_FIELDS = ("model_name", "checkpoint", "scale", "prefix", "clamp", "allow_gelu_for_openai_weights")
+
+
+def _clip_family(cls: type[OpenCLIPReward]):
+    def build(section, ctx):
+        # scale / prefix / clamp left unset give the official scores (w 2.5 CLIP-S / 2.0 PAC-S, "A photo depicts ", clamp at 0)
+        return cls.from_pretrained(section.model_name, section.checkpoint, device=ctx.device, w=section.scale,
+                                   text_prefix=section.prefix, clamp=True if section.clamp is None else section.clamp,
+                                   allow_gelu_for_openai_weights=section.allow_gelu_for_openai_weights,
+                                   option=f"{ctx.name}.allow_gelu_for_openai_weights")
+    return build
+
+
+for _kind, _cls, _what in (("clip", CLIPScore, "CLIP-S: w·max(cos, 0) of an open_clip model_name + local checkpoint (w 2.5)"),
+                           ("refclip", RefCLIPScore, "RefCLIP-S: harmonic mean of CLIP-S and the best reference similarity"),
+                           ("pac", PACScore, "PAC-S: the CLIP-S form with PAC-S weights (w 2.0)"),
+                           ("refpac", RefPACScore, "RefPAC-S: harmonic mean of PAC-S and the best reference similarity")):
+    register_reward(_kind, _clip_family(_cls), _what, uses=_CLIP_FIELDS, needs=("model_name", "checkpoint"))
+
+register_reward("learned", lambda section, ctx: LearnedScore.from_dir(section.path or ctx.run_dir / "evaluator", device=ctx.device),
+                "this run's learned evaluator (train-evaluator), or `path:` to another", uses=("path",))

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .registry import register_reward
+
 PROTOCOL = ("reward(images, captions, references=None, image_index=None) -> one float per caption "
             "(Tensor[len(captions)]); see rewards/__init__.py")
 
@@ -88,3 +90,14 @@ def check_reward(reward, name: str) -> None:
                                 f"it must return one float per caption: {PROTOCOL}")
     if not torch.isfinite(scores).all():
         raise RewardTargetError(f"reward {name} returned non-finite scores {scores.tolist()} on a probe batch")
+
+
+def _build(section, ctx):
+    score = python_reward(section.target, section.kwargs, device=ctx.device)
+    check_reward(score, f"{ctx.name} (python target '{section.target}')")
+    return score
+
+
+register_reward("python", _build, "your own reward: `target: \"package.module:callable\"` (+ `kwargs`), called once on a "
+                "probe batch before training", uses=("target", "kwargs"), needs=("target",),
+                check=lambda section: resolve_target(section.target))

@@ -13,6 +13,8 @@ import torch
 
 from rlrefine.data.shapes import is_grammatical
 
+from .registry import register_reward
+
 
 class GrammarReward:
     """r(I, c) = 1[c is grammatical]; images and references are ignored (rewards protocol)."""
@@ -23,3 +25,13 @@ class GrammarReward:
     @torch.no_grad()
     def __call__(self, images, captions, references=None, image_index=None) -> torch.Tensor:
         return torch.tensor([1.0 if is_grammatical(c) else 0.0 for c in captions], dtype=torch.float32, device=self.device)
+
+
+def _build(section, ctx):
+    if ctx.data_kind is not None and ctx.data_kind != "shapes":
+        raise ValueError(f"{ctx.name}: reward kind 'grammar' recognises the shapes caption grammar; data.kind is "
+                         f"'{ctx.data_kind}' (use a python reward for your own fluency term)")
+    return GrammarReward(device=ctx.device)
+
+
+register_reward("grammar", _build, "1 if the caption is in the shapes caption grammar, else 0 (shapes data)")

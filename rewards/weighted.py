@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import dataclasses
+
 import torch
+
+from .registry import build_reward, register_reward
 
 
 def weighted_sum(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
@@ -53,3 +57,13 @@ class WeightedSum:
             if hasattr(r, "embed_texts"):
                 return r.embed_texts(texts)
         raise AttributeError("no term of this sum reward embeds texts")
+
+
+def _build(section, ctx):
+    names = section.term_names()
+    return WeightedSum([(n, t.weight, build_reward(t.reward, dataclasses.replace(ctx, name=f"{ctx.name}.terms[{n}]")))
+                        for n, t in zip(names, section.terms)])
+
+
+register_reward("sum", _build, "a weighted sum of `terms` ([{weight: w, reward: {...}}, ...]), each logged as "
+                "reward_terms/<name>", uses=("terms",), needs=("terms",))

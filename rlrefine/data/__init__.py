@@ -1,23 +1,18 @@
-"""rlrefine.data: datasets, tokenizers and the torch-facing loading pieces (bottom of the flow).
+"""rlrefine.data: datasets, tokenizers and training batches (bottom of the flow).
 
-Modules: `split` (CaptionSplit + cache, seeded hash splits), `shapes` (the embedded procedural
-dataset), `coco` (Karpathy split or the official caption files), `captions_csv` (image,caption CSV
-files), `imagefolder` (label-only data), `tokenizer` (CaptionTokenizer), `datasets`
-(CaptionDataset, mixed_sampler, collate).
+Modules: `split` (CaptionSplit + cache, seeded hash splits, the caption policy `sanitize_split` and its
+`DataIssues` counts), `sources` (the data kinds and `load_splits`), `shapes` (the embedded procedural
+dataset) and `shapes_probes` (what a reward knows about it), `coco` (Karpathy split or the official
+caption files), `captions_csv` (image,caption CSV files), `webdataset` (tar shards), `imagefolder`
+(label-only data), `images` (decoding files, `BadImageError`), `tokenizer` (CaptionTokenizer),
+`batches` (the step-indexed training batch stream and z_0 seeds).
 """
 
+from rlrefine.data.batches import Batch, batch_stream, eval_z0_seeds, load_images, step_z0_seeds
 from rlrefine.data.captions_csv import load_caption_csv
 from rlrefine.data.coco import load_coco, load_karpathy_split
-from rlrefine.data.datasets import (
-    DEFAULT_LABEL_WEIGHT,
-    BadImageError,
-    CaptionDataset,
-    collate,
-    example_weights,
-    make_collate,
-    mixed_sampler,
-)
 from rlrefine.data.imagefolder import load_image_folder
+from rlrefine.data.images import BadImageError, load_image
 from rlrefine.data.shapes import (
     ParsedCaption,
     Scene,
@@ -27,30 +22,36 @@ from rlrefine.data.shapes import (
     load_or_generate_shapes,
     parse_caption,
 )
-from rlrefine.data.split import CaptionSplit, load_split, save_split
-from rlrefine.data.tokenizer import CaptionTokenizer
+from rlrefine.data.sources import DATA_KINDS, load_splits
+from rlrefine.data.split import CaptionSplit, DataIssues, load_split, sanitize_split, save_split
+from rlrefine.data.tokenizer import CaptionTokenizer, build_tokenizer
 
 __all__ = [
+    "Batch",
     "BadImageError",
-    "CaptionDataset",
     "CaptionSplit",
     "CaptionTokenizer",
-    "DEFAULT_LABEL_WEIGHT",
+    "DATA_KINDS",
+    "DataIssues",
     "ParsedCaption",
     "Scene",
     "SceneObject",
     "ShapesConfig",
-    "collate",
-    "example_weights",
+    "batch_stream",
+    "build_tokenizer",
+    "eval_z0_seeds",
     "generate_shapes",
     "load_caption_csv",
     "load_coco",
+    "load_image",
     "load_image_folder",
+    "load_images",
     "load_karpathy_split",
     "load_or_generate_shapes",
     "load_split",
-    "make_collate",
-    "mixed_sampler",
+    "load_splits",
     "parse_caption",
+    "sanitize_split",
     "save_split",
+    "step_z0_seeds",
 ]

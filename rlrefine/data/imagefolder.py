@@ -3,7 +3,7 @@
 Where it sits: `rlrefine.data`, beside `shapes` and `coco`. ``root/<class_name>/*.jpg`` becomes a
 `CaptionSplit` of file paths whose one "caption" is the class name as text (underscores to
 spaces: ``golden_retriever`` -> "golden retriever"), flagged ``is_label=True`` so the sampler can
-weight it low (DESIGN.md §2: the model should not learn to answer in single words).
+weight it low (`data.label_weight`: the model should not learn to answer in single words).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The embedded **shapes** dataset: procedural images, scenes and paraphrased captions.
 
 Where it sits: `rlrefine.data`, the bottom of the flow. `generate_shapes(cfg)` returns the splits
-the embedded default trains and evaluates on (DESIGN.md §7); `parse_caption` reads a caption back
+the embedded default trains and evaluates on (docs/shapes_world.md); `parse_caption` reads a caption back
 into (colour, shape) mentions and relations, which `rlrefine.metrics.grounding` scores against the
 `Scene` stored beside each image.
 
@@ -28,7 +28,7 @@ objects by colour and shape. The vocabulary is 40 words plus ","; captions have 
 words (19 tokens with bos/eos).
 The ``train`` split also holds ``round(label_fraction * num_train)`` label-only examples
 (single-object image, caption ``["red circle"]``, ``is_label=True``) appended after the captioned
-images, the "ImageNet style" data DESIGN §2 mixes in at a low sampling weight.
+images, the "ImageNet style" data pretraining mixes in at a low sampling weight (`data.label_weight`).
 
 Everything is deterministic from ``cfg.seed``: each split draws from its own child of
 ``np.random.SeedSequence(seed)``, so changing one split's size does not change the others.
@@ -112,7 +112,7 @@ _DOMINANCE = 1.3  # every pair: |dominant axis offset| >= 1.3 * |other axis offs
 
 @dataclass
 class ShapesConfig:
-    """How the shapes dataset is generated (defaults: the embedded default, DESIGN.md §7)."""
+    """How the shapes dataset is generated (defaults: the embedded default)."""
 
     image_size: int = 64
     """Square image side in pixels."""

@@ -3,7 +3,7 @@
 Where it sits: `rlrefine.data`, used by the collate function (encode), the captioner's
 ``save_pretrained`` (save / from_dir) and every place that turns generated ids into text (decode).
 
-Backends (DESIGN.md §1):
+Backends:
 
 * ``word``: a word-level HF `tokenizers.Tokenizer` trained on the corpus (`CaptionTokenizer.train`):
   lowercase, split on whitespace and punctuation, special tokens ``<pad>``=0, ``<bos>``=1,
@@ -267,3 +267,18 @@ class CaptionTokenizer:
             return self.decode(x) if d == 0 else [rec(y, d - 1) for y in x]
 
         return rec(ids, depth)
+
+
+def build_tokenizer(section: Any, train_captions: Iterable[str], save_dir: str | os.PathLike | None = None) -> CaptionTokenizer:
+    """The tokenizer a recipe's `tokenizer` section names: trained on ``train_captions`` (``kind: word``,
+    words seen fewer than ``min_freq`` times become <unk>), a local HF tokenizer (``hf``, ``path``), or
+    open_clip's bundled BPE (``open_clip``); saved to ``save_dir`` when given."""
+    if section.kind == "word":
+        tokenizer = CaptionTokenizer.train(train_captions, min_freq=section.min_freq)
+    elif section.kind == "hf":
+        tokenizer = CaptionTokenizer.from_hf(section.path)
+    else:
+        tokenizer = CaptionTokenizer.from_open_clip()
+    if save_dir is not None:
+        tokenizer.save(save_dir)
+    return tokenizer

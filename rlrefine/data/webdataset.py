@@ -27,8 +27,8 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from rlrefine.data.datasets import BadImageError, DataIssues, _fit_square
-from rlrefine.data.split import CaptionSplit
+from rlrefine.data.images import BadImageError, fit_square
+from rlrefine.data.split import CaptionSplit, DataIssues
 
 __all__ = ["IMAGE_KEYS", "expand_urls", "parse_captions", "iter_webdataset", "load_webdataset_split"]
 
@@ -74,7 +74,7 @@ def _decode_image(data: bytes, where: str, image_size: int | None) -> np.ndarray
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadImageError(f"cannot read image {where}: {type(e).__name__}: {e}") from e
     if image_size is not None:
-        im = _fit_square(im, image_size)
+        im = fit_square(im, image_size)
     return np.asarray(im, dtype=np.uint8)
 
 

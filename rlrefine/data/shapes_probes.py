@@ -1,0 +1,63 @@
+"""Probes of what a reward knows about the shapes world, beyond what its references say.
+
+Where it sits: beside `rlrefine.data.shapes`, which it asks for the ground truth (scenes, complete
+descriptions, misnamed objects). A reward is any callable of the reward protocol
+(``reward(images, captions) -> Tensor``); nothing here imports a reward or a model.
+
+* `preference_rate`: how often a reward scores a preferred caption of an image strictly above every
+  one of a list of others.
+* `teacher_preferences`: the two orders the teacher evaluator must know for reward fine-tuning to help
+  and not hallucinate, on held-out images: ``complete_over_partial`` (an image's complete description
+  above every reference that leaves an object out: the gap fine-tuning can exploit) and
+  ``partial_over_misnamed`` (a correct partial description above the same plus one misnamed object; at
+  0.5 the reward pays as much for a wrong object as it costs).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Sequence
+
+import torch
+
+from rlrefine.data.shapes import DEFAULT_HELD_OUT, misnamed_pair, parse_caption
+from rlrefine.data.split import CaptionSplit
+
+__all__ = ["preference_rate", "teacher_preferences"]
+
+
+@torch.no_grad()
+def preference_rate(reward: Callable, images: Any, preferred: Sequence[str], others: Sequence[Sequence[str]]) -> dict[str, float]:
+    """How often ``reward`` scores ``preferred[i]`` strictly above every caption of ``others[i]`` for
+    image i (images with no other caption are left out): ``rate`` and the ``images`` counted."""
+    rows = [i for i, o in enumerate(others) if o]
+    if not rows:
+        return {"rate": float("nan"), "images": 0.0}
+    owner = [i for i in rows for _ in range(1 + len(others[i]))]
+    texts = [c for i in rows for c in (preferred[i], *others[i])]
+    scores = reward(images[torch.as_tensor(owner)], texts).float().cpu()
+    wins, at = 0, 0
+    for i in rows:
+        block = scores[at:at + 1 + len(others[i])]
+        wins += int(bool(block[0] > block[1:].max()))
+        at += len(block)
+    return {"rate": wins / len(rows), "images": float(len(rows))}
+
+
+def teacher_preferences(reward: Callable, split: CaptionSplit, descriptions: list[list[str]], image_size: int,
+                        max_images: int, seed: int) -> dict[str, float]:
+    """``complete_over_partial`` and ``partial_over_misnamed`` (module docstring) of ``reward`` on the first
+    ``max_images`` images of a shapes ``split``, with ``descriptions[i][0]`` the complete description of
+    image i (`rlrefine.data.shapes.complete_descriptions`), and the images each rate counts."""
+    images = torch.from_numpy(split.images)
+    n = min(len(split), max_images)
+    partial = [[] if split.is_label[i] else
+               [c for c in split.captions[i] if len(set(parse_caption(c).mentions)) < len(split.scenes[i].objects)]
+               for i in range(n)]
+    result = preference_rate(reward, images[:n], [d[0] for d in descriptions[:n]], partial)
+    rng = random.Random(seed)
+    rows = [i for i in range(n) if not split.is_label[i]]
+    pairs = [misnamed_pair(split.scenes[i], image_size, rng, exclude=DEFAULT_HELD_OUT) for i in rows]
+    misnamed = preference_rate(reward, images[rows], [b for b, _ in pairs], [[w] for _, w in pairs])
+    return {"complete_over_partial": result["rate"], "complete_over_partial_images": result["images"],
+            "partial_over_misnamed": misnamed["rate"], "partial_over_misnamed_images": misnamed["images"]}

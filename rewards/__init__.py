@@ -28,27 +28,34 @@ Every reward also exposes ``embed_images(images) -> [B, D]`` and ``embed_texts(t
 
 Public API
 ----------
+* :mod:`rewards.registry`: ``REWARDS`` (every kind a recipe can name), ``register_reward``,
+  ``build_reward(section, context)``. Each module below registers its kinds when it is imported.
 * :mod:`rewards.clip_score`: ``clip_s``, ``CLIPScore``, ``RefCLIPScore``, ``PACScore``,
   ``RefPACScore``, ``LearnedScore`` (``.from_pretrained(model_name, checkpoint, device)``,
-  ``LearnedScore.from_dir(dir)``).
+  ``LearnedScore.from_dir(dir)``); kinds ``clip``, ``refclip``, ``pac``, ``refpac``, ``learned``.
 * :mod:`rewards.loading`: ``load_open_clip(model_name, checkpoint, device)``,
   ``register_model_config(name, cfg)``, ``BatchedPreprocess``.
-* :mod:`rewards.evaluator`: ``EvaluatorConfig``, ``train_evaluator`` (the ``train-evaluator`` stage).
-* :mod:`rewards.distill`: ``DistillConfig``, ``distill_reward``, ``DistilledScore`` (``distill-reward``).
+* :mod:`rewards.evaluator`: ``EvaluatorConfig``, the learned evaluator's model and held-out metrics
+  (trained by ``rlrefine.trainers.evaluator``).
+* :mod:`rewards.distill`: ``DistillConfig``, ``DistilledScore`` (kind ``distilled``; trained by
+  ``rlrefine.trainers.distill``).
+* :mod:`rewards.fidelity`: how faithfully a student imitates its teacher (rank correlations, argmax
+  agreement, decision agreement, which tower limits it).
 * :mod:`rewards.text_student`: ``TextStudentConfig``, ``build_text_student``, ``distill_text_tower``,
   ``TextStudentScore`` (a student for CLIP-sized teachers: the teacher's image tower, a small text tower).
-* :mod:`rewards.shaping`: ``schedule``, ``length_budget``, ``shape_rewards`` (DESIGN section 4).
+* :mod:`rewards.shaping`: ``schedule``, ``length_budget``, ``shape_rewards`` (the graduality shaping).
 * :mod:`rewards.cider`: ``CiderD`` (the one CIDEr-D implementation, also behind the metric),
-  ``CiderReward`` (recipe ``kind: cider``: document frequencies from the training captions).
-* :mod:`rewards.custom`: ``python_reward(target, kwargs)`` (``kind: python``), ``check_reward`` (the
+  ``CiderReward`` (kind ``cider``: document frequencies from the training captions).
+* :mod:`rewards.custom`: ``python_reward(target, kwargs)`` (kind ``python``), ``check_reward`` (the
   probe call every python reward passes before training).
-* :mod:`rewards.weighted`: ``WeightedSum`` (``kind: sum``; ``term_scores`` for per-term logging).
-* :mod:`rewards.grammar`: ``GrammarReward`` (``kind: grammar``, the shapes caption grammar).
+* :mod:`rewards.weighted`: ``WeightedSum`` (kind ``sum``; ``term_scores`` for per-term logging).
+* :mod:`rewards.grammar`: ``GrammarReward`` (kind ``grammar``, the shapes caption grammar).
 
 A reward of your own needs only ``__call__`` with the signature above; ``embed_images`` /
 ``embed_texts`` are optional (used for hard-pair mining and the text-embedding progress curve when
-the reward is the evaluator).
+the reward is the evaluator). To make it a recipe kind, register it (:mod:`rewards.registry`).
 """
+from .registry import REWARDS, RewardContext, build_reward, register_reward
 from .cider import CiderD, CiderReward
 from .clip_score import (
     CLIPScore,
@@ -62,8 +69,9 @@ from .clip_score import (
     ref_text_similarity,
 )
 from .custom import RewardTargetError, check_reward, python_reward
-from .distill import DistillConfig, DistilledScore, distill_reward, kendall_tau, spearman
-from .evaluator import EvaluatorConfig, swap_attribute, train_evaluator
+from .distill import DistillConfig, DistilledScore
+from .evaluator import EvaluatorConfig, swap_attribute
+from .fidelity import kendall_tau, spearman
 from .loading import BatchedPreprocess, load_open_clip, read_state_dict, register_model_config
 from .grammar import GrammarReward
 from .shaping import length_budget, schedule, shape_rewards
@@ -71,6 +79,7 @@ from .text_student import TextStudentConfig, TextStudentScore, build_text_studen
 from .weighted import WeightedSum
 
 __all__ = [
+    "REWARDS",
     "BatchedPreprocess",
     "CLIPScore",
     "CiderD",
@@ -84,14 +93,15 @@ __all__ = [
     "PACScore",
     "RefCLIPScore",
     "RefPACScore",
+    "RewardContext",
     "RewardTargetError",
     "TextStudentConfig",
     "TextStudentScore",
     "WeightedSum",
+    "build_reward",
     "build_text_student",
     "check_reward",
     "clip_s",
-    "distill_reward",
     "distill_text_tower",
     "harmonic_mean",
     "kendall_tau",
@@ -101,9 +111,9 @@ __all__ = [
     "read_state_dict",
     "ref_text_similarity",
     "register_model_config",
+    "register_reward",
     "schedule",
     "shape_rewards",
     "spearman",
     "swap_attribute",
-    "train_evaluator",
 ]

@@ -1,4 +1,4 @@
-"""Graduality and length shaping of per-layer rewards (DESIGN section 4, step 2). Pure functions.
+"""Graduality and length shaping of per-layer rewards (docs/design.md, "Shaping"). Pure functions.
 
 Layer k runs 0..K (0 = z_0, K = final). ``schedule`` is also re-exported by ``rlrefine.losses``
 for the latent graduality loss, so the two halves of the method share one definition.
@@ -61,7 +61,7 @@ def progress(rewards: torch.Tensor, r0: torch.Tensor, rK: torch.Tensor, eps: flo
 
 def embedding_progress(candidates: torch.Tensor, e0: torch.Tensor, eK: torch.Tensor, eps: float = 1e-4,
                        clip: tuple[float, float] = (-1.0, 2.0)) -> torch.Tensor:
-    """Progress measured in text-embedding space, the quantity the graduality score G reads (DESIGN §5):
+    """Progress measured in text-embedding space, the quantity the graduality score G reads (docs/design.md):
 
         p = 1 - D(e_c, e_K) / D(e_0, e_K),   D(a, b) = 1 - cos(a, b)
 

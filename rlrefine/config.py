@@ -17,8 +17,14 @@ and before validation, so `paths.images=/data/coco` on the command line reaches 
 refers to it. A reference to a path that is not set (null) or to a key `paths:` does not have is an
 error naming the key that refers to it and the path to give.
 
-Where the values come from: the shapes defaults are the embedded default (DESIGN.md §7); the DiCO
-defaults follow the DiCO paper (Cornia et al. 2024: β = 0.2, 5 beams, lr 1e-6 at COCO scale).
+Where the values come from: the shapes defaults are the embedded default (docs/design.md); the DiCO
+defaults follow the DiCO paper (Moratelli et al. 2024: β = 0.2, 5 beams, lr 1e-6 at COCO scale).
+
+Two parts of the schema come from registries, so that adding a reward or a fine-tuning method is one
+module: the reward kinds (`rewards.registry.REWARDS`: `RewardSection.kind` and which keys each kind
+reads) and the fine-tuning methods (`rlrefine.methods.METHODS`: `FinetuneSection.method` and one section
+``finetune.<method>`` per method, defined beside the method). The data kinds come from
+`rlrefine.data.sources.DATA_KINDS`.
 """
 
 from __future__ import annotations
@@ -31,10 +37,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from rewards.distill import DistillConfig
 from rewards.evaluator import EvaluatorConfig
+from rewards.registry import OPTIONAL_FIELDS, REWARDS, RewardContext, validate_section
+from rlrefine.data.sources import DATA_KINDS
+from rlrefine.methods import METHODS
 
 # The rewards package's own config dataclasses are recipe sections too (one schema, one name);
 # unknown keys in them are errors like everywhere else.
@@ -166,7 +175,8 @@ class WebDatasetSection(Section):
 class DataSection(Section):
     """Which data a run trains on, and the policy for bad inputs.
 
-    Bad-input policy (counted in `rlrefine.data.datasets.DataIssues` and logged at the end of a run):
+    Bad-input policy (counted in `rlrefine.data.split.DataIssues`, logged at the end of every training stage and
+    written to its report.json):
     empty or whitespace-only captions are dropped when a dataset is loaded, and an image left without
     any caption is dropped with them (every layout: shapes, COCO in both formats, CSV, webdataset);
     a caption longer than `max_caption_len` tokens is truncated (eos kept); an image that cannot be
@@ -175,7 +185,7 @@ class DataSection(Section):
     `CaptionTokenizer.encode` is a ValueError that names it.
     """
 
-    kind: Literal["shapes", "coco", "csv", "webdataset"] = Field("shapes", description="which dataset: shapes (embedded, generated), coco (Karpathy or official json), csv (image,caption rows), webdataset (tar shards)")
+    kind: Literal[tuple(DATA_KINDS)] = Field("shapes", description="which dataset: shapes (embedded, generated), coco (Karpathy or official json), csv (image,caption rows), webdataset (tar shards)")
     shapes: ShapesSection = ShapesSection()
     coco: CocoSection | None = None
     csv: CsvSection | None = None
@@ -186,7 +196,8 @@ class DataSection(Section):
     image_size: int = Field(64, ge=16, le=1024, description="size images are loaded at (disk datasets)")
     max_caption_len: int = Field(24, ge=4, le=256, description="tokens incl. bos/eos; longer captions are truncated (eos kept) and counted as captions_truncated")
     bad_image: Literal["error", "skip"] = Field("error", description="a corrupt or unreadable image: 'error' stops the run with a BadImageError naming the file; 'skip' drops it from its batch with a warning, counts it (bad_images) and keeps every other example")
-    num_workers: int = Field(0, ge=0, description="DataLoader workers for disk datasets (0: in the main process)")
+    num_workers: int = Field(0, ge=0, description="threads that decode the image files of a training batch in parallel "
+                             "(disk datasets; 0: in the main thread). The batch is the same either way")
 
     @model_validator(mode="after")
     def _kind_has_section(self) -> "DataSection":
@@ -248,7 +259,8 @@ class EncoderSection(Section):
 
 
 class ModelSection(Section):
-    """The refinement captioner (DESIGN.md §1): image encoder, K refinement blocks over M slots, a shared readout."""
+    """The refinement captioner (docs/design.md): image encoder, K refinement blocks over M slots, a shared readout.
+    Its fields are those of `rlrefine.models.CaptionerConfig` (`CaptionerConfig.from_section` reads them by name)."""
 
     encoder: EncoderSection = EncoderSection()
     d_model: int = Field(128, ge=8, description="width of the text encoding slots and the readout")
@@ -263,7 +275,7 @@ class ModelSection(Section):
 
 # ------------------------------------------------------------------------------------- training
 class PretrainSection(Section):
-    """Teacher-forced (XE) pretraining, DESIGN.md §2."""
+    """Teacher-forced (XE) pretraining (docs/design.md, "The math")."""
 
     steps: int = Field(3000, ge=1, description="optimizer steps")
     batch_size: int = Field(64, ge=1, description="images per step (global, over all processes)")
@@ -278,7 +290,7 @@ class PretrainSection(Section):
     schedule_eps: float = Field(0.01, gt=0.0, lt=1.0, description="ε of the geometric schedule")
     lambda_grad: float = Field(0.1, ge=0.0, description="weight of the latent graduality regulariser")
     coarse_to_fine: bool = Field(False, description="layer k learns the first 1 − s(k) of each caption's tokens (then eos), "
-                                 "layer K the whole caption (DESIGN.md §2, optional coarse-to-fine targets)")
+                                 "layer K the whole caption (optional coarse-to-fine targets, docs/design.md)")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision: no, bf16 or fp16")
     log_every: int = Field(50, ge=1, description="steps between TensorBoard scalars")
     eval_every: int = Field(500, ge=1, description="steps between val evaluations (and per-layer captions in TensorBoard)")
@@ -288,11 +300,10 @@ class PretrainSection(Section):
     max_nonfinite_steps: int = Field(10, ge=1, description="stop after this many non-finite losses in a row")
 
 
-REWARD_KINDS = ("learned", "distilled", "clip", "refclip", "pac", "refpac", "cider", "python", "sum", "grammar")
-
-
 class RewardSection(Section):
-    """Which reward scores captions (the `rewards` package protocol, rewards/__init__.py).
+    """Which reward scores captions (the `rewards` package protocol, rewards/__init__.py). The kinds are the
+    reward registry's (`rewards.registry.REWARDS`, each registered by the module that defines it); a kind
+    reads only some of the keys below, and setting one it does not read is an error.
 
     learned / distilled: a directory written by `train-evaluator` / `distill-reward` (default: the
     run's own); clip / refclip / pac / refpac: an open_clip architecture + a local checkpoint file.
@@ -302,17 +313,12 @@ class RewardSection(Section):
     (Hessel et al. 2021), PAC-S w = 2.0 (Sarto et al. 2023), prefix "A photo depicts ", clamp at 0.
     The DiCO reference code (aimagelab/DiCO) trains on PAC-S as `2.0 · cos` with no prefix and no
     clamp: `scale: 2.0, prefix: "", clamp: false`.
-
-    Kinds users bring:
-    cider: CIDEr-D against the image's references, document frequencies from the training captions
-    (the classic SCST reward); python: your own reward, `target: "package.module:callable"` (+ kwargs);
-    sum: a weighted sum of `terms`, each logged as reward_terms/<name>; grammar: 1 when a caption is
-    in the shapes caption grammar, else 0 (shapes data only).
     """
 
-    kind: Literal["learned", "distilled", "clip", "refclip", "pac", "refpac", "cider", "python", "sum", "grammar"] = Field(
-        "distilled", description="learned / distilled (a directory), clip / refclip / pac / refpac (open_clip + local checkpoint), cider, python, sum or grammar")
-    path: str | None = Field(None, description="evaluator / student directory (default: <run_dir>/evaluator or <run_dir>/distill)")
+    kind: Literal[tuple(REWARDS)] = Field(
+        "distilled", description="; ".join(f"{k.name}: {k.describe}" for k in REWARDS.values()))
+    path: str | None = Field(None, description="a reward directory: the evaluator / student (default: <run_dir>/evaluator or "
+                                               "<run_dir>/distill), or a local checkpoint directory")
     model_name: str | None = Field(None, description="open_clip architecture for clip/pac, e.g. ViT-B-32-quickgelu for OpenAI / PAC-S weights")
     checkpoint: str | None = Field(None, description="local open_clip / PAC-S checkpoint for clip/pac")
     batch_size: int = Field(512, ge=1, description="captions scored per forward pass (model rewards)")
@@ -329,28 +335,9 @@ class RewardSection(Section):
                                       "[{weight: 1, reward: {kind: distilled}}, {weight: 0.5, reward: {kind: grammar}}]")
 
     @model_validator(mode="after")
-    def _needs_checkpoint(self) -> "RewardSection":
-        clip_family = self.kind in ("clip", "refclip", "pac", "refpac")
-        if clip_family and (self.model_name is None or self.checkpoint is None):
-            raise ValueError(f"reward kind '{self.kind}' needs model_name and checkpoint (a local path)")
-        options = [k for k in ("scale", "prefix", "clamp") if getattr(self, k) is not None]
-        if options and not clip_family:
-            raise ValueError(f"{', '.join(options)} apply to reward kinds clip, refclip, pac, refpac only; kind "
-                             f"'{self.kind}' takes them from its own directory")
+    def _kind_reads_its_keys(self) -> "RewardSection":
+        validate_section(self, {f: RewardSection.model_fields[f].get_default(call_default_factory=True) for f in OPTIONAL_FIELDS})
         _existing_path(self.checkpoint, "reward checkpoint")
-        if self.kind == "python":
-            if not self.target:
-                raise ValueError("reward kind 'python' needs target: 'package.module:callable' (a reward following the "
-                                 "protocol in rewards/__init__.py)")
-            from rewards.custom import resolve_target
-
-            resolve_target(self.target)  # an import error names the target now, before any stage runs
-        elif self.target is not None or self.kwargs:
-            raise ValueError(f"target / kwargs are for reward kind 'python', not '{self.kind}'")
-        if self.kind == "sum" and not self.terms:
-            raise ValueError("reward kind 'sum' needs terms: [{weight: w, reward: {kind: ...}}, ...]")
-        if self.kind != "sum" and self.terms:
-            raise ValueError(f"terms are for reward kind 'sum', not '{self.kind}'")
         return self
 
     def term_names(self) -> list[str]:
@@ -377,38 +364,28 @@ class RewardTerm(Section):
 RewardSection.model_rebuild()
 
 
-class FinetuneSection(Section):
-    """DiCO (or SCST) fine-tuning at every refinement layer, DESIGN.md §4.
+class FinetuneBase(Section):
+    """Fine-tuning at every refinement layer (docs/design.md): candidates per image and layer from the policy,
+    rewards shaped for graduality and length, and the method's loss, anchored to the frozen XE model.
+    The method (`method`) and its own keys (`finetune.<method>`) come from `rlrefine.methods`."""
 
-    DiCO defaults after Moratelli et al. 2024 (β = 0.2, 5 beams); τ and the learning rate are the
-    embedded default's (the reference code's τ 300 and lr 1e-6 are for a pretrained COCO-scale model
-    and a reward of 2.0·cos, see recipes/coco_vitb32.yaml).
-    """
-
-    method: Literal["dico", "scst"] = Field("dico", description="dico (preference loss over the candidates) or scst (self-critical policy gradient)")
+    method: Literal[tuple(METHODS)] = Field("dico", description="; ".join(f"{n}: {m.description}" for n, m in METHODS.items()))
     init: str | None = Field(None, description="captioner to start from and to anchor to (default: <run_dir>/pretrain/model)")
     output: str = Field("finetune", description="sub-directory of run_dir for this run's outputs")
     reward: RewardSection = RewardSection()
     layers: list[int] | None = Field(None, description="refinement layers to optimise (default: all 1..K)")
     steps: int = Field(300, ge=1, description="optimizer steps")
     batch_size: int = Field(16, ge=1, description="images per step")
-    num_candidates: int = Field(5, ge=2, description="n candidates per image and layer")
-    generation: Literal["beam", "sample"] = Field("beam", description="DiCO uses beam search (all beams are candidates); SCST samples")
-    temperature: float = Field(1.0, gt=0.0, description="sampling temperature (generation: sample)")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (generation: sample)")
+    num_candidates: int = Field(5, ge=2, description="n candidates per image and layer (the group size of group-based methods)")
     max_len: int = Field(24, ge=4, description="tokens generated per candidate")
-    beta: float = Field(0.2, gt=0.0, description="DiCO β (paper: 0.2)")
-    tau: float = Field(1.0, gt=0.0, description="τ in the rejected-candidate weights γ_j = softmax_j(τ·(r̃_w − r̃_j)) "
-                       "(DiCO reference code: 300 on 2.0·cos PAC-S rewards)")
-    kl_coef: float = Field(0.0, ge=0.0, description="optional explicit per-token KL penalty to the reference")
-    scst_baseline: Literal["greedy", "mean"] = Field("mean", description="SCST baseline: greedy (the greedy caption's reward) or mean (leave-one-out mean of the other samples)")
+    kl_coef: float = Field(0.0, ge=0.0, description="optional explicit penalty mean(log π − log π_ref) to the reference")
     layer_weights: LayerWeighting = Field("linear", description="w_k of L = Σ_k w_k L_k / Σ_k w_k: linear (w_k = k), log, uniform, final (only K)")
     schedule: ScheduleKind = Field("linear", description="s(k), the share of the distance still to go after layer k: linear or geometric")
     schedule_eps: float = Field(0.01, gt=0.0, lt=1.0, description="ε of the geometric schedule")
     lambda_grad: float = Field(0.5, ge=0.0, description="weight of the progress-vs-schedule shaping term (0 = off)")
     shaping_progress: Literal["reward", "embedding"] = Field(
         "reward", description="how the shaping measures a candidate's progress p_k: reward, (r − r_0)/(r_K − r_0) "
-                              "(DESIGN §4), or embedding, 1 − D(e, e_K)/D(e_0, e_K) on the reward's text embeddings "
+                              "(docs/design.md), or embedding, 1 − D(e, e_K)/D(e_0, e_K) on the reward's text embeddings "
                               "(cosine distance; what the graduality score G measures; needs a reward with embed_texts)")
     lambda_len: float = Field(0.5, ge=0.0, description="weight of the per-layer length-budget penalty (0 = off)")
     len_min: int = Field(3, ge=1, description="allowed caption length (words) at layer 0")
@@ -426,11 +403,39 @@ class FinetuneSection(Section):
     num_eval_images: int = Field(500, ge=1, description="images of the end-of-run evaluation")
     max_nonfinite_steps: int = Field(10, ge=1, description="stop after this many non-finite losses in a row")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        """A key that moved into a method's section is an error naming where it went."""
+        if not isinstance(data, dict):
+            return data
+        problems = []
+        for key in data:
+            if key in cls.model_fields:
+                continue
+            homes = [f"finetune.{name}.{m.moved_keys[key]}" for name, m in METHODS.items() if key in m.moved_keys]
+            if homes:
+                problems.append(f"finetune.{key} moved to the method's own section: {' or '.join(homes)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return data
+
     @model_validator(mode="after")
-    def _lengths(self) -> "FinetuneSection":
+    def _lengths(self) -> "FinetuneBase":
         if self.len_max < self.len_min:
             raise ValueError(f"len_max ({self.len_max}) must be >= len_min ({self.len_min})")
         return self
+
+    @property
+    def method_config(self) -> Any:
+        """The section of the method this run uses (`finetune.<method>`)."""
+        return getattr(self, self.method)
+
+
+FinetuneSection = create_model(
+    "FinetuneSection", __base__=FinetuneBase, __doc__=FinetuneBase.__doc__,
+    **{name: (m.Config, Field(default_factory=m.Config, description=" ".join((m.Config.__doc__ or "").split())))
+       for name, m in METHODS.items()})
 
 
 class DistillSection(Section):
@@ -444,7 +449,7 @@ class DistillSection(Section):
 
 
 class EvaluateSection(Section):
-    """Per-layer evaluation and the graduality score, DESIGN.md §5."""
+    """Per-layer evaluation and the graduality score (docs/design.md)."""
 
     split: Literal["val", "test", "test_novel"] = Field("test", description="split to evaluate: val, test or test_novel (shapes: held-out colour-shape pairs)")
     extra_splits: list[Literal["val", "test", "test_novel"]] = Field(
@@ -462,7 +467,7 @@ class EvaluateSection(Section):
 class CompareSection(Section):
     """Fine-tuning variants that `rlrefine run` trains side by side from the same XE model, and how many
     seeds each gets. Every key other than `seeds` names a variant: a mapping of `finetune` overrides,
-    e.g. `scst: {method: scst, generation: sample}`; `compare.dico_teacher.reward.kind=learned` adds one
+    e.g. `scst: {method: scst, scst: {baseline: mean}}`; `compare.dico_teacher.reward.kind=learned` adds one
     from the command line. Seed s of a variant fine-tunes with recipe seed + s (batches, z_0 noise,
     sampling) into `finetune_<name>` (s = 0) or `finetune_<name>_seed<s>`; the report gives mean ± std."""
 
@@ -494,7 +499,7 @@ class RecipeConfig(Section):
     compare: CompareSection = Field(
         default_factory=CompareSection,
         description="named fine-tuning variants run by `rlrefine run` side by side (name -> finetune overrides, "
-                    "e.g. scst: {method: scst, generation: sample}) and `seeds`, the runs per variant")
+                    "e.g. scst: {method: scst, scst: {baseline: mean}}) and `seeds`, the runs per variant")
 
     @model_validator(mode="after")
     def _layers_in_range(self) -> "RecipeConfig":
@@ -523,9 +528,40 @@ class RecipeConfig(Section):
         except ValidationError as err:
             raise ValueError(format_validation_error(err, FinetuneSection, f"compare.{name}", key_prefix=f"compare.{name}.")) from None
 
+    def finetune_runs(self) -> dict[str, list[FinetuneSection]]:
+        """name -> one finetune section per seed (`compare.seeds`) for every fine-tuning variant of the recipe (the
+        `compare` variants, or the `finetune` section alone). Seed s writes to `<output>_seed<s>` (s > 0)."""
+        seeds = range(self.compare.seeds)
+        if self.compare.variants:
+            return {name: [self.variant(name, s) for s in seeds] for name in self.compare.variants}
+        f = self.finetune
+        return {f.method: [f if s == 0 else f.model_copy(update={"output": f"{f.output}_seed{s}"}) for s in seeds]}
+
+    def finetune_variants(self) -> dict[str, FinetuneSection]:
+        """name -> the finetune section of every fine-tuning variant, its first seed (what a variant trains with)."""
+        return {name: sections[0] for name, sections in self.finetune_runs().items()}
+
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir)
+
+    @property
+    def torch_device(self) -> Any:
+        """The device `device` names: CUDA for auto when there is a GPU, else the CPU."""
+        import torch
+
+        return torch.device("cuda" if self.device != "cpu" and torch.cuda.is_available() else "cpu")
+
+    def reward_context(self, name: str, device: Any = "cpu", train_split: Any = None) -> RewardContext:
+        """What a reward built for this recipe may need (`rewards.registry.RewardContext`): the run folder, the
+        device, the data kind and, on first use, the training captions (CIDEr-D's document frequencies) of
+        ``train_split`` or else of the recipe's data. ``name``: the recipe key of the reward, for messages."""
+        def corpus() -> list[list[str]]:
+            from rlrefine.data.sources import load_splits
+
+            return (train_split if train_split is not None else load_splits(self.data)["train"]).captioned_references()
+
+        return RewardContext(run_dir=self.run_path, device=device, corpus=corpus, data_kind=self.data.kind, name=name)
 
 
 # ------------------------------------------------------------------------------ loading, errors

@@ -4,11 +4,11 @@ Where this sits in the flow: ``data -> models -> rewards -> **losses** -> traine
 feed these functions the model's logits / log-probs and the rewards' scores; nothing here touches a
 model, an optimizer or a device beyond the tensors it is given.
 
-Layer indexing (CONTRACTS.md): layer 0 is z_0 (noise), layers 1..K are refinement outputs, K final.
+Layer indexing (docs/design.md): layer 0 is z_0 (noise), layers 1..K are refinement outputs, K final.
 
-* :func:`layer_weights`            w_k for layers 1..K (DESIGN §2: less weight on early layers)
+* :func:`layer_weights`            w_k for layers 1..K (less weight on early layers)
 * :func:`schedule`                 re-exported from :mod:`rewards.shaping` (s(k), fraction still to go)
-* :func:`shape_rewards`            re-exported from :mod:`rewards.shaping` (DESIGN §4 step 2)
+* :func:`shape_rewards`            re-exported from :mod:`rewards.shaping` (the graduality shaping)
 * :func:`embedding_progress`       re-exported from :mod:`rewards.shaping` (progress on text embeddings)
 * :func:`xe_loss`                  teacher-forced cross entropy over layers, Σ w_k CE_k / Σ w_k
 * :func:`latent_distances`         d_k = ‖z_k − z_K‖ / ‖z_0 − z_K‖
@@ -17,6 +17,10 @@ Layer indexing (CONTRACTS.md): layer 0 is z_0 (noise), layers 1..K are refinemen
 * :func:`scst_loss`                self-critical policy gradient (greedy or leave-one-out baseline)
 * :func:`kl_to_reference`          sequence-level KL monitor
 * :func:`per_token_kl`             k3 per-token KL estimator (as TRL's GRPO trainer)
+* :func:`listwise_kl`              listwise distillation of a teacher's per-image ranking
+* :func:`hard_negative_margin`     best positive above the hard negatives, by a margin
+* :func:`group_advantages`         GRPO's group-relative advantages (r − mean_group) / (std + 1e-4)
+* :func:`grpo_loss`                GRPO's clipped token-level objective with a k3 KL term (as TRL)
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ __all__ = [
     "scst_loss",
     "kl_to_reference",
     "per_token_kl",
+    "listwise_kl",
+    "hard_negative_margin",
+    "group_advantages",
+    "grpo_loss",
 ]
 
 LAYER_WEIGHT_KINDS = ("linear", "log", "uniform", "final")
@@ -53,7 +61,7 @@ LAYER_WEIGHT_KINDS = ("linear", "log", "uniform", "final")
 def layer_weights(kind: str, K: int) -> Tensor:
     """Unnormalised weights w_k of refinement layers k = 1..K, as a float tensor of shape [K].
 
-    * ``linear``:  w_k = k              (default; DESIGN §2: early layers matter less)
+    * ``linear``:  w_k = k              (default: early layers matter less)
     * ``log``:     w_k = log(1 + k)
     * ``uniform``: w_k = 1
     * ``final``:   w_k = [k == K]       (only the last layer is trained / scored)
@@ -127,8 +135,8 @@ def xe_loss(logits: Tensor, targets: Tensor, weights: Tensor, pad_id: int) -> tu
 
 def coarse_to_fine_targets(targets: Tensor, fractions: Tensor, eos_id: int, pad_id: int) -> Tensor:
     """Per-layer XE targets that grow with the layer: layer l predicts the first
-    ``n_l = clamp(ceil(fractions[l] · n), 1, n)`` tokens of the caption, then eos (DESIGN.md §2,
-    optional coarse-to-fine targets).
+    ``n_l = clamp(ceil(fractions[l] · n), 1, n)`` tokens of the caption, then eos (optional coarse-to-fine
+    targets, docs/design.md).
 
     ``targets`` [B, T]: shifted caption ids (tokens, eos, pads; n = the tokens before the first
     eos); ``fractions`` [L] in (0, 1], e.g. ``1 − s(k)`` for k = 1..K -> [B, L, T]. Row (b, l) is
@@ -172,7 +180,7 @@ def latent_distances(Z: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 def latent_graduality_loss(Z: Tensor, sched: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
-    """Latent graduality penalty L_grad (DESIGN §2).
+    """Latent graduality penalty L_grad (docs/design.md).
 
         L_grad = mean_{b, k=1..K−1} (d_k^(b) − s(k))²
 
@@ -388,3 +396,137 @@ def per_token_kl(policy_token_logps: Tensor, ref_token_logps: Tensor, mask: Tens
     if mask is not None:
         kl = kl * mask.to(kl.dtype)
     return kl
+
+
+# --------------------------------------------------------------------------------------------
+# Reward distillation (distill-reward)
+# --------------------------------------------------------------------------------------------
+
+
+def listwise_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """Listwise distillation: mean over lists of KL(softmax(t / T) ‖ softmax(s / T)).
+
+    ``student`` / ``teacher`` [G, P]: the scores of G lists (e.g. one image's pairs) padded to P entries
+    with −inf (a padded entry has probability 0 on both sides and adds nothing).
+
+        KL_g = Σ_j p_gj (log p_gj − log q_gj),  p = softmax(t_g / T),  q = softmax(s_g / T)
+    """
+    p_t = torch.softmax(teacher / temperature, dim=1)
+    log_p_s = torch.log_softmax(student / temperature, dim=1)
+    valid = torch.isfinite(teacher)
+    kl = (p_t * (torch.log(p_t.clamp(min=1e-12)) - log_p_s)).masked_fill(~valid, 0.0).sum(1)
+    return kl.mean()
+
+
+def hard_negative_margin(student: Tensor, teacher: Tensor, kinds: Tensor, margin: float, positive_kind: int,
+                         hard_kind: int) -> Tensor:
+    """Hinge that keeps each list's best positive above its hard negatives.
+
+    ``student`` / ``teacher`` [G, P] scores (−inf padded), ``kinds`` [G, P] the kind of each entry. Per list g
+    the positive is the ``positive_kind`` entry the teacher scores highest (b_g); every ``hard_kind`` entry j
+    the teacher scores below it pays ``relu(margin − (s_{g,b_g} − s_gj))``; the loss is the mean over those
+    entries (0 when there are none).
+    """
+    pos_t = teacher.masked_fill(kinds != positive_kind, float("-inf"))
+    best = pos_t.argmax(dim=1)  # [G]
+    has_pos = torch.isfinite(pos_t.max(dim=1).values)
+    s_pos, t_pos = student.gather(1, best[:, None]), teacher.gather(1, best[:, None])  # [G, 1]
+    hard = (kinds == hard_kind) & (teacher < t_pos) & has_pos[:, None]
+    hinge = F.relu(margin - (s_pos - student.masked_fill(~hard, 0.0)))
+    return (hinge * hard).sum() / hard.sum().clamp(min=1)
+
+
+# --------------------------------------------------------------------------------------------
+# GRPO
+# --------------------------------------------------------------------------------------------
+
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "group", eps: float = 1e-4) -> Tensor:
+    """Group-relative advantages (Shao et al. 2024, "DeepSeekMath"; TRL's ``GRPOTrainer``).
+
+    ``rewards`` [N] holds N / group_size groups of ``group_size`` consecutive completions (one prompt each):
+
+        A_i = (r_i − mean_group(r)) / (std + eps)
+
+    with std the group's standard deviation (``scale_rewards="group"``), the whole batch's (``"batch"``), or
+    no division at all (``"none"``, Dr. GRPO's unscaled advantages). The standard deviation has Bessel's
+    correction (n − 1), as TRL's ``nanstd``; a group of one has std 0 here.
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"unknown scale_rewards {scale_rewards!r}; choose one of {list(SCALE_REWARDS)}")
+    r = rewards.detach().float().reshape(-1)
+    if group_size < 1 or r.numel() % group_size:
+        raise ValueError(f"{r.numel()} rewards do not split into groups of {group_size}")
+    grouped = r.view(-1, group_size)
+    advantages = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+    if scale_rewards == "none":
+        return advantages
+    if scale_rewards == "group":
+        std = grouped.std(dim=1, unbiased=True, keepdim=True).expand_as(grouped).reshape(-1) if group_size > 1 \
+            else torch.zeros_like(r)
+    else:
+        std = r.std(unbiased=True).expand_as(r) if r.numel() > 1 else torch.zeros_like(r)
+    return advantages / (std + eps)
+
+
+def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor, mask: Tensor, *,
+              beta: float, epsilon: float, epsilon_high: float | None = None,
+              loss_type: str = "dapo") -> tuple[Tensor, dict[str, float]]:
+    """The GRPO objective as TRL's ``GRPOTrainer`` computes it (token-level importance ratio, two-sided clip).
+
+    ``logp`` [N, T]: per-token log-probs of N completions under the policy (with grad); ``old_logp`` [N, T]:
+    under the policy that generated them (no grad; ``logp.detach()`` when each generation is used for one
+    update); ``ref_logp`` [N, T]: under the frozen reference (used when β > 0); ``advantages`` [N] (see
+    `group_advantages`); ``mask`` [N, T]: 1 for the completion's tokens.
+
+        ρ_t    = exp(logp_t − old_t),   ρ̂_t = clip(ρ_t, 1 − ε, 1 + ε_high)
+        ℓ_t    = −min(ρ_t A, ρ̂_t A) + β · (exp(ref_t − logp_t) − (ref_t − logp_t) − 1)   (k3 KL estimator)
+        grpo:    mean_i [Σ_t m_it ℓ_it / Σ_t m_it]          (each completion's token mean, then the mean)
+        dr_grpo: Σ_it m_it ℓ_it / (N · T)                   (a constant normaliser, T = the padded length)
+        dapo:    Σ_it m_it ℓ_it / Σ_it m_it                 (every token of the batch counts the same)
+
+    ``epsilon_high`` defaults to ``epsilon``. Returns ``(loss, metrics)``: ``kl`` (masked mean of the k3 term,
+    when β > 0), ``clip_ratio/low_mean`` (ρ < 1 − ε with A < 0), ``clip_ratio/high_mean`` (ρ > 1 + ε_high with
+    A > 0), ``clip_ratio/region_mean`` (either), each a masked token mean.
+    """
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"unknown GRPO loss_type {loss_type!r}; choose one of {list(GRPO_LOSS_TYPES)}")
+    if logp.dim() != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape:
+        raise ValueError(f"logp, old_logp and mask must share one [N, T] shape, got {tuple(logp.shape)}, "
+                         f"{tuple(old_logp.shape)}, {tuple(mask.shape)}")
+    if advantages.shape != (logp.shape[0],):
+        raise ValueError(f"advantages must be [N] = [{logp.shape[0]}], got {tuple(advantages.shape)}")
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(logp.dtype)
+    adv = advantages.detach().to(logp.dtype).unsqueeze(1)  # [N, 1]
+    coef_1 = torch.exp(logp - old_logp.detach())
+    coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + eps_high)
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    metrics: dict[str, float] = {}
+    if beta != 0.0:
+        if ref_logp is None or ref_logp.shape != logp.shape:
+            raise ValueError("grpo_loss with beta != 0 needs ref_logp of logp's [N, T] shape")
+        delta = ref_logp.detach() - logp
+        per_token_kl = torch.exp(delta) - delta - 1
+        per_token_loss = per_token_loss + beta * per_token_kl
+    if loss_type == "grpo":
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "dr_grpo":
+        loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * per_token_loss.size(1))
+    else:
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    with torch.no_grad():
+        def masked_mean(x: Tensor) -> float:
+            return float((x * mask).sum() / mask.sum().clamp(min=1.0))
+
+        if beta != 0.0:
+            metrics["kl"] = masked_mean(per_token_kl)
+        low = (coef_1 < 1 - epsilon) & (adv < 0)
+        high = (coef_1 > 1 + eps_high) & (adv > 0)
+        metrics.update({"clip_ratio/low_mean": masked_mean(low.to(mask.dtype)),
+                        "clip_ratio/high_mean": masked_mean(high.to(mask.dtype)),
+                        "clip_ratio/region_mean": masked_mean((low | high).to(mask.dtype))})
+    return loss, metrics

@@ -1,4 +1,4 @@
-"""The refinement captioner (DESIGN.md section 1), in one file, bottom-up.
+"""The refinement captioner (docs/design.md, "The captioner"), in one file, bottom-up.
 
     image -> ImageEncoder -> V [B, N, d_enc] -> Linear + LayerNorm -> V [B, N, d]
     z_0 ~ N(0, z0_std^2 I)   [B, M, d], drawn on the CPU from one torch.Generator per integer seed
@@ -81,6 +81,18 @@ class CaptionerConfig:
         return asdict(self)
 
     @classmethod
+    def from_section(cls, model: Any, tokenizer: Any, max_len: int, **encoder_overrides: Any) -> "CaptionerConfig":
+        """The architecture a recipe's `model` section describes (`rlrefine.config.ModelSection`, read by
+        attribute): every field of this class and of `EncoderConfig` is taken from the section by its
+        name, so the section and the saved config.json share one list of fields; the vocabulary and
+        special ids come from ``tokenizer``, ``max_len`` from the data. ``encoder_overrides`` replace
+        encoder fields (the trainer resolves ``kind: evaluator`` to an open_clip folder)."""
+        encoder = {f.name: getattr(model.encoder, f.name) for f in fields(EncoderConfig)} | encoder_overrides
+        arch = {f.name: getattr(model, f.name) for f in fields(cls) if f.name not in ("encoder", *TOKENIZER_FIELDS)}
+        return cls(encoder=EncoderConfig(**encoder), **arch, vocab_size=tokenizer.vocab_size, max_len=max_len,
+                   pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CaptionerConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
@@ -90,6 +102,16 @@ class CaptionerConfig:
         if "encoder" in d:
             d["encoder"] = EncoderConfig.from_dict(d["encoder"])
         return cls(**d)
+
+
+TOKENIZER_FIELDS = ("vocab_size", "max_len", "pad_id", "bos_id", "eos_id")
+"""CaptionerConfig fields set by the tokenizer and the data, not by the recipe's `model` section."""
+
+
+class TokenLogprobs(NamedTuple):
+    logprobs: torch.Tensor  # [B, L, n, T-1] log π of each target token, 0 outside the mask
+    mask: torch.Tensor  # [B, L, n, T-1] bool: the tokens after bos up to and incl. the first eos
+    entropy: torch.Tensor | None  # [B, L, n, T-1] readout entropy per position (no grad), when asked
 
 
 class CaptionerOutput(NamedTuple):
@@ -374,6 +396,15 @@ class RefinementCaptioner(nn.Module):
         runs over the tokens after bos up to and including the first eos (pads ignored). The image
         encoder and the refinement run once per image; only the readout sees every candidate.
         """
+        return self.token_logprobs(pixels, z0_seed, layers, tokens).logprobs.sum(-1)
+
+    def token_logprobs(self, pixels: torch.Tensor, z0_seed: torch.Tensor, layers: Sequence[int] | torch.Tensor,
+                       tokens: torch.Tensor, entropy: bool = False) -> "TokenLogprobs":
+        """Per-token log-probs of given captions: tokens [B, L, n, T] -> TokenLogprobs with
+        ``logprobs`` [B, L, n, T-1] (position t: log π(tokens[..., t+1] | prefix), 0 where ``mask`` is
+        False), ``mask`` [B, L, n, T-1] (`target_mask`: the tokens after bos up to and including the
+        first eos) and, with ``entropy``, the readout's entropy at each position [B, L, n, T-1] (no grad).
+        """
         Z = self.latents(pixels, z0_seed)
         idx = self._layers(layers).to(Z.device)
         B, L, n, T = tokens.shape
@@ -383,8 +414,14 @@ class RefinementCaptioner(nn.Module):
         flat = tokens.reshape(B * L * n, T)
         logits = self.readout(prefix, flat[:, :-1])  # [BLn, T-1, V]
         targets = flat[:, 1:]
-        logp = selective_log_softmax(logits, targets)  # [BLn, T-1]
-        return logp.masked_fill(~self.target_mask(targets), 0.0).sum(-1).view(B, L, n)
+        mask = self.target_mask(targets)
+        logp = selective_log_softmax(logits, targets).masked_fill(~mask, 0.0)  # [BLn, T-1]
+        ent = None
+        if entropy:
+            with torch.no_grad():
+                lsm = torch.log_softmax(logits.float(), dim=-1)
+                ent = -(lsm.exp() * lsm).sum(-1).masked_fill(~mask, 0.0).view(B, L, n, T - 1)
+        return TokenLogprobs(logp.view(B, L, n, T - 1), mask.view(B, L, n, T - 1), ent)
 
     def target_mask(self, targets: torch.Tensor) -> torch.Tensor:
         """Which target tokens count (bool [..., T]): not pad, and at or before the first eos."""

@@ -1,0 +1,348 @@
+"""`distill-reward`: train a compact student reward (`rewards.distill`) to imitate a teacher, on the shared loop.
+
+DiCO only consumes each image's *ranking* of its candidates (the argmax and the softmax weights), so the
+student learns the teacher's scores and, above all, its per-image ordering, on the pairs fine-tuning will
+show it:
+
+* pairs: every reference caption of an image; the captioner's own candidates from every layer
+  (`captioner_candidates`); and HELIP-style hard pairs, captions of the images nearest to each image in
+  the *teacher's* image-embedding space;
+* loss = ``mse_weight`` · mean (s − t)² + ``listwise_weight`` · `rlrefine.losses.listwise_kl` (per-image
+  lists) + ``margin_weight`` · `rlrefine.losses.hard_negative_margin` (the image's best reference above its
+  hard pairs the teacher scores lower), with t the teacher's scores and s = w · cos + b the student's (w, b
+  learned); + ``embedding_weight`` · mean (1 − cos(student emb, teacher emb)) over the step's images and
+  captions (feature distillation), plus ``extra_embedding_images`` images beyond ``max_images`` (image side).
+
+Reported on held-out images' pairs (`rewards.fidelity.compare_to_teacher`; the pairs are saved as
+``heldout_pairs.json`` so ``benchmarks/distill.py`` can measure them again): Spearman and Kendall with
+the teacher, argmax agreement and regret, pairs/s of student and teacher, and which tower limits the
+ranking. `distill_reward` is the library entry point (a config, a teacher, a split, an output folder);
+`distill_stage` is the recipe stage (the teacher a reward section names, the XE captioner's candidates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rewards.clip_score import OpenCLIPReward
+from rewards.distill import DistillConfig, DistilledScore, WordTokens, narrow_resnet_state
+from rewards.evaluator import build_dual_encoder, save_dual_encoder
+from rewards.fidelity import (CANDIDATE, HARD, HELDOUT_FILE, REF, Pairs, compare_to_teacher, groups_of, ranking_report,
+                              save_pairs, score_pairs)
+from rlrefine.config import RecipeConfig
+from rlrefine.data.split import image_rows, images_and_captions
+from rlrefine.losses import hard_negative_margin, listwise_kl
+from rlrefine.trainers.evaluator import clip_param_groups
+from rlrefine.trainers.loop import LoopSettings, StepOutput, TrainingLoop, warmup_cosine
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DistillLoop", "build_pairs", "captioner_candidates", "distill_reward", "distill_stage"]
+
+
+def build_pairs(captions: list[list[str]], rows: Sequence[int], neighbours: torch.Tensor,
+                candidates: Sequence[tuple[int, str]] | None, hard_per_neighbour: int, rng: random.Random) -> Pairs:
+    """The (image, caption) pairs of images ``rows``: each reference (REF), each caller candidate of the image
+    (CANDIDATE), and ``hard_per_neighbour`` captions of each of its ``neighbours`` (HARD); a caption that occurs
+    twice keeps its first kind (a reference stays a reference)."""
+    rows_set = set(rows)
+    by_image: dict[int, dict[str, int]] = {i: {} for i in rows}
+    for i in rows:
+        for c in captions[i]:
+            by_image[i].setdefault(c, REF)
+    for i, c in candidates or ():
+        if int(i) in rows_set:
+            by_image[int(i)].setdefault(c, CANDIDATE)
+    for i in rows:
+        for j in neighbours[i].tolist():
+            for c in rng.sample(captions[j], min(hard_per_neighbour, len(captions[j]))):
+                by_image[i].setdefault(c, HARD)
+    image, caption, kind = [], [], []
+    for i in rows:
+        for c, k in by_image[i].items():
+            image.append(i)
+            caption.append(c)
+            kind.append(k)
+    return Pairs(torch.tensor(image), caption, torch.tensor(kind))
+
+
+class ScoredStudent(torch.nn.Module):
+    """The student dual encoder and its score scale ``w`` and offset ``b``: s = w · cos + b."""
+
+    def __init__(self, model: torch.nn.Module, w: float):
+        super().__init__()
+        self.model = model
+        self.w = torch.nn.Parameter(torch.tensor(w))
+        self.b = torch.nn.Parameter(torch.tensor(0.0))
+
+
+class DistillLoop(TrainingLoop):
+    """The student's training (module docstring); ``finish`` saves it and writes the held-out report."""
+
+    def __init__(self, dcfg: DistillConfig, teacher: Callable, split: Any, settings: LoopSettings,
+                 candidates: Sequence[tuple[int, str]] | None = None, **loop_kwargs: Any):
+        super().__init__(settings, **loop_kwargs)
+        self.dcfg, self.teacher, self.split, self.candidates = dcfg, teacher, split, candidates
+
+    # -- setup: pairs, teacher scores, the student ------------------------------------------------
+    def setup(self, start_step: int) -> None:
+        c, teacher, device = self.dcfg, self.teacher, self.acc.device
+        torch.manual_seed(c.seed)
+        self.rng = rng = random.Random(c.seed)
+        self.images, self.captions = images_and_captions(self.split)
+        n = len(self.captions) if c.max_images is None else min(c.max_images, len(self.captions))
+        if c.teacher_batch_size is not None and hasattr(teacher, "batch_size"):
+            teacher.batch_size = c.teacher_batch_size
+        self.uses_refs = bool(getattr(teacher, "uses_references", False))
+        with torch.no_grad():  # HELIP-style mining: nearest images in the teacher's image-embedding space
+            t_emb = torch.cat([teacher.embed_images(image_rows(self.images, range(i, min(i + 256, n)))).float().cpu()
+                               for i in range(0, n, 256)])
+        sims = t_emb @ t_emb.T
+        sims.fill_diagonal_(float("-inf"))
+        neighbours = sims.topk(min(c.hard_neighbours, n - 1), dim=1).indices  # [n, k]
+        order = list(range(n))
+        rng.shuffle(order)
+        n_hold = max(1, int(round(c.holdout_fraction * n)))
+        held, train_rows = sorted(order[:n_hold]), sorted(order[n_hold:])
+        self.train_pairs = build_pairs(self.captions, train_rows, neighbours, self.candidates, c.hard_captions_per_neighbour, rng)
+        self.held_pairs = build_pairs(self.captions, held, neighbours, self.candidates, c.hard_captions_per_neighbour, rng)
+        self._teacher_targets(t_emb, n)
+        self._build_student()
+        init = ranking_report(self.student_scores(self.held_pairs), self.held_pairs.teacher, self.held_pairs.image, kendall=False)
+        self.metrics: dict[str, float] = {f"init/{k}": v for k, v in init.items()}  # the untrained student's baseline
+        self.groups = list(groups_of(self.train_pairs.image).items())
+        params = clip_param_groups(self.student.model, c.weight_decay)
+        params.append({"params": [self.student.w, self.student.b], "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.98), eps=1e-6)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_cosine(s, c.warmup_steps, c.steps))
+        self.teacher_all, self.kind_all = self.train_pairs.teacher.to(device), self.train_pairs.kind.to(device)
+        texts = [c.text_prefix + x for x in self.train_pairs.caption]  # tokenized once, not at every step
+        self.train_tokens = torch.cat([self.tokenizer(texts[i:i + 4096]) for i in range(0, len(texts), 4096)]).to(device)
+        self.student.model.train()
+        self.model = self.student
+
+    def _teacher_targets(self, t_emb: torch.Tensor, n: int) -> None:
+        """Teacher scores of the train and held-out pairs, and (feature distillation) its embeddings."""
+        c, teacher, device = self.dcfg, self.teacher, self.acc.device
+        self.t_txt = None
+        if c.embedding_weight > 0:
+            if not hasattr(teacher, "embed_texts") or t_emb.shape[1] != c.embed_dim:
+                raise ValueError(f"distill embedding_weight > 0 needs a teacher with embed_texts and student embed_dim "
+                                 f"equal to the teacher's ({t_emb.shape[1]}); got embed_dim={c.embed_dim}. Set "
+                                 f"embed_dim={t_emb.shape[1]} or embedding_weight=0.")
+            with torch.no_grad():
+                self.t_txt = torch.cat([teacher.embed_texts(self.train_pairs.caption[i:i + 4096]).float().cpu()
+                                        for i in range(0, len(self.train_pairs.caption), 4096)])
+        if self.t_txt is not None and not self.uses_refs and type(teacher).__call__ is OpenCLIPReward.__call__:
+            # that __call__ is score_embeddings on these same embeddings; calling it would encode every
+            # training image and caption again (about 15 s of the tiny recipe's 5-minute stage)
+            self.train_pairs.teacher = teacher.score_embeddings(t_emb[self.train_pairs.image], self.t_txt).float().cpu()
+        else:
+            self.train_pairs.teacher, _ = score_pairs(teacher, self.images, self.captions, self.train_pairs, self.uses_refs)
+        self.held_pairs.teacher, _ = score_pairs(teacher, self.images, self.captions, self.held_pairs, self.uses_refs)
+        self.extra: list[int] = []
+        if self.t_txt is not None:
+            self.t_txt, self.t_img = self.t_txt.to(device), t_emb.to(device)
+            # images beyond the pair images (rows n, n+1, ...): only their teacher image embeddings are used
+            self.extra = list(range(n, min(len(self.captions), n + c.extra_embedding_images)))
+            if self.extra:
+                with torch.no_grad():
+                    self.t_extra = torch.cat([teacher.embed_images(image_rows(self.images, self.extra[i:i + 256])).float().cpu()
+                                              for i in range(0, len(self.extra), 256)]).to(device)
+
+    def _build_student(self) -> None:
+        c, device = self.dcfg, self.acc.device
+        self.vocab = None
+        if c.tokenizer == "word":  # the student's own word vocabulary: every caption it is trained or tested on
+            from rlrefine.data.tokenizer import CaptionTokenizer
+
+            self.vocab = CaptionTokenizer.train([x for caps in self.captions for x in caps]
+                                                + [x for _, x in self.candidates or ()])
+        self.model_cfg = c.model_cfg(self.vocab)
+        self.name, model, self.tokenizer, self.preprocess = build_dual_encoder(c.model_name, self.model_cfg, device)
+        if self.vocab is not None:
+            self.tokenizer = WordTokens(self.vocab, c.context_length)
+        if c.vision_init == "teacher":
+            t_model = getattr(self.teacher, "model", None)
+            if t_model is None or not hasattr(t_model, "visual"):
+                raise ValueError(f"distill vision_init=teacher needs an open_clip teacher (a .model.visual image tower); "
+                                 f"{type(self.teacher).__name__} has none. Use vision_init=random.")
+            model.visual.load_state_dict(narrow_resnet_state(t_model.visual, model.visual))
+        # channels-last convolutions train the small ResNet faster on CPU (64 images fwd + bwd: 58 -> 41 ms);
+        # the saved weights are contiguous again (save_dual_encoder), and scoring is unchanged
+        model.visual.to(memory_format=torch.channels_last)
+        self.nhwc = partial(torch.Tensor.contiguous, memory_format=torch.channels_last)
+        self.student = ScoredStudent(model, float(getattr(self.teacher, "w", 2.5))).to(device)
+
+    @torch.no_grad()
+    def student_scores(self, pairs: Pairs) -> torch.Tensor:
+        """Inference scores of the current student (clamped like the saved reward)."""
+        c, device, model = self.dcfg, self.acc.device, self.student.model
+        model.eval()
+        rows = sorted(set(pairs.image.tolist()))
+        local = {r: k for k, r in enumerate(rows)}
+        img = torch.cat([model.encode_image(self.preprocess(image_rows(self.images, rows[i:i + 256]), device=device),
+                                            normalize=True) for i in range(0, len(rows), 256)])
+        texts = [c.text_prefix + x for x in pairs.caption]
+        txt = torch.cat([model.encode_text(self.tokenizer(texts[i:i + 512]).to(device), normalize=True)
+                         for i in range(0, len(texts), 512)])
+        own = torch.tensor([local[i] for i in pairs.image.tolist()], device=device)
+        s = self.student.w * (img[own] * txt).sum(-1) + self.student.b
+        model.train()
+        return (s.clamp(min=0) if c.clamp else s).float().cpu()
+
+    # -- the step ---------------------------------------------------------------------------------
+    def train_step(self, step: int) -> StepOutput:
+        c, device, rng, student = self.dcfg, self.acc.device, self.rng, self.student
+        chosen = rng.sample(self.groups, min(c.images_per_step, len(self.groups)))
+        rows = [r for r, _ in chosen]
+        lists = [rng.sample(idx, min(len(idx), c.max_pairs_per_image)) for _, idx in chosen]
+        G, P = len(lists), max(len(x) for x in lists)
+        flat = [p for x in lists for p in x]
+        slot = torch.tensor([g * P + j for g, x in enumerate(lists) for j in range(len(x))], device=device)
+        owner = torch.tensor([g for g, x in enumerate(lists) for _ in x], device=device)
+        pix = self.nhwc(self.preprocess(image_rows(self.images, rows), device=device))
+        flat_idx = torch.tensor(flat, device=device)  # [T] the step's pairs
+        img_f = student.model.encode_image(pix, normalize=True)  # [G, D]
+        txt_f = student.model.encode_text(self.train_tokens[flat_idx], normalize=True)  # [T, D]
+        s = student.w * (img_f[owner] * txt_f).sum(-1) + student.b  # [T] student scores (unclamped)
+        t, kind = self.teacher_all[flat_idx], self.kind_all[flat_idx]
+        loss_mse = F.mse_loss(s, t)
+        # per-image lists padded to [G, P]
+        S = torch.full((G * P,), float("-inf"), device=device).index_put((slot,), s).view(G, P)
+        Tt = torch.full((G * P,), float("-inf"), device=device).index_put((slot,), t).view(G, P)
+        K = torch.full((G * P,), -1, device=device, dtype=torch.long).index_put((slot,), kind).view(G, P)
+        loss_list = listwise_kl(S, Tt, c.listwise_temperature)
+        loss_margin = hard_negative_margin(S, Tt, K, c.margin, REF, HARD)
+        loss = c.mse_weight * loss_mse + c.listwise_weight * loss_list + c.margin_weight * loss_margin
+        loss_emb = torch.zeros((), device=device)
+        if self.t_txt is not None:
+            loss_emb = ((1 - (img_f * self.t_img[torch.tensor(rows, device=device)]).sum(-1)).mean()
+                        + (1 - (txt_f * self.t_txt[flat_idx]).sum(-1)).mean())
+            if self.extra:
+                pick = rng.sample(range(len(self.extra)), min(c.images_per_step, len(self.extra)))
+                e_f = student.model.encode_image(self.nhwc(self.preprocess(image_rows(self.images, [self.extra[i] for i in pick]),
+                                                                           device=device)), normalize=True)
+                loss_emb = loss_emb + (1 - (e_f * self.t_extra[torch.tensor(pick, device=device)]).sum(-1)).mean()
+            loss = loss + c.embedding_weight * loss_emb
+        return StepOutput(loss, lambda: {
+            "distill/score_regression_loss": loss_mse.detach(), "distill/listwise_kl_loss": loss_list.detach(),
+            "distill/hard_margin_loss": loss_margin.detach(), "distill/embedding_loss": loss_emb.detach(),
+            "distill/score_scale_w": student.w.detach(), "distill/score_offset_b": student.b.detach()})
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"rng": self.rng.getstate()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.rng.setstate(state["rng"])
+
+    def finish(self, train_seconds: float) -> dict:
+        c, out_dir, student = self.dcfg, self.stage_dir, self.acc.unwrap_model(self.student)
+        student.model.eval()
+        manifest = {"w": student.w.item(), "bias": student.b.item(), "text_prefix": c.text_prefix, "clamp": c.clamp,
+                    "tokenizer": c.tokenizer, "teacher": repr(self.teacher), "config": dataclasses.asdict(c)}
+        if self.vocab is not None:
+            self.vocab.save(out_dir)
+        save_dual_encoder(student.model, out_dir, "student", self.name, self.model_cfg, manifest)
+        # held-out report, with the saved student loaded through the reward protocol
+        save_pairs(self.held_pairs, out_dir / HELDOUT_FILE)
+        scorer = DistilledScore.from_dir(out_dir, device=self.acc.device)
+        metrics = dict(self.metrics)
+        metrics.update(compare_to_teacher(scorer, self.teacher, self.images, self.captions, self.held_pairs,
+                                          repeats=c.timing_repeats))
+        metrics["train_pairs"] = float(len(self.train_pairs.caption))
+        self.acc.log({f"distill/heldout_{k}": v for k, v in metrics.items()}, step=self.settings.steps)
+        save_dual_encoder(student.model, out_dir, "student", self.name, self.model_cfg, {**manifest, "metrics": metrics})
+        log.debug("distill-reward: saved to %s (%s)", out_dir, metrics)
+        return metrics
+
+
+def loop_settings(dcfg: DistillConfig, stage_dir: Path, **fields: Any) -> LoopSettings:
+    return LoopSettings(stage_dir=stage_dir, section="distill.student", steps=dcfg.steps, log_every=dcfg.log_every,
+                        checkpoint_every=dcfg.checkpoint_every, advice=f"Lower distill.student.lr (now {dcfg.lr})",
+                        hparams=dataclasses.asdict(dcfg), **fields)
+
+
+def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: str | Path,
+                   candidates: Sequence[tuple[int, str]] | None = None, resume: bool = False,
+                   on_log: Callable[[dict[str, float], int], None] | None = None, device: str = "auto") -> dict:
+    """Distil ``teacher`` (any protocol reward with ``embed_images``; a ``Ref*`` teacher gets each image's
+    references) into a compact student saved to ``out_dir``; returns the held-out report (``spearman``,
+    ``kendall``, ``spearman_per_image``, ``argmax_agreement``, ``init/...`` for the untrained student,
+    ``pairs_per_s_student`` / ``pairs_per_s_teacher``, ``speedup``, ...).
+
+    ``split``: CaptionSplit-like (``images`` uint8 [N,H,W,3] or paths, ``captions``); ``candidates``:
+    optional ``(image_idx, caption)`` pairs, e.g. the captioner's candidates from every layer.
+    """
+    settings = loop_settings(cfg, Path(out_dir), seed=cfg.seed, device=device)
+    return DistillLoop(cfg, teacher, split, settings, candidates, on_log=on_log).run(resume)
+
+
+def captioner_candidates(cfg: RecipeConfig, split, index, beams: int, sampled: bool = True) -> list[tuple[int, int, str]]:
+    """(image index, layer, caption) triples: the pretrained captioner's ``beams`` beam candidates (and,
+    with ``sampled``, one sampled caption) at every layer for the images ``index`` of ``split``, each
+    distinct non-empty caption of an image and layer once; z_0 from the evaluation seeds."""
+    from rlrefine.data.batches import eval_z0_seeds, load_images
+    from rlrefine.data.tokenizer import CaptionTokenizer
+    from rlrefine.models import RefinementCaptioner
+
+    model_dir = cfg.run_path / "pretrain" / "model"
+    model = RefinementCaptioner.from_pretrained(model_dir).eval()
+    tokenizer = CaptionTokenizer.from_dir(model_dir)
+    K = model.config.num_refine_layers
+    index = np.asarray(index, dtype=np.int64)
+    g = torch.Generator().manual_seed(cfg.seed)
+    methods = (("beam", beams), ("sample", 1)) if sampled else (("beam", beams),)
+    out: list[tuple[int, int, str]] = []
+    with torch.no_grad():
+        for start in range(0, len(index), 64):
+            idx = index[start:start + 64]
+            pixels = model.encoder.preprocess(load_images(split, idx, cfg.data.image_size))
+            seeds = eval_z0_seeds(idx, seed=cfg.seed)
+            for method, n in methods:
+                gen = model.generate(pixels, seeds, list(range(K + 1)), method=method, num_candidates=n,
+                                     max_len=cfg.data.max_caption_len, generator=g)
+                for i, per_img in zip(idx, tokenizer.decode_batch(gen.tokens)):
+                    out.extend((int(i), layer, c) for layer, caps in enumerate(per_img)
+                               for c in dict.fromkeys(caps) if c.strip())
+    return out
+
+
+def distill_stage(cfg: RecipeConfig, resume: bool = False) -> dict:
+    """`rlrefine distill-reward`: a compact student imitating the recipe's teacher reward -> <run_dir>/distill."""
+    from rewards.registry import build_reward
+    from rlrefine.data.sources import load_splits
+    from rlrefine.trainers.model_card import scalars_table, write_model_card
+
+    d = cfg.distill
+    splits = load_splits(cfg.data)
+    teacher = build_reward(d.teacher, cfg.reward_context("distill.teacher", cfg.torch_device, splits["train"]))
+    candidates = None
+    if d.candidate_images > 0 and (cfg.run_path / "pretrain" / "model").is_dir():
+        split = splits["train"]
+        index = np.flatnonzero(~np.asarray(split.is_label, dtype=bool))[:d.candidate_images]  # captioned images
+        candidates = [(i, c) for i, _, c in captioner_candidates(cfg, split, index, d.candidate_beams)]
+        log.info("distill: %d captioner candidate pairs from every layer", len(candidates))
+    stage_dir = cfg.run_path / "distill"
+    settings = loop_settings(d.student, stage_dir, seed=cfg.seed, device=cfg.device, threads=cfg.threads)
+    loop = DistillLoop(d.student, teacher, splits["train"], settings, candidates, recipe=cfg)
+    report = loop.run(resume)
+    if loop.acc.is_main_process:
+        (stage_dir / "report.json").write_text(json.dumps(report, indent=1))
+        write_model_card(stage_dir, f"Distilled reward (student of the {d.teacher.kind} teacher)",
+                         "A compact student that imitates the teacher reward (`rlrefine distill-reward`); load it with "
+                         "`rewards.DistilledScore.from_dir`. Held-out fidelity to the teacher below.", cfg, scalars_table(report))
+        log.info("distilled reward: spearman %.3f, kendall %.3f, argmax agreement %.3f, %.0f vs %.0f pairs/s (student vs teacher)",
+                 *(report.get(k, float("nan")) for k in ("spearman", "kendall", "argmax_agreement", "pairs_per_s_student",
+                                                          "pairs_per_s_teacher")))
+    return report

@@ -50,11 +50,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    from rewards.distill import (HELDOUT_FILE, DistilledScore, compare_to_teacher, decision_agreement, load_pairs,
-                                 noise_sensitivity)
-    from rewards.evaluator import _split_fields
+    from rewards.distill import DistilledScore
+    from rewards.fidelity import HELDOUT_FILE, compare_to_teacher, decision_agreement, load_pairs, noise_sensitivity
+    from rewards.registry import build_reward
     from rlrefine.config import RewardSection, load_recipe
-    from rlrefine.trainers.common import build_reward, load_splits
+    from rlrefine.data.sources import load_splits
+    from rlrefine.data.split import images_and_captions
 
     args = parse_args(argv)
     device = C.setup(args)
@@ -63,11 +64,11 @@ def main(argv=None) -> dict:
     student_dir = Path(args.student) if args.student else cfg.run_path / "distill"
     pairs = load_pairs(student_dir / HELDOUT_FILE)
     teacher_section = cfg.distill.teacher if args.teacher is None else RewardSection(kind="learned", path=args.teacher)
-    teacher = build_reward(teacher_section, cfg, device)
+    split = load_splits(cfg.data)["train"]
+    teacher = build_reward(teacher_section, cfg.reward_context("distill.teacher", device, split))
     student = DistilledScore.from_dir(student_dir, device=device)
     student.batch_size = teacher.batch_size = max(teacher.batch_size, 512)
-    split = load_splits(cfg)["train"]
-    images, captions = _split_fields(split)
+    images, captions = images_and_captions(split)
     m = compare_to_teacher(student, teacher, images, captions, pairs, repeats=args.repeats)
     fidelity = {k.split("/", 1)[1]: round(v, 4) for k, v in m.items() if k.startswith("fidelity/")}
     own = (round(fidelity[k], 4) for k in ("image_cos", "text_cos") if k in fidelity)
@@ -76,7 +77,7 @@ def main(argv=None) -> dict:
                    for row in noise_sensitivity(teacher, images, pairs, cosines, seed=args.seed)]
     decisions = None
     if (cfg.run_path / "pretrain" / "model").is_dir():
-        from rlrefine.pipeline import captioner_candidates
+        from rlrefine.trainers.distill import captioner_candidates
 
         held = sorted(set(pairs.image.tolist()))
         beams = captioner_candidates(cfg, split, held, cfg.finetune.num_candidates, sampled=False)

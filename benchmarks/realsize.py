@@ -180,6 +180,7 @@ def main(argv=None) -> dict:
     from rlrefine.config import FinetuneSection
     from rlrefine.data.tokenizer import CaptionTokenizer
     from rlrefine.losses import layer_weights, schedule, xe_loss
+    from rlrefine.methods import METHODS
     from rlrefine.trainers.finetune import SequenceScorer, compute_loss
     from rewards.text_student import TextStudentConfig, build_text_student
     from step import Phases, flops_of
@@ -221,8 +222,9 @@ def main(argv=None) -> dict:
     def dico_step(b, layers=all_layers):
         f = FinetuneSection(num_candidates=n, max_len=T)  # DiCO, beam search
         weights = layer_weights(f.layer_weights, K)[torch.tensor(layers) - 1]
-        loss, _, _ = compute_loss(core, scorer, reference, timed_reward, images_all[:b], pixels_all[:b], seeds_all[:b],
-                                  layers, f, tokenizer, sched, weights, acc)
+        method = METHODS[f.method](f.method_config, f)
+        loss, _, _ = compute_loss(core, scorer, reference, method, timed_reward, images_all[:b], pixels_all[:b],
+                                  seeds_all[:b], layers, f, tokenizer, sched, weights, acc)
         phases.wrap("policy_backward", loss.backward)()
         phases.wrap("optimizer", optimizer.step)()
         optimizer.zero_grad(set_to_none=True)

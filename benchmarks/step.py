@@ -94,6 +94,7 @@ def main(argv=None) -> dict:
 
     from rlrefine.config import FinetuneSection
     from rlrefine.losses import layer_weights, schedule, xe_loss
+    from rlrefine.methods import METHODS
     from rlrefine.trainers.finetune import SequenceScorer, compute_loss
 
     args = parse_args(argv)
@@ -128,7 +129,8 @@ def main(argv=None) -> dict:
     def dico_step(layers):
         f = FinetuneSection(num_candidates=n, max_len=T)  # DiCO, beam, defaults of the embedded recipe
         weights = layer_weights(f.layer_weights, K)[torch.tensor(layers) - 1]
-        loss, _, _ = compute_loss(core, scorer, reference, timed_reward, images, pixels, seeds, layers, f, tokenizer,
+        method = METHODS[f.method](f.method_config, f)
+        loss, _, _ = compute_loss(core, scorer, reference, method, timed_reward, images, pixels, seeds, layers, f, tokenizer,
                                   sched, weights, acc)
         phases.wrap("policy_backward", loss.backward)()
         phases.wrap("optimizer", optimizer.step)()

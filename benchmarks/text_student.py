@@ -54,20 +54,22 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    from rewards.distill import HELDOUT_FILE, DistilledScore, decision_agreement, load_pairs
-    from rewards.evaluator import _split_fields
+    from rewards.distill import DistilledScore
+    from rewards.fidelity import HELDOUT_FILE, decision_agreement, load_pairs
+    from rewards.registry import build_reward
     from rewards.text_student import TextStudentConfig, build_text_student, distill_text_tower
     from rlrefine.config import load_recipe
-    from rlrefine.pipeline import captioner_candidates
-    from rlrefine.trainers.common import build_reward, load_splits
+    from rlrefine.data.sources import load_splits
+    from rlrefine.data.split import images_and_captions
+    from rlrefine.trainers.distill import captioner_candidates
 
     args = parse_args(argv)
     device = C.setup(args)
     mem = C.PeakMemory(device)
     cfg = load_recipe(args.config, args.overrides)
-    teacher = build_reward(cfg.distill.teacher, cfg, device)
-    split = load_splits(cfg)["train"]
-    images, captions = _split_fields(split)
+    split = load_splits(cfg.data)["train"]
+    teacher = build_reward(cfg.distill.teacher, cfg.reward_context("distill.teacher", device, split))
+    images, captions = images_and_captions(split)
     today_dir = Path(args.student) if args.student else cfg.run_path / "distill"
     today = DistilledScore.from_dir(today_dir, device=device) if (today_dir / DistilledScore.manifest_name).is_file() else None
     if (today_dir / HELDOUT_FILE).is_file():

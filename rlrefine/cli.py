@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from rlrefine.config import RecipeConfig, RecipeError, load_recipe
-from rlrefine.data.datasets import BadImageError
+from rlrefine.data.images import BadImageError
+from rlrefine.methods import METHODS
 from rewards.custom import RewardTargetError
 
 log = logging.getLogger("rlrefine")
@@ -32,7 +33,7 @@ def _pretrain(args, cfg: RecipeConfig) -> None:
     from rlrefine.trainers.pretrain import pretrain
 
     if cfg.model.encoder.kind == "evaluator" and not (cfg.run_path / "evaluator" / "open_clip_config.json").is_file():
-        from rlrefine.pipeline import train_evaluator_stage
+        from rlrefine.trainers.evaluator import train_evaluator_stage
 
         log.info("model.encoder.kind is 'evaluator' and %s has none yet: training the evaluator first "
                  "(the train-evaluator stage)", cfg.run_path / "evaluator")
@@ -47,9 +48,10 @@ def _finetune(args, cfg: RecipeConfig) -> None:
 
 
 def _evaluate(args, cfg: RecipeConfig) -> None:
-    from rlrefine.pipeline import evaluate_checkpoint
+    from rlrefine.inference import default_model_dir
+    from rlrefine.report import evaluate_checkpoint
 
-    model_dir = Path(args.model) if args.model else cfg.run_path / cfg.finetune.output / "model"
+    model_dir = Path(args.model) if args.model else default_model_dir(cfg)
     out_dir = Path(args.out) if args.out else cfg.run_path / "eval" / model_dir.parent.name
     result = evaluate_checkpoint(cfg, model_dir, model_dir.parent.name, out_dir, reference_dir=cfg.run_path / "pretrain" / "model")
     from rlrefine.evaluate import markdown_table
@@ -59,9 +61,9 @@ def _evaluate(args, cfg: RecipeConfig) -> None:
 
 
 def _caption(args, cfg: RecipeConfig) -> None:
-    from rlrefine.pipeline import caption_folder
+    from rlrefine.inference import caption_folder, default_model_dir
 
-    model_dir = Path(args.model) if args.model else cfg.run_path / cfg.finetune.output / "model"
+    model_dir = Path(args.model) if args.model else default_model_dir(cfg)
     if args.layer in ("final", "all"):
         layers = None if args.layer == "final" else "all"
     else:
@@ -78,7 +80,7 @@ def _caption(args, cfg: RecipeConfig) -> None:
 
 
 def _report(args, cfg: RecipeConfig) -> None:
-    from rlrefine.pipeline import report
+    from rlrefine.report import report
 
     print(report(cfg))
 
@@ -103,28 +105,29 @@ def _config(args) -> int:
 
 
 def _train_evaluator(args, cfg: RecipeConfig) -> None:
-    from rlrefine.pipeline import train_evaluator_stage
+    from rlrefine.trainers.evaluator import train_evaluator_stage
 
-    train_evaluator_stage(cfg)
+    train_evaluator_stage(cfg, resume=args.resume)
 
 
 def _distill(args, cfg: RecipeConfig) -> None:
-    from rlrefine.pipeline import distill_stage
+    from rlrefine.trainers.distill import distill_stage
 
-    distill_stage(cfg)
+    distill_stage(cfg, resume=args.resume)
 
 
 COMMANDS = {
     "train-evaluator": (
         _train_evaluator, "train the learned CLIP-style evaluator (the teacher reward) on the recipe's data",
         "Trains a small open_clip dual encoder contrastively with hard negatives (attribute-swapped captions, captions "
-        "of nearest images) (DESIGN.md §3). Writes <run_dir>/evaluator (open_clip-loadable) and report.json with the "
-        "swap accuracy (true caption preferred over one with a colour/shape swapped) and retrieval R@1.",
+        "of nearest images). Writes <run_dir>/evaluator (open_clip-loadable) and report.json with the "
+        "swap accuracy (true caption preferred over one with a colour/shape swapped) and retrieval R@1; --resume "
+        "continues a killed run from its last checkpoint.",
     ),
     "pretrain": (
         _pretrain, "teacher-forced (XE) pretraining of the refinement captioner",
         "Trains every refinement layer to caption the image (layer-weighted cross-entropy) with the latent "
-        "graduality regulariser (DESIGN.md §2). Writes <run_dir>/pretrain/model (the captioner), report.json "
+        "graduality regulariser. Writes <run_dir>/pretrain/model (the captioner), report.json "
         "(per-layer val/test cross-entropy and grounded accuracy), TensorBoard logs (tensorboard --logdir <run_dir>) "
         "and checkpoints. With model.encoder.kind=evaluator (the embedded default) the run's learned evaluator "
         "is trained first when <run_dir>/evaluator does not exist yet.",
@@ -133,24 +136,25 @@ COMMANDS = {
         _distill, "distil the teacher reward into a compact student that scores every layer's candidates",
         "Trains a small student on references, the pretrained captioner's candidates from every layer and mined hard "
         "pairs (regression + listwise KL + hard-negative margin). Writes <run_dir>/distill and report.json with "
-        "Spearman / Kendall vs the teacher, argmax agreement and pairs/s of student vs teacher.",
+        "Spearman / Kendall vs the teacher, argmax agreement and pairs/s of student vs teacher; --resume continues a "
+        "killed run from its last checkpoint.",
     ),
     "finetune": (
-        _finetune, "DiCO (or SCST: finetune.method=scst) fine-tuning with the reward at every refinement layer",
-        "Starts from <run_dir>/pretrain/model (finetune.init), generates n candidates per image at every layer, "
-        "scores them with finetune.reward (default: the distilled student), shapes the rewards for graduality and "
-        "length, and optimises the DiCO loss anchored to the frozen pretrained model (DESIGN.md §4). Writes "
+        _finetune, f"fine-tuning with the reward at every refinement layer (finetune.method: {', '.join(METHODS)})",
+        "Starts from <run_dir>/pretrain/model (finetune.init), generates n candidates per image at every layer as the "
+        "method draws them, scores them with finetune.reward (default: the distilled student), shapes the rewards for "
+        "graduality and length, and optimises the method's loss anchored to the frozen pretrained model. Writes "
         "<run_dir>/<finetune.output>/model, report.json and TensorBoard logs.",
     ),
     "evaluate": (
         _evaluate, "per-layer metrics, graduality G, layer score P and refinement score RS of a checkpoint",
-        "Evaluates a captioner (--model DIR, default <run_dir>/finetune/model) on evaluate.split at every layer: "
-        "BLEU-4, ROUGE-L, CIDEr-D, the evaluator's score, text statistics, grounded accuracy (shapes), progress "
-        "curves and G / P / RS (DESIGN.md §5). Writes metrics.json, metrics.md and metrics.png.",
+        "Evaluates a captioner (--model DIR, default: the recipe's first fine-tuned variant) on evaluate.split at every "
+        "layer: BLEU-4, ROUGE-L, CIDEr-D, the evaluator's score, text statistics, grounded accuracy (shapes), progress "
+        "curves and G / P / RS. Writes metrics.json, metrics.md, metrics.png and captions_<split>.jsonl.",
     ),
     "caption": (
         _caption, "caption a folder of images at a chosen layer (or every layer) and print / write JSON",
-        "Loads a captioner (--model DIR, default <run_dir>/finetune/model) and captions every image in --images "
+        "Loads a captioner (--model DIR, default: the recipe's first fine-tuned variant) and captions every image in --images "
         "at --layer (e.g. 4, or 1,2,4, or all; default: the final layer K), greedy or beam search. Prints JSON "
         "{image file: {layer: caption}} and writes it to --out if given.",
     ),
@@ -181,7 +185,7 @@ def _add_common(p: argparse.ArgumentParser, positional_config: bool = False) -> 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlrefine",
-        description="Train refinement captioners and fine-tune them (DiCO, SCST) with a learned reward at every "
+        description=f"Train refinement captioners and fine-tune them ({', '.join(METHODS)}) with a learned reward at every "
                     "refinement layer. Everything runs offline from local paths.",
         epilog="Start with: rlrefine run recipes/tiny.yaml   (the embedded shapes default, CPU, minutes)",
     )
@@ -218,13 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 "projected time of the full recipe")
         if name == "caption":
             p.add_argument("--images", required=True, help="folder of images (jpg, png, webp, bmp)")
-            p.add_argument("--model", help="captioner directory (default: <run_dir>/finetune/model)")
+            p.add_argument("--model", help="captioner directory (default: <run_dir>/finetune_<first variant>/model)")
             p.add_argument("--layer", default="final", help="layer(s) to decode: an index, a comma list, 'final' or 'all'")
             p.add_argument("--method", default="greedy", choices=["greedy", "beam"])
             p.add_argument("--beams", type=int, default=3, help="beam size for --method beam (the best beam is printed)")
             p.add_argument("--out", help="write the JSON here too")
         if name == "evaluate":
-            p.add_argument("--model", help="captioner directory to evaluate (default: <run_dir>/finetune/model)")
+            p.add_argument("--model", help="captioner directory to evaluate (default: <run_dir>/finetune_<first variant>/model)")
             p.add_argument("--out", help="output directory (default: <run_dir>/eval/<model name>)")
     return parser
 

@@ -121,7 +121,8 @@ def dry_run_config(cfg: RecipeConfig, steps: int = DRY_RUN_STEPS, images: int = 
         if "batch_size" in variant:
             variant["batch_size"] = cap(variant["batch_size"])
         d["compare"][name] = variant
-    d["evaluator"].update(steps=steps, eval_every=0, eval_max_images=images, batch_size=cap(d["evaluator"]["batch_size"]))
+    d["evaluator"].update(steps=steps, eval_every=0, eval_max_images=images, batch_size=cap(d["evaluator"]["batch_size"]),
+                          preference_steps=min(d["evaluator"]["preference_steps"], steps))
     d["distill"]["candidate_images"] = min(d["distill"]["candidate_images"], images)
     d["distill"]["student"].update(steps=steps, max_images=images,
                                    images_per_step=cap(d["distill"]["student"]["images_per_step"]))
@@ -176,7 +177,7 @@ def _memory_setting(stage: str, cfg: RecipeConfig) -> str:
 def _measure(stage: str, cfg: RecipeConfig, fn: Callable[[], Any], reset: bool = True) -> tuple[float, Any]:
     """Run one dry stage; (seconds, result). Any failure becomes a DryRunError naming the stage.
     ``reset``: start the memory peaks afresh (False: the stage continues an earlier measurement)."""
-    from rlrefine.data.datasets import BadImageError
+    from rlrefine.data.images import BadImageError
 
     if reset:
         _reset_peaks()
@@ -227,7 +228,9 @@ def dry_run(cfg: RecipeConfig, until: str | None = None, steps: int = DRY_RUN_ST
 
     ``batch``: cap on every batch size; "auto" = `default_batch` (the recipe's sizes on a GPU, the
     `DRY_RUN_CPU_BATCH` images on a CPU), None = the recipe's sizes."""
-    from rlrefine.pipeline import distill_stage, evaluate_checkpoint, finetune_variants, stages, train_evaluator_stage
+    from rlrefine.pipeline import stages
+    from rlrefine.trainers.distill import distill_stage
+    from rlrefine.trainers.evaluator import train_evaluator_stage
     from rlrefine.trainers.finetune import finetune
     from rlrefine.trainers.pretrain import pretrain
 
@@ -261,8 +264,8 @@ def dry_run(cfg: RecipeConfig, until: str | None = None, steps: int = DRY_RUN_ST
             rows.append(_upper_bound_row(name, seconds, steps, cfg.distill.student.steps,
                                          dry.distill.student.images_per_step, cfg.distill.student.images_per_step))
         elif name == "finetune":
-            full = finetune_variants(cfg)
-            for variant, section in finetune_variants(dry).items():
+            full = cfg.finetune_variants()
+            for variant, section in dry.finetune_variants().items():
                 clock = _StepClock()
                 stage = f"finetune[{variant}]"
                 run_cfg = dry.model_copy(update={"finetune": section})
@@ -271,14 +274,14 @@ def dry_run(cfg: RecipeConfig, until: str | None = None, steps: int = DRY_RUN_ST
                 rows.append(_training_row(stage, seconds, clock, full[variant].steps * cfg.compare.seeds, section.batch_size,
                                           full[variant].batch_size))
         elif name == "report":
-            rows.extend(_dry_report(cfg, dry, evaluate_checkpoint, finetune_variants))
+            rows.extend(_dry_report(cfg, dry))
         log.info("dry run: %s done", name)
     report = _report_json(cfg, dry, rows, time.perf_counter() - t_start, steps, images, batch)
     (dry.run_path / "report.json").write_text(json.dumps(report, indent=1))
     return report
 
 
-def _dry_report(cfg: RecipeConfig, dry: RecipeConfig, evaluate_checkpoint, finetune_variants) -> list[StageResult]:
+def _dry_report(cfg: RecipeConfig, dry: RecipeConfig) -> list[StageResult]:
     """Evaluate the dry XE model as the report stage does, on half and on all of the handful; one row.
 
     Evaluation has a large fixed part (a METEOR / SPICE JVM per layer, the rewards' loading), so the
@@ -286,9 +289,11 @@ def _dry_report(cfg: RecipeConfig, dry: RecipeConfig, evaluate_checkpoint, finet
     report compares (XE and each fine-tuned variant) has the XE model's architecture and goes through
     the same code, so the projection is the XE model's cost times the number of models; evaluating
     each variant here too would double the dry run's longest stage and check nothing new."""
+    from rlrefine.report import evaluate_checkpoint
+
     xe = dry.run_path / "pretrain" / "model"
     # XE and every variant's seeds, on the main split and each extra split
-    n_models = (1 + len(finetune_variants(dry)) * cfg.compare.seeds) * (1 + len(set(cfg.evaluate.extra_splits) - {cfg.evaluate.split}))
+    n_models = (1 + len(dry.finetune_variants()) * cfg.compare.seeds) * (1 + len(set(cfg.evaluate.extra_splits) - {cfg.evaluate.split}))
 
     def evaluate(config: RecipeConfig, out: str) -> tuple[float, int]:
         timings: dict = {}

@@ -1,24 +1,30 @@
-"""Per-layer evaluation of a refinement captioner and the graduality score (DESIGN.md §5).
+"""Per-layer evaluation of a refinement captioner and the graduality score (docs/design.md, "The math").
 
-For every layer k = 0..K (0 is the caption decoded from the noise z_0): BLEU-4, ROUGE-L, CIDEr-D
-(METEOR / SPICE when Java and their jars are present, else reported as unavailable), the
-evaluator's score (and any extra rewards configured), the Vendi diversity of the captions (on the
-evaluator's text embeddings), mean length, vocabulary size, repeated-n-gram rate, and on the shapes
-data object recall (all images, and images with 2+ objects), hallucination rate, relation accuracy
-and grammaticality (`rlrefine.metrics.grounding`).
-Then the progress curves π_k on latents and on the evaluator's text embeddings of the decoded
-captions against the ideal 1 − s(k), the graduality G, the layer score P and the refinement score
-RS = (1 − α)·perf_K + α·G. With a reference model, the KL of the final layer to it (sampled).
+For every layer k = 0..K (0 is the caption decoded from the noise z_0), every registered layer metric
+(`LAYER_METRICS`, in order): BLEU-4, ROUGE-L, CIDEr-D (METEOR / SPICE when Java and their jars are
+present, else reported as unavailable), the evaluator's score (and any extra rewards configured), the
+Vendi diversity of the captions (on the evaluator's text embeddings), mean length, vocabulary size,
+repeated-n-gram rate, and on the shapes data object recall (all images, and images with 2+ objects),
+hallucination rate, relation accuracy, grammaticality and the counts behind the rates
+(`rlrefine.metrics.grounding`). Then the progress curves π_k on latents and on the evaluator's text
+embeddings of the decoded captions against the ideal 1 − s(k), the graduality G, the layer score P and
+the refinement score RS = (1 − α)·perf_K + α·G. With a reference model, the KL of the final layer to it
+(sampled).
 
-`evaluate_checkpoint` writes `metrics.json`, `metrics.md` (layers × metrics) and PNG plots into an
-output directory and logs the same to TensorBoard; `compare_table` renders several models side by side.
+Adding a metric: a function ``fn(layer: LayerData) -> {name: value}`` registered with
+`register_layer_metric` (here, or in the module that defines it); `METRICS_VERSION` follows the
+registered metrics and their versions, so the report re-evaluates models instead of reusing results
+computed without it. `write_report` writes `metrics.json`, `metrics.md` (layers × metrics) and PNG plots
+and logs the same to TensorBoard; `compare_table` renders several models side by side.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,7 +34,7 @@ from rlrefine.losses import layer_weights, schedule
 from rlrefine.metrics import caption_metrics, graduality, layer_score, progress_curve, refinement_score, text_stats
 from rlrefine.metrics.diversity import vendi_score
 from rlrefine.models import RefinementCaptioner
-from rlrefine.trainers.common import eval_z0_seeds, load_images
+from rlrefine.data.batches import eval_z0_seeds, load_images
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +80,88 @@ def sampled_kl(model: RefinementCaptioner, reference: RefinementCaptioner, split
     return total / max(count, 1)
 
 
+@dataclass
+class LayerData:
+    """What a layer metric reads: the captions decoded at one layer of the first N images of a split."""
+
+    layer: int
+    captions: list[str]  # [N]
+    index: np.ndarray  # [N] rows of the split
+    references: dict[int, list[str]]  # row -> reference captions
+    images: torch.Tensor  # [N, H, W, 3] uint8
+    scenes: list | None  # [N] shapes scenes, else None
+    evaluator: Any  # the evaluator reward (or None)
+    extra_rewards: dict[str, Any]
+    text_emb: torch.Tensor | None  # [N, D] the evaluator's text embeddings of the captions
+    java: bool  # METEOR / SPICE where Java is present
+
+
+LAYER_METRICS: dict[str, tuple[Callable[[LayerData], dict], int]] = {}
+"""name -> (metric function, version): every per-layer metric of an evaluation, in the order they are computed."""
+
+
+def register_layer_metric(name: str, version: int = 1) -> Callable:
+    """Decorator: ``fn(layer: LayerData) -> {metric: value}`` becomes part of every evaluation (bump ``version``
+    when its definition changes, so earlier evaluations are not reused)."""
+    def wrap(fn: Callable[[LayerData], dict]) -> Callable[[LayerData], dict]:
+        LAYER_METRICS[name] = (fn, version)
+        return fn
+    return wrap
+
+
+@register_layer_metric("captions")
+def _caption_metrics(x: LayerData) -> dict:
+    m = caption_metrics(x.references, {int(i): [c] for i, c in zip(x.index, x.captions)}, java=x.java)
+    return {k: m.get(k) for k in ("BLEU-4", "ROUGE-L", "CIDEr-D", "METEOR", "SPICE")}
+
+
+@register_layer_metric("rewards")
+def _reward_scores(x: LayerData) -> dict:
+    row = {}
+    if x.evaluator is not None:
+        row["evaluator"] = float(x.evaluator(x.images, x.captions).mean())
+    for name, reward in x.extra_rewards.items():
+        row[name] = float(reward(x.images, x.captions, references=[x.references[int(i)] for i in x.index]).mean())
+    return row
+
+
+@register_layer_metric("vendi")
+def _vendi(x: LayerData) -> dict:
+    return {} if x.text_emb is None else {"vendi": vendi_score(x.text_emb)}
+
+
+@register_layer_metric("text_stats")
+def _text_stats(x: LayerData) -> dict:
+    return text_stats(x.captions)
+
+
+@register_layer_metric("grounding", version=2)
+def _grounding(x: LayerData) -> dict:
+    """Shapes data: grounded recall / precision / relations against the scenes, grammaticality, and the counts
+    behind the rates (a rate over an empty count is 0.0; the count tells it from a real zero)."""
+    if x.scenes is None:
+        return {}
+    from rlrefine.metrics.grounding import grammaticality, grounding_scores
+
+    g = grounding_scores(x.captions, x.scenes)
+    row = {k: g[k] for k in ("object_accuracy", "object_recall", "object_recall_multi", "hallucination_rate",
+                             "relation_accuracy")}
+    row.update({"grounded_precision": g["precision"], "grammaticality": grammaticality(x.captions)})
+    row.update({k: g[k] for k in ("num_captions", "num_objects", "num_mentions", "num_relations")})
+    return row
+
+
+def metrics_version() -> str:
+    """The version of an evaluation: the evaluation code's, and every registered layer metric with its own."""
+    return "3:" + ",".join(f"{name}@{version}" for name, (_, version) in LAYER_METRICS.items())
+
+
 def evaluate_model(model: RefinementCaptioner, tokenizer, split, evaluator, *, num_images: int, image_size: int,
                    max_len: int, schedule_kind: str = "linear", schedule_eps: float = 0.01, weights_kind: str = "linear",
                    alpha: float = 0.5, extra_rewards: dict | None = None, reference: RefinementCaptioner | None = None,
                    java_metrics: bool = True) -> dict:
-    """All metrics of DESIGN.md §5 for one model on (the first `num_images` captioning examples of) a split."""
+    """Every metric of the module docstring for one model on (the first `num_images` captioning examples of) a
+    split. ``captions`` holds each image's caption at every layer ([N][K+1]) and ``caption_index`` its row."""
     model.eval()
     K = model.config.num_refine_layers
     is_label = np.asarray(split.is_label, dtype=bool)
@@ -86,38 +169,39 @@ def evaluate_model(model: RefinementCaptioner, tokenizer, split, evaluator, *, n
     captions, Z = decode_all_layers(model, tokenizer, split, index, image_size, max_len)
     refs = {int(i): list(split.captions[i]) for i in index}
     images = load_images(split, index, image_size)
+    scenes = None if split.scenes is None else [split.scenes[i] for i in index]
 
     per_layer = []
     text_emb = []
     for k in range(K + 1):
         caps = [c[k] for c in captions]
-        row: dict = {"layer": k}
-        m = caption_metrics(refs, {int(i): [c] for i, c in zip(index, caps)}, java=java_metrics)
-        row.update({"BLEU-4": m.get("BLEU-4"), "ROUGE-L": m.get("ROUGE-L"), "CIDEr-D": m.get("CIDEr-D"),
-                    "METEOR": m.get("METEOR"), "SPICE": m.get("SPICE")})
         if evaluator is not None:
-            row["evaluator"] = float(evaluator(images, caps).mean())
             text_emb.append(evaluator.embed_texts(caps).float().cpu())
-        for name, reward in (extra_rewards or {}).items():
-            row[name] = float(reward(images, caps, references=[refs[int(i)] for i in index]).mean())
-        if text_emb:
-            row["vendi"] = vendi_score(text_emb[-1])
-        row.update(text_stats(caps))
-        if split.scenes is not None:
-            from rlrefine.metrics.grounding import grammaticality, grounding_scores
-
-            g = grounding_scores(caps, [split.scenes[i] for i in index])
-            row.update({k: g[k] for k in ("object_accuracy", "object_recall", "object_recall_multi", "hallucination_rate",
-                                          "relation_accuracy")})
-            row.update({"grounded_precision": g["precision"], "grammaticality": grammaticality(caps)})
+        layer = LayerData(k, caps, index, refs, images, scenes, evaluator, extra_rewards or {},
+                          text_emb[-1] if text_emb else None, java_metrics)
+        row: dict = {"layer": k}
+        for fn, _ in LAYER_METRICS.values():
+            row.update(fn(layer))
         per_layer.append(row)
 
+    out = {"num_images": int(len(index)), "K": K, "layers": per_layer}
+    out.update(_graduality(Z, text_emb, per_layer, schedule_kind, schedule_eps, weights_kind, alpha, K))
+    if reference is not None:
+        out["kl_ref"] = sampled_kl(model, reference, split, index[: min(200, len(index))], image_size, max_len)
+    out["final"] = per_layer[-1]
+    out["examples"] = [{"image": int(i), "objects": None if split.scenes is None else len(split.scenes[i].objects),
+                        "references": refs[int(i)][:2], "layers": captions[j]} for j, i in enumerate(index[:8])]
+    out["captions"] = {"index": [int(i) for i in index], "layers": captions}
+    return out
+
+
+def _graduality(Z: torch.Tensor, text_emb: list[torch.Tensor], per_layer: list[dict], schedule_kind: str,
+                schedule_eps: float, weights_kind: str, alpha: float, K: int) -> dict:
+    """Progress curves (latents; the evaluator's text embeddings), G, and P and RS on the evaluator's score."""
     sched = schedule(schedule_kind, K, schedule_eps)
     ideal = (1 - sched).tolist()
     progress_latent = progress_curve(Z).tolist()  # [N, K+1, M·d] -> [K+1]
-    out = {"num_images": int(len(index)), "K": K, "layers": per_layer, "ideal_progress": ideal,
-           "progress_latent": progress_latent, "G_latent": graduality(progress_latent, sched)}
-    perf_key = "evaluator" if text_emb else None
+    out = {"ideal_progress": ideal, "progress_latent": progress_latent, "G_latent": graduality(progress_latent, sched)}
     progress_text = None
     if text_emb:
         text_stack = torch.stack(text_emb, dim=1)  # [N, K+1, D]
@@ -130,16 +214,27 @@ def evaluate_model(model: RefinementCaptioner, tokenizer, split, evaluator, *, n
     if progress_text is not None:  # the per-image mean, unstable where a layer-0 caption lies near the final one
         mean_curve = progress_curve(text_stack, distance="cosine", estimator="mean").tolist()
         out.update({"progress_text_mean": mean_curve, "G_text_mean": graduality(mean_curve, sched)})
-    if perf_key is not None:
-        perf = torch.tensor([r[perf_key] for r in per_layer[1:]])
+    if text_emb:
+        perf = torch.tensor([r["evaluator"] for r in per_layer[1:]])
         out.update({"P": layer_score(perf, layer_weights(weights_kind, K)), "RS": refinement_score(float(perf[-1]), G, alpha),
                     "alpha": alpha})
-    if reference is not None:
-        out["kl_ref"] = sampled_kl(model, reference, split, index[: min(200, len(index))], image_size, max_len)
-    out["final"] = per_layer[-1]
-    out["examples"] = [{"image": int(i), "objects": None if split.scenes is None else len(split.scenes[i].objects),
-                        "references": refs[int(i)][:2], "layers": captions[j]} for j, i in enumerate(index[:8])]
     return out
+
+
+def write_captions(captions: dict, split, path: Path, image_size: int) -> Path:
+    """``captions_<split>.jsonl``: one line per image, ``image_id``, ``captions`` (the caption at every layer
+    0..K) and, for shapes data, ``objects`` (each with ``colour``, ``shape``, ``size``, ``x``, ``y``: the
+    centre in pixels, y growing downward). Plain data for a person to read, not a summary."""
+    lines = []
+    for i, caps in zip(captions["index"], captions["layers"]):
+        row: dict = {"image_id": split.image_ids[i], "captions": caps}
+        if split.scenes is not None:
+            row["objects"] = [{"colour": o.colour, "shape": o.shape, "size": o.size, "x": int(o.x), "y": int(o.y)}
+                              for o in split.scenes[i].objects]
+        lines.append(json.dumps(row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 # ----------------------------------------------------------------------------------- reporting

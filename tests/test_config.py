@@ -82,7 +82,7 @@ def test_coco_recipe_keeps_the_dico_reference_settings(tmp_path):
     pacs = str(tmp_path / "pacs.pth")
     f = cfg.finetune
     # aimagelab/DiCO main.py + scripts/train_dico_coco.sh: beta 0.2, tau 300, 5 beams, length 30, lr 1e-6 constant, 8 images
-    assert (f.method, f.beta, f.tau, f.num_candidates, f.generation, f.max_len) == ("dico", 0.2, 300, 5, "beam", 30)
+    assert (f.method, f.dico.beta, f.dico.tau, f.num_candidates, f.dico.generation, f.max_len) == ("dico", 0.2, 300, 5, "beam", 30)
     assert (f.lr, f.lr_schedule, f.warmup_steps, f.batch_size) == (1e-6, "constant", 0, 8)
     # training reward: PAC-S as 2.0 * cos, no prefix, no clamp; evaluation: official PAC-S / RefPAC-S
     r = f.reward
@@ -90,7 +90,7 @@ def test_coco_recipe_keeps_the_dico_reference_settings(tmp_path):
     e = cfg.evaluate
     assert (e.evaluator.kind, e.evaluator.scale, e.evaluator.prefix, e.evaluator.clamp) == ("pac", None, None, None)
     assert e.extra_rewards["refpac"].kind == "refpac" and e.extra_rewards["refpac"].checkpoint == pacs
-    assert cfg.variant("scst").method == "scst" and cfg.variant("dico").tau == 300
+    assert cfg.variant("scst").method == "scst" and cfg.variant("dico").dico.tau == 300
     # every reward / encoder is the QuickGELU architecture the PAC-S and OpenAI weights need
     sections = [cfg.model.encoder, r, e.evaluator, *e.extra_rewards.values(), cfg.distill.teacher]
     assert {s.model_name for s in sections} == {"ViT-B-32-quickgelu"}

@@ -1,5 +1,5 @@
-"""Tests for the disk loaders (COCO Karpathy json, image folders) and rlrefine.data.datasets
-(CaptionDataset, mixed_sampler, collate) on tiny fixtures written to tmp_path."""
+"""Tests for the disk loaders (COCO Karpathy json, official layout, CSV, image folders) and the training batch
+stream (rlrefine.data.batches) on tiny fixtures written to tmp_path."""
 
 from __future__ import annotations
 
@@ -11,18 +11,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from rlrefine.data.captions_csv import load_caption_csv
 from rlrefine.data.coco import detect_format, load_coco, load_karpathy_split
-from rlrefine.data.datasets import (
-    BadImageError,
-    CaptionDataset,
-    collate,
-    example_weights,
-    make_collate,
-    mixed_sampler,
-)
+from rlrefine.data.batches import batch_stream, load_images, mixing_weights
 from rlrefine.data.imagefolder import load_image_folder
 from rlrefine.data.shapes import ShapesConfig, generate_shapes
 from rlrefine.data.split import CaptionSplit, hash_split, hash_unit
@@ -103,98 +95,60 @@ def test_image_folder(tmp_path):
         load_image_folder(tmp_path / "absent")
 
 
-def test_dataset_loads_and_resizes_paths(coco):
+def test_batch_images_load_and_resize_from_paths(coco):
     ann, root = coco
-    ds = CaptionDataset(load_karpathy_split(ann, root, "train"), seed=0, image_size=16)
-    item = ds[1]
-    assert item["image"].dtype == torch.uint8 and item["image"].shape == (16, 16, 3)
+    split = load_karpathy_split(ann, root, "train")
+    images = load_images(split, np.array([1]), 16)
+    assert images.dtype == torch.uint8 and images.shape == (1, 16, 16, 3)
     # The fixture image is a flat colour (10, 100, 200): JPEG + bicubic keep it within a few levels.
-    assert (item["image"].float().mean((0, 1)) - torch.tensor([10.0, 100.0, 200.0])).abs().max() < 6
-    assert item["caption"] in item["references"] and item["index"] == 1
+    assert (images[0].float().mean((0, 1)) - torch.tensor([10.0, 100.0, 200.0])).abs().max() < 6
 
 
-def test_caption_choice_deterministic():
+def test_batches_are_a_pure_function_of_seed_and_step():
     split = CaptionSplit(
         images=np.zeros((50, 8, 8, 3), np.uint8), captions=[[f"cap {i} {j}" for j in range(5)] for i in range(50)]
     )
-    a, b, c = CaptionDataset(split, seed=1), CaptionDataset(split, seed=1), CaptionDataset(split, seed=2)
-    picks = [a[i]["caption"] for i in range(50)]
-    assert picks == [b[i]["caption"] for i in range(50)]
-    assert picks != [c[i]["caption"] for i in range(50)]
-    a.set_epoch(1)
-    assert picks != [a[i]["caption"] for i in range(50)]
-    a.set_epoch(0)
-    assert picks == [a[i]["caption"] for i in range(50)]
-    assert len({a.caption_index(0, epoch=e) for e in range(40)}) == 5  # every reference gets used
+    tok = CaptionTokenizer.train(split.all_captions())
+    a = [next(batch_stream(split, tok, 16, seed=1, start_step=s, max_len=8, label_weight=0.0, image_size=8)) for s in range(4)]
+    b = batch_stream(split, tok, 16, seed=1, start_step=0, max_len=8, label_weight=0.0, image_size=8)
+    for batch in a:  # a stream started at step s gives the batch a stream from step 0 gives at step s
+        other = next(b)
+        assert batch.captions == other.captions and torch.equal(batch.z0_seeds, other.z0_seeds)
+    c = next(batch_stream(split, tok, 16, seed=2, start_step=0, max_len=8, label_weight=0.0, image_size=8))
+    assert a[0].captions != c.captions
+    for batch in a:  # every caption is one of its image's references
+        assert all(cap in split.captions[int(i)] for cap, i in zip(batch.captions, batch.index))
 
 
-def test_in_memory_resize():
-    split = CaptionSplit(images=np.full((2, 8, 8, 3), 77, np.uint8), captions=[["a"], ["b"]])
-    item = CaptionDataset(split, image_size=4)[0]
-    assert item["image"].shape == (4, 4, 3) and int(item["image"][0, 0, 0]) == 77
+def test_mixing_weights_hand_computed():
+    split = CaptionSplit(images=np.zeros((4, 2, 2, 3), np.uint8), captions=[["a"], ["b"], ["c"], ["label"]],
+                         is_label=np.array([False, False, False, True]))
+    assert np.allclose(mixing_weights(split, 0.25), [0.25, 0.25, 0.25, 0.25])  # 0.75 over 3 captioned, 0.25 on the label
+    assert np.allclose(mixing_weights(split, 0.05), [0.95 / 3] * 3 + [0.05])
+    no_labels = CaptionSplit(images=np.zeros((4, 2, 2, 3), np.uint8), captions=[["a"]] * 4)
+    assert np.allclose(mixing_weights(no_labels, 0.05), [0.25] * 4)  # no label data: its share goes to the rest
 
 
-def test_corrupt_image_error_and_skip(tmp_path):
-    good, bad = tmp_path / "good.png", tmp_path / "bad.jpg"
-    _write_image(good)
-    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    split = CaptionSplit(images=[str(good), str(bad)], captions=[["good"], ["bad"]])
-    with pytest.raises(BadImageError, match="bad.jpg"):
-        CaptionDataset(split, image_size=8)[1]
-    ds = CaptionDataset(split, image_size=8, bad_image="skip")
-    assert ds[1] is None and ds.num_bad_images == 1
-    tok = CaptionTokenizer.train(["good", "bad"])
-    batch = collate([ds[0], ds[1]], tok, max_len=8)
-    assert batch["images"].shape == (1, 8, 8, 3) and batch["index"].tolist() == [0]
-    assert collate([ds[1]], tok) is None
-    with pytest.raises(ValueError, match="bad_image"):
-        CaptionDataset(split, bad_image="ignore")
-
-
-def test_example_weights_hand_computed():
-    flags = np.array([False, False, False, True])
-    w = example_weights(flags, label_weight=0.25)  # 0.75 over 3 captioned, 0.25 on the label
-    assert torch.allclose(w, torch.tensor([0.25, 0.25, 0.25, 0.25], dtype=torch.float64))
-    w = example_weights(flags)  # default 5 % label data
-    assert torch.allclose(w, torch.tensor([0.95 / 3] * 3 + [0.05], dtype=torch.float64))
-    w = example_weights([3, 1], weights=[1.0, 1.0])  # two datasets of a ConcatDataset, half each
-    assert torch.allclose(w, torch.tensor([1 / 6, 1 / 6, 1 / 6, 0.5], dtype=torch.float64))
-    w = example_weights(np.zeros(4, dtype=bool))  # no label data: its share goes to the rest
-    assert torch.allclose(w, torch.full((4,), 0.25, dtype=torch.float64))
-    with pytest.raises(ValueError, match="2 groups"):
-        example_weights(flags, weights=[1.0])
-
-
-def test_mixed_sampler_fraction_and_determinism():
+def test_label_data_is_drawn_at_its_weight_not_its_share():
     flags = np.zeros(1000, dtype=bool)
     flags[900:] = True  # 10 % of the examples are label-only
-    idx = list(mixed_sampler(flags, num_samples=20000, seed=0))
-    frac = flags[idx].mean()
-    assert abs(frac - 0.05) < 0.01  # drawn at the 5 % default weight, not at 10 %
-    assert idx == list(mixed_sampler(flags, num_samples=20000, seed=0))
-    assert idx != list(mixed_sampler(flags, num_samples=20000, seed=1))
+    split = CaptionSplit(images=np.zeros((1000, 2, 2, 3), np.uint8), captions=[[f"c{i}"] for i in range(1000)], is_label=flags)
+    tok = CaptionTokenizer.train(split.all_captions())
+    stream = batch_stream(split, tok, 500, seed=0, start_step=0, max_len=4, label_weight=0.05, image_size=2)
+    drawn = np.concatenate([next(stream).index.numpy() for _ in range(40)])
+    assert abs(flags[drawn].mean() - 0.05) < 0.01  # drawn at the 5 % weight, not at 10 %
 
 
-def test_dataloader_end_to_end():
+def test_shapes_batches_end_to_end():
     splits = generate_shapes(ShapesConfig(num_train=40, num_val=4, num_test=4, num_test_novel=4))
     tok = CaptionTokenizer.train(splits["train"].all_captions())
-    ds = CaptionDataset(splits["train"], seed=0)
-    loader = DataLoader(
-        ds,
-        batch_size=8,
-        sampler=mixed_sampler(ds.is_label, num_samples=16, seed=0),
-        collate_fn=make_collate(tok, max_len=10),
-    )
-    batches = list(loader)
-    assert len(batches) == 2
-    b = batches[0]
-    assert b["images"].shape == (8, 64, 64, 3) and b["images"].dtype == torch.uint8
-    assert b["tokens"].shape[0] == 8 and b["tokens"].shape[1] <= 10 and (b["tokens"][:, 0] == tok.bos_id).all()
-    for row, cap, refs, i in zip(b["tokens"], b["captions"], b["references"], b["index"]):
-        assert cap in refs and refs == splits["train"].captions[int(i)]
+    b = next(batch_stream(splits["train"], tok, 8, seed=0, start_step=0, max_len=10, label_weight=0.05, image_size=64))
+    assert b.images.shape == (8, 64, 64, 3) and b.images.dtype == torch.uint8
+    assert b.tokens.shape[0] == 8 and b.tokens.shape[1] <= 10 and (b.tokens[:, 0] == tok.bos_id).all()
+    for row, cap, i in zip(b.tokens, b.captions, b.index):
+        assert cap in splits["train"].captions[int(i)]
         assert tok.eos_id in row.tolist()
-        words = cap.split()
-        assert tok.decode(row) == " ".join(words[:8])  # max_len 10 = bos + 8 words + eos
+        assert tok.decode(row) == " ".join(cap.split()[:8])  # max_len 10 = bos + 8 words + eos
 
 
 # ------------------------------------------------------------------ real layouts on real COCO images

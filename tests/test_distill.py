@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from rewards.distill import DistillConfig, DistilledScore, distill_reward, kendall_tau, rankdata, spearman
+from rewards.distill import DistillConfig, DistilledScore
+from rewards.fidelity import kendall_tau, rankdata, spearman
+from rlrefine.trainers.distill import distill_reward
 
 COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (40, 60, 230)}
 
@@ -117,9 +119,9 @@ def test_feature_distillation_matches_teacher_embeddings(tmp_path):
                        candidates=candidates)
     logged = {}
     metrics = distill_reward(DistillConfig(embed_dim=32, embedding_weight=1.0, **base), teacher, data, tmp_path,
-                             candidates=candidates, logger=lambda d, step: logged.setdefault(step, d))
+                             candidates=candidates, on_log=lambda d, step: logged.setdefault(step, d))
     assert metrics["spearman"] > metrics["init/spearman"] + 0.2, metrics
-    losses = [d["distill/loss_embedding"] for _, d in sorted(logged.items()) if "distill/loss_embedding" in d]
+    losses = [d["distill/embedding_loss"] for _, d in sorted(logged.items()) if "distill/embedding_loss" in d]
     assert len(losses) >= 3 and losses[-1] < 0.5 * losses[0], losses
 
 
@@ -165,14 +167,14 @@ def test_word_student_distils_and_reloads_with_its_vocabulary(tmp_path):
 
 
 def test_ranking_report_argmax_agreement_regret_and_gap_by_hand():
-    from rewards.distill import _Pairs, _ranking_report
+    from rewards.fidelity import Pairs, ranking_report
 
     # image 0: teacher 2.0 > 1.5 > 1.0, the student picks the 1.5 pair -> disagree, regret 0.5, gap 0.5
     # image 1: teacher 3.0 > 2.9, the student picks the 3.0 pair -> agree, regret 0, gap 0.1
-    pairs = _Pairs(torch.tensor([0, 0, 0, 1, 1]), ["a", "b", "c", "d", "e"], torch.zeros(5, dtype=torch.long))
+    pairs = Pairs(torch.tensor([0, 0, 0, 1, 1]), ["a", "b", "c", "d", "e"], torch.zeros(5, dtype=torch.long))
     teacher = torch.tensor([2.0, 1.5, 1.0, 3.0, 2.9])
     student = torch.tensor([0.1, 0.9, 0.2, 0.8, 0.7])
-    r = _ranking_report(student, teacher, pairs.image)
+    r = ranking_report(student, teacher, pairs.image)
     assert r["argmax_agreement"] == 0.5
     assert r["argmax_regret"] == pytest.approx(0.25)
     assert r["teacher_top2_gap_median"] == pytest.approx(0.3)
@@ -193,15 +195,15 @@ def test_extra_embedding_images_feed_the_image_embedding_loss(tmp_path):
                         context_length=12, steps=60, images_per_step=16, lr=3e-3, warmup_steps=5, hard_neighbours=2,
                         holdout_fraction=0.25, embedding_weight=1.0, max_images=40, extra_embedding_images=40)
     logged = {}
-    metrics = distill_reward(cfg, CountingTeacher(), data, tmp_path, logger=lambda d, step: logged.setdefault(step, d))
+    metrics = distill_reward(cfg, CountingTeacher(), data, tmp_path, on_log=lambda d, step: logged.setdefault(step, d))
     assert 40 in seen  # the 40 images beyond max_images were embedded by the teacher once
-    losses = [d["distill/loss_embedding"] for _, d in sorted(logged.items()) if "distill/loss_embedding" in d]
+    losses = [d["distill/embedding_loss"] for _, d in sorted(logged.items()) if "distill/embedding_loss" in d]
     assert losses[-1] < 0.5 * losses[0], losses
     assert metrics["pairs"] > 0  # (held-out teacher scores are constant here: 10 images, one colour per image)
 
 
 def test_perturb_to_cosine_reaches_the_asked_cosine():
-    from rewards.distill import perturb_to_cosine
+    from rewards.fidelity import perturb_to_cosine
 
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(4000, 64, generator=g) * 3.0  # not normalised: rows are normalised first
@@ -232,17 +234,17 @@ class TableReward:
 
 
 def _table_pairs(n_images=60, per_image=4, dim=16, seed=0):
-    from rewards.distill import _Pairs
+    from rewards.fidelity import Pairs
 
     g = torch.Generator().manual_seed(seed)
     texts = {f"caption {i}": torch.randn(dim, generator=g) for i in range(n_images * per_image)}
     teacher = TableReward(torch.randn(n_images, dim, generator=g), texts)
     image = torch.arange(n_images).repeat_interleave(per_image)
-    return teacher, _Pairs(image, list(texts), torch.zeros(len(image), dtype=torch.long)), g
+    return teacher, Pairs(image, list(texts), torch.zeros(len(image), dtype=torch.long)), g
 
 
 def test_tower_fidelity_separates_the_image_and_text_towers():
-    from rewards.distill import perturb_to_cosine, tower_fidelity
+    from rewards.fidelity import perturb_to_cosine, tower_fidelity
 
     teacher, pairs, g = _table_pairs()
     images = torch.arange(60)
@@ -264,7 +266,7 @@ def test_tower_fidelity_separates_the_image_and_text_towers():
 
 
 def test_noise_sensitivity_is_exact_at_cosine_one_and_degrades_below():
-    from rewards.distill import noise_sensitivity
+    from rewards.fidelity import noise_sensitivity
 
     teacher, pairs, _ = _table_pairs()
     rows = noise_sensitivity(teacher, torch.arange(60), pairs, [1.0, 0.99, 0.5])
@@ -388,7 +390,7 @@ class CaptionTable:
 
 
 def test_decision_agreement_groups_one_image_at_one_layer_by_hand():
-    from rewards.distill import decision_agreement
+    from rewards.fidelity import decision_agreement
 
     teacher = CaptionTable({"a": 1.0, "b": 0.5, "c": 2.0, "d": 1.9, "e": 1.0, "f": 0.0})
     student = CaptionTable({"a": 0.2, "b": 0.9, "c": 3.0, "d": 1.0, "e": 1.0, "f": 0.1})

@@ -107,11 +107,13 @@ def test_two_process_pretrain_keeps_ranks_identical(tmp_path):
 
     # The two slices interleave into exactly the global batch a single process would draw.
     from rlrefine.config import load_recipe
-    from rlrefine.trainers.common import batch_stream, build_tokenizer, load_splits
+    from rlrefine.data.batches import batch_stream
+    from rlrefine.data.sources import load_splits
+    from rlrefine.data.tokenizer import build_tokenizer
 
     cfg = load_recipe(REPO / "recipes" / "tiny.yaml", [f"run_dir={tmp_path / 'single'}", *OVERRIDES])
-    splits = load_splits(cfg)
-    tokenizer = build_tokenizer(cfg, splits["train"])
+    splits = load_splits(cfg.data)
+    tokenizer = build_tokenizer(cfg.tokenizer, splits["train"].all_captions())
     stream = batch_stream(splits["train"], tokenizer, BATCH, cfg.seed, 0, cfg.data.max_caption_len,
                           cfg.data.label_weight, cfg.data.image_size)
     for step in range(STEPS):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from rewards import CLIPScore, LearnedScore
-from rewards.evaluator import EvaluatorConfig, swap_attribute, train_evaluator
+from rewards.evaluator import EvaluatorConfig, swap_attribute
+from rlrefine.trainers.evaluator import train_evaluator
 
 COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (40, 60, 230)}
 SHAPES = ("circle", "square", "triangle")
@@ -69,10 +70,10 @@ def test_train_evaluator_improves_swap_accuracy(tmp_path):
         neighbour_refresh_every=25, eval_every=0, attribute_groups=GROUPS)
     seen = []
     metrics = train_evaluator(cfg, tiny_shapes(120), tiny_shapes(40, seed=1), tmp_path,
-                              logger=lambda m, step: seen.append((step, m)))
+                              on_log=lambda m, step: seen.append((step, m)))
     assert metrics["swap_acc"] >= metrics["init/swap_acc"] + 0.1, metrics
     assert 0.0 <= metrics["r1_i2t"] <= 1.0 and "swap_acc/colour" in metrics
-    assert any("evaluator/loss_hard" in m for _, m in seen)
+    assert any("evaluator/hard_negative_loss" in m for _, m in seen)
     meta = json.loads((tmp_path / "evaluator.json").read_text())
     assert meta["weights"] == "evaluator.pt" and meta["model_cfg"]["embed_dim"] == 32
     # loads like any other open_clip reward, both ways
@@ -100,7 +101,7 @@ def test_relation_swaps_stay_in_their_pair_and_are_reported_as_one_kind():
 def test_preference_rate_counts_images_whose_preferred_caption_beats_every_other():
     import torch
 
-    from rewards.evaluator import preference_rate
+    from rlrefine.data.shapes_probes import preference_rate
 
     table = {"full": 2.0, "half": 1.0, "best": 3.0, "tie": 2.0}
     reward = lambda images, captions: torch.tensor([table[c] for c in captions])  # noqa: E731
@@ -119,7 +120,7 @@ def _misnamed_pairs(data):
 
 
 def test_preference_pairs_teach_the_evaluator_to_order_them(tmp_path):
-    from rewards.evaluator import preference_rate
+    from rlrefine.data.shapes_probes import preference_rate
 
     train, val = tiny_shapes(120), tiny_shapes(40, seed=1)
     cfg = EvaluatorConfig(
@@ -138,8 +139,8 @@ def test_preference_pairs_teach_the_evaluator_to_order_them(tmp_path):
     for name, pairs_per_image, extra in (("none", 0, 0), ("joint", 1, 0), ("text_only", 1, 30)):
         seen = []
         train_evaluator(dataclasses.replace(cfg, preference_pairs=pairs_per_image, preference_steps=extra), train, None,
-                        tmp_path / name, logger=lambda m, step: seen.append(m), preference_pairs=_misnamed_pairs(train))
-        assert any("evaluator/loss_preference" in m for m in seen) == bool(pairs_per_image)
+                        tmp_path / name, on_log=lambda m, step: seen.append(m), preference_pairs=_misnamed_pairs(train))
+        assert any("evaluator/preference_loss" in m for m in seen) == bool(pairs_per_image)
         score = LearnedScore.from_dir(tmp_path / name)
         rates[name] = preference_rate(score, images, [b for b, _ in held_out], [[w] for _, w in held_out])["rate"]
         towers[name] = score.model.visual.state_dict()

@@ -1,4 +1,4 @@
-"""DiCO / SCST fine-tuning step (rlrefine/trainers/finetune.py) on real (tiny) computation.
+"""The fine-tuning step (rlrefine/trainers/finetune.py) of every registered method on real (tiny) computation.
 
 A toy reward that counts the word "red" is easy to raise by changing what the readout says, so a
 few dozen steps of the real loss (rollout -> rewards -> shaping -> DiCO at every layer) must raise it
@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from rlrefine.config import FinetuneSection
 from rlrefine.data.tokenizer import CaptionTokenizer
 from rlrefine.losses import layer_weights, schedule
+from rlrefine.methods import METHODS
 from rlrefine.models import CaptionerConfig, EncoderConfig, RefinementCaptioner
 from rlrefine.trainers.finetune import SequenceScorer, compute_loss, rollout
 
@@ -36,19 +37,23 @@ def tiny_policy(seed=0):
     return RefinementCaptioner(cfg), tok
 
 
+def method_of(f):
+    return METHODS[f.method](f.method_config, f)
+
+
 def final_layer_reward(policy, tok, pixels, seeds, f):
     """Mean toy reward of the final layer's beam candidates (deterministic)."""
-    f = f.model_copy(update={"method": "dico", "generation": "beam"})
-    ro = rollout(policy, RedReward(), None, pixels, seeds, [1, 2], f, tok, schedule("linear", 2))
+    f = FinetuneSection(num_candidates=f.num_candidates, max_len=f.max_len, dico={"generation": "beam"})
+    ro = rollout(policy, method_of(f), RedReward(), None, pixels, seeds, [1, 2], f, tok, schedule("linear", 2))
     return float(ro.rewards[:, -1].mean())
 
 
-@pytest.mark.parametrize("method,generation", [("dico", "beam"), ("scst", "sample")])
-def test_finetune_step_raises_the_reward(method, generation):
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_finetune_step_raises_the_reward(method):
     policy, tok = tiny_policy()
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    f = FinetuneSection(method=method, generation=generation, num_candidates=4, max_len=8, beta=0.5, tau=1.0,
-                        lambda_grad=0.0, lambda_len=0.0, scst_baseline="mean")
+    f = FinetuneSection(method=method, num_candidates=4, max_len=8, dico={"beta": 0.5, "tau": 1.0},
+                        lambda_grad=0.0, lambda_len=0.0)
     acc = Accelerator(cpu=True)
     scorer = SequenceScorer(policy)
     opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
@@ -59,8 +64,8 @@ def test_finetune_step_raises_the_reward(method, generation):
     before = final_layer_reward(policy, tok, pixels, seeds, f)
     w = layer_weights("linear", 2)
     for _ in range(40):
-        loss, ro, metrics = compute_loss(policy, scorer, reference, RedReward(), images, pixels, seeds, [1, 2], f, tok,
-                                         schedule("linear", 2), w, acc)
+        loss, ro, metrics = compute_loss(policy, scorer, reference, method_of(f), RedReward(), images, pixels, seeds,
+                                         [1, 2], f, tok, schedule("linear", 2), w, acc, generator=g)
         assert torch.isfinite(loss) and len(metrics) == 2 and "kl_ref" in metrics[0]
         opt.zero_grad()
         loss.backward()
@@ -78,8 +83,8 @@ def test_rollout_shapes_and_shaping_penalises_off_schedule_layers():
     f_off = FinetuneSection(num_candidates=3, max_len=8, lambda_grad=0.0, lambda_len=0.0)
     f_on = FinetuneSection(num_candidates=3, max_len=8, lambda_grad=1.0, lambda_len=0.0)
     sched = schedule("linear", 2)
-    ro_off = rollout(policy, RedReward(), images, pixels, torch.arange(3), [1, 2], f_off, tok, sched)
-    ro_on = rollout(policy, RedReward(), images, pixels, torch.arange(3), [1, 2], f_on, tok, sched)
+    ro_off = rollout(policy, method_of(f_off), RedReward(), images, pixels, torch.arange(3), [1, 2], f_off, tok, sched)
+    ro_on = rollout(policy, method_of(f_on), RedReward(), images, pixels, torch.arange(3), [1, 2], f_on, tok, sched)
     assert ro_off.tokens.shape[:3] == (3, 2, 3) and len(ro_off.captions) == 3 * 2 * 3
     torch.testing.assert_close(ro_off.shaped, ro_off.rewards)  # no shaping: shaped == raw
     # layer 1 (k < K) pays |p - (1 - s(1))|; the final layer is judged on quality alone
@@ -105,7 +110,7 @@ def test_rollout_shapes_on_text_embedding_progress():
     pixels = policy.encoder.preprocess(images)
     f = FinetuneSection(num_candidates=3, max_len=8, lambda_grad=1.0, lambda_len=0.0, shaping_progress="embedding")
     reward = BagOfWordsReward()
-    ro = rollout(policy, reward, images, pixels, torch.arange(3), [1, 2], f, tok, schedule("linear", 2))
+    ro = rollout(policy, method_of(f), reward, images, pixels, torch.arange(3), [1, 2], f, tok, schedule("linear", 2))
     greedy = policy.generate(pixels, torch.arange(3), [0, 2], method="greedy", num_candidates=1, max_len=8)
     anchors = reward.embed_texts([row[0] for per_img in tok.decode_batch(greedy.tokens) for row in per_img]).view(3, 2, -1)
     expected = embedding_progress(reward.embed_texts(ro.captions).view(3, 2, 3, -1), anchors[:, 0], anchors[:, 1])
@@ -121,3 +126,15 @@ def test_embedding_progress_needs_a_reward_with_text_embeddings():
         check_shaping_reward(f, RedReward())
     check_shaping_reward(f, BagOfWordsReward())
     check_shaping_reward(f.model_copy(update={"lambda_grad": 0.0}), RedReward())  # no shaping, nothing to measure
+
+
+def test_a_moved_key_is_an_error_naming_its_new_home():
+    from rlrefine.config import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=r"finetune.beta moved to the method's own section: finetune.dico.beta"):
+        load_recipe(None, ["finetune.beta=0.3"])
+    with pytest.raises(RecipeError, match=r"finetune.scst_baseline moved .*finetune.scst.baseline"):
+        load_recipe(None, ["finetune.scst_baseline=greedy"])
+    with pytest.raises(RecipeError, match=r"finetune.dico.gamma"):  # unknown keys of a method section are errors too
+        load_recipe(None, ["finetune.dico.gamma=1"])
+    assert load_recipe(None, ["finetune.dico.beta=0.3"]).finetune.dico.beta == 0.3

@@ -319,3 +319,90 @@ def test_per_token_kl_k3_hand_value():
     assert (kl >= 0).all()
     kl.sum().backward()
     assert pol.grad is not None
+
+
+# ------------------------------------------------------------------------------------------ GRPO
+def test_group_advantages_hand_computed():
+    from rlrefine.losses import group_advantages
+
+    r = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])  # two groups of 3
+    # group 1: mean 2, std (Bessel) 1 -> (-1, 0, 1) / 1.0001; group 2: all tie -> 0 / 1e-4 = 0
+    torch.testing.assert_close(group_advantages(r, 3), torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]) / 1.0001)
+    torch.testing.assert_close(group_advantages(r, 3, "none"), torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+    batch_std = float(torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]).std())  # 1.7224...
+    torch.testing.assert_close(group_advantages(r, 3, "batch"), torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]) / (batch_std + 1e-4))
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages(r, 4)
+
+
+def test_grpo_loss_hand_computed():
+    from rlrefine.losses import grpo_loss
+
+    # one completion of 2 tokens, the policy moved by log 1.5 on token 0 (ratio 1.5 > 1 + 0.2: clipped for A > 0)
+    logp = torch.tensor([[math.log(0.6), math.log(0.5)]])
+    old = torch.tensor([[math.log(0.4), math.log(0.5)]])
+    mask = torch.tensor([[1.0, 1.0]])
+    loss, m = grpo_loss(logp, old, None, torch.tensor([2.0]), mask, beta=0.0, epsilon=0.2, loss_type="grpo")
+    # token 0: -min(1.5 * 2, 1.2 * 2) = -2.4; token 1: -min(1 * 2, 1 * 2) = -2 -> mean -2.2
+    assert loss.item() == pytest.approx(-2.2)
+    assert m["clip_ratio/high_mean"] == pytest.approx(0.5) and m["clip_ratio/low_mean"] == 0.0
+    # with the k3 KL to a reference: ref/policy = 0.3/0.6 on token 0, 1 on token 1 -> kl_0 = 0.5 - ln 0.5 - 1
+    ref = torch.tensor([[math.log(0.3), math.log(0.5)]])
+    loss, m = grpo_loss(logp, old, ref, torch.tensor([2.0]), mask, beta=0.1, epsilon=0.2, loss_type="grpo")
+    kl0 = 0.5 - math.log(0.5) - 1
+    assert loss.item() == pytest.approx((-2.4 + 0.1 * kl0 - 2.0) / 2)
+    assert m["kl"] == pytest.approx(kl0 / 2)
+
+
+def _trl_loss(logp, old, ref, adv, mask, beta, eps, eps_high, loss_type):
+    """TRL's own GRPOTrainer._compute_loss on these per-token log-probs (the model call replaced by them)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    N, T = logp.shape
+    acc = SimpleNamespace(num_processes=1, reduce=lambda t, reduction="sum": t, gather=lambda t: t,
+                          gather_for_metrics=lambda t: t, sync_gradients=True)
+    args = SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1)
+    stub = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
+        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        importance_sampling_level="token", beta=beta, args=args, loss_type=loss_type, epsilon_low=eps,
+        epsilon_high=eps_high, use_vllm=False, vllm_importance_sampling_correction=False,
+        model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1, max_completion_length=T,
+        accelerator=acc, _entropy_bonus_enabled=False, _metrics={"train": defaultdict(list)})
+    inputs = {"prompt_ids": torch.zeros(N, 1, dtype=torch.long), "prompt_mask": torch.ones(N, 1, dtype=torch.long),
+              "completion_ids": torch.zeros(N, T, dtype=torch.long), "completion_mask": mask.long(), "advantages": adv,
+              "old_per_token_logps": old, "ref_per_token_logps": ref, "num_items_in_batch": mask.sum()}
+    return GRPOTrainer._compute_loss(stub, None, inputs)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_grpo_loss_equals_trls(loss_type, beta):
+    from rlrefine.losses import group_advantages, grpo_loss
+
+    g = torch.Generator().manual_seed(0)
+    N, T = 8, 7
+    logp = -torch.rand(N, T, generator=g) * 3
+    old = logp + 0.3 * torch.randn(N, T, generator=g)  # ratios on both sides of the clip range
+    ref = logp + 0.5 * torch.randn(N, T, generator=g)
+    lengths = torch.tensor([7, 3, 5, 1, 7, 6, 2, 4])
+    mask = (torch.arange(T)[None] < lengths[:, None]).float()
+    adv = group_advantages(torch.randn(N, generator=g), 4)
+    ours, _ = grpo_loss(logp, old, ref, adv, mask, beta=beta, epsilon=0.2, epsilon_high=0.28, loss_type=loss_type)
+    theirs = _trl_loss(logp, old, ref, adv, mask, beta, 0.2, 0.28, loss_type)
+    assert abs(ours.item() - theirs.item()) < 1e-6, (ours.item(), theirs.item())
+
+
+def test_group_advantages_equal_trls_nanstd():
+    from trl.trainer.utils import nanstd
+
+    from rlrefine.losses import group_advantages
+
+    r = torch.randn(12, generator=torch.Generator().manual_seed(1))
+    mean = r.view(-1, 4).mean(1).repeat_interleave(4)
+    expected = (r - mean) / (nanstd(r.view(-1, 4), dim=1).repeat_interleave(4) + 1e-4)
+    torch.testing.assert_close(group_advantages(r, 4), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(group_advantages(r, 4, "batch"), (r - mean) / (nanstd(r) + 1e-4), atol=1e-6, rtol=0)

@@ -26,7 +26,7 @@ MICRO = [
 
 
 # SCST against CIDEr-D beside DiCO: the override the README documents.
-SCST_CIDER = "compare.scst_cider={method: scst, generation: sample, reward: {kind: cider}}"
+SCST_CIDER = "compare.scst_cider={method: scst, reward: {kind: cider}}"
 
 
 @pytest.fixture(scope="module")
@@ -190,28 +190,28 @@ def test_pretrain_on_the_evaluator_tower_trains_the_evaluator_first(tmp_path, ca
     assert (tmp_path / "pretrain" / "model" / "config.json").is_file()
     # the lower-level builder still names the missing stage when called without it
     from rlrefine.config import load_recipe
-    from rlrefine.trainers.common import captioner_config
+    from rlrefine.trainers.pretrain import encoder_overrides
 
     cfg = load_recipe(RECIPE, [f"run_dir={tmp_path / 'fresh'}", *MICRO])
     with pytest.raises(FileNotFoundError, match="rlrefine train-evaluator"):
-        captioner_config(cfg, None)
+        encoder_overrides(cfg)
 
 
 def test_report_reuses_evaluations_that_are_still_valid(run_dir, caplog):
     from rlrefine.config import load_recipe
-    from rlrefine.pipeline import _cached_evaluation
+    from rlrefine.report import cached_evaluation
 
     cfg = load_recipe(RECIPE, [f"run_dir={run_dir}", "threads=1", "compare.seeds=2", *MICRO, SCST_CIDER])
     model, out = run_dir / "finetune_dico" / "model", run_dir / "report" / "dico"
-    assert _cached_evaluation(cfg, model, out, "test")["model"] == str(model)
-    assert _cached_evaluation(cfg, model, out, "test_novel") is None  # another split
+    assert cached_evaluation(cfg, model, out, "test")["model"] == str(model)
+    assert cached_evaluation(cfg, model, out, "test_novel") is None  # another split
     fewer = load_recipe(RECIPE, [f"run_dir={run_dir}", *MICRO, "evaluate.num_images=3"])
-    assert _cached_evaluation(fewer, model, out, "test") is None  # other settings
+    assert cached_evaluation(fewer, model, out, "test") is None  # other settings
     metrics = out / "metrics.json"
     old = json.loads(metrics.read_text())
     metrics.write_text(json.dumps({**old, "metrics_version": 1}))  # computed with an older metric definition
-    assert _cached_evaluation(cfg, model, out, "test") is None
+    assert cached_evaluation(cfg, model, out, "test") is None
     metrics.write_text(json.dumps(old))
-    assert _cached_evaluation(cfg, model, out, "test") is not None
+    assert cached_evaluation(cfg, model, out, "test") is not None
     (model / "model.safetensors").touch()  # the model changed after its evaluation
-    assert _cached_evaluation(cfg, model, out, "test") is None
+    assert cached_evaluation(cfg, model, out, "test") is None

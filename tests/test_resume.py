@@ -128,7 +128,8 @@ def test_half_written_checkpoints_are_ignored(tmp_path):
     with torch.no_grad():
         for t in model.parameters():
             t.add_(1.0)
-    state = manager.load()
+    state, extra = manager.load()
+    assert extra == {}
     assert state["step"] == 4
     for k, v in model.state_dict().items():
         assert torch.equal(v, weights_at_4[k])
@@ -146,3 +147,85 @@ def test_resume_without_checkpoint_is_named_error(tmp_path):
     manager = CheckpointManager(tmp_path / "none", Accelerator(cpu=True))
     with pytest.raises(FileNotFoundError, match="no complete checkpoint under"):
         manager.load()
+
+
+# ------------------------------------------------------------- train-evaluator and distill-reward
+MICRO_DATA = ["device=cpu", "seed=2", "data.shapes.num_train=96", "data.shapes.num_val=16", "data.shapes.num_test=8",
+              "data.shapes.num_test_novel=8"]
+MICRO_EVALUATOR = ["evaluator.steps=20", "evaluator.preference_steps=20", "evaluator.checkpoint_every=5",
+                   "evaluator.batch_size=8", "evaluator.neighbour_refresh_every=10", "evaluator.eval_max_images=8",
+                   "evaluator.log_every=5", "evaluator.warmup_steps=2"]
+MICRO_STUDENT = ["distill.candidate_images=0", "distill.student.steps=30", "distill.student.checkpoint_every=5",
+                 "distill.student.images_per_step=4", "distill.student.max_images=64", "distill.student.log_every=5",
+                 "distill.student.extra_embedding_images=16", "distill.student.warmup_steps=2"]
+
+
+def _stage_cli(command: str, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "rlrefine.cli", command, "--config", str(RECIPE), f"run_dir={run_dir}", *MICRO_DATA,
+            *MICRO_EVALUATOR, *MICRO_STUDENT, *extra]
+
+
+def _kill_after_checkpoint(cmd: list[str], stage_dir: Path, min_step: int, cwd: Path) -> int:
+    """Run ``cmd``, SIGKILL it once a complete checkpoint of at least ``min_step`` exists; that checkpoint's step."""
+    victim = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
+    deadline = time.time() + 120
+
+    def steps() -> list[int]:
+        d = stage_dir / "checkpoints"
+        done = [p for p in d.glob("step_*") if not p.name.endswith(".tmp") and (p / "trainer_state.json").is_file()] if d.is_dir() else []
+        return [int(p.name.split("_")[1]) for p in done]
+
+    while not any(s >= min_step for s in steps()):
+        assert victim.poll() is None, "run ended before the checkpoint:\n" + victim.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, f"no checkpoint of step >= {min_step} within 120 s"
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    victim.stderr.close()
+    assert victim.returncode == -signal.SIGKILL
+    return max(steps())
+
+
+def _same_state(a: Path, b: Path) -> None:
+    sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert sa.keys() == sb.keys() and len(sa) > 10
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, f"resumed weights differ from the uninterrupted run in {different}"
+
+
+def test_killed_train_evaluator_resumes_to_identical_weights(tmp_path):
+    """Killed in its text-only phase (after step 20 of 40: the image tower frozen, the optimizer restarted, the
+    neighbours mined at step 20 held in the checkpoint), then resumed: the evaluator of an uninterrupted run."""
+    ref_dir, crash_dir = tmp_path / "uninterrupted", tmp_path / "crashed"
+    at = _kill_after_checkpoint(_stage_cli("train-evaluator", crash_dir), crash_dir / "evaluator", 25, tmp_path)
+    assert 25 <= at < 40 and not (crash_dir / "evaluator" / "evaluator.pt").exists()
+    ref = subprocess.run(_stage_cli("train-evaluator", ref_dir), env=_env(), capture_output=True, text=True, cwd=tmp_path,
+                         timeout=180)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    resumed = subprocess.run(_stage_cli("train-evaluator", crash_dir, "--resume"), env=_env(), capture_output=True, text=True,
+                             cwd=tmp_path, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    _same_state(ref_dir / "evaluator" / "evaluator.pt", crash_dir / "evaluator" / "evaluator.pt")
+    report = json.loads((crash_dir / "evaluator" / "report.json").read_text())
+    assert report["data_issues"]["bad_images"] == 0 and "swap_acc" in report
+
+
+def test_killed_distill_reward_resumes_to_identical_weights(tmp_path):
+    ref_dir, crash_dir = tmp_path / "uninterrupted", tmp_path / "crashed"
+    teacher = subprocess.run(_stage_cli("train-evaluator", ref_dir), env=_env(), capture_output=True, text=True,
+                             cwd=tmp_path, timeout=180)
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    shutil.copytree(ref_dir / "evaluator", crash_dir / "evaluator")
+    at = _kill_after_checkpoint(_stage_cli("distill-reward", crash_dir), crash_dir / "distill", 10, tmp_path)
+    assert 10 <= at < 30 and not (crash_dir / "distill" / "student.pt").exists()
+    ref = subprocess.run(_stage_cli("distill-reward", ref_dir), env=_env(), capture_output=True, text=True, cwd=tmp_path,
+                         timeout=180)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    resumed = subprocess.run(_stage_cli("distill-reward", crash_dir, "--resume"), env=_env(), capture_output=True,
+                             text=True, cwd=tmp_path, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    _same_state(ref_dir / "distill" / "student.pt", crash_dir / "distill" / "student.pt")
+    a, b = (json.loads((d / "distill" / "student.json").read_text()) for d in (ref_dir, crash_dir))
+    assert (a["w"], a["bias"]) == (b["w"], b["bias"])

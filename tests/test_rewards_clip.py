@@ -231,7 +231,7 @@ def test_recipe_pacs_reward_from_a_state_dict_file_equals_the_quickgelu_model(ar
     from pathlib import Path
 
     from rlrefine.config import load_recipe
-    from rlrefine.trainers.common import build_reward
+    from rewards.registry import build_reward
 
     torch.manual_seed(0)
     model = open_clip.create_model(arch, pretrained=None).eval()
@@ -246,7 +246,7 @@ def test_recipe_pacs_reward_from_a_state_dict_file_equals_the_quickgelu_model(ar
                                f"paths.reward_checkpoint={tmp_path / 'clip_ViT-B-32.pth'}"]
                      + ([] if arch == "ViT-B-32-quickgelu" else [f"finetune.reward.model_name={arch}",
                                                                   f"evaluate.evaluator.model_name={arch}"]))
-    reward = build_reward(cfg.finetune.reward, cfg, "cpu", name="finetune.reward")
+    reward = build_reward(cfg.finetune.reward, cfg.reward_context("finetune.reward", "cpu"))
     assert isinstance(reward, PACScore) and (reward.w, reward.text_prefix, reward.clamp) == (2.0, "", False)
 
     images = torch.randint(0, 256, (2, 240, 320, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
@@ -258,5 +258,5 @@ def test_recipe_pacs_reward_from_a_state_dict_file_equals_the_quickgelu_model(ar
     assert torch.allclose(reward.embed_texts(captions), txt, atol=1e-5)
     # the training reward is the reference code's 2.0 * cos (no clamp); evaluation keeps the official PAC-S
     assert torch.allclose(reward(images, captions), 2.0 * (img * txt).sum(-1), atol=1e-5)
-    official = build_reward(cfg.evaluate.evaluator, cfg, "cpu", name="evaluate.evaluator")
+    official = build_reward(cfg.evaluate.evaluator, cfg.reward_context("evaluate.evaluator", "cpu"))
     assert (official.w, official.text_prefix, official.clamp) == (2.0, "A photo depicts ", True)

@@ -58,8 +58,8 @@ def test_recipe_rules_for_reward_kinds():
                                "{weight: 0.5, reward: {kind: grammar}}, {weight: 0.1, reward: {kind: grammar}}]}"])
     assert cfg.finetune.reward.term_names() == ["distilled", "grammar", "grammar_2"]
     for bad, match in [("{kind: sum}", "needs terms"), ("{kind: python}", "needs target"),
-                       ("{kind: cider, target: 'a:b'}", "for reward kind 'python'"),
-                       ("{kind: grammar, terms: [{reward: {kind: cider}}]}", "for reward kind 'sum'")]:
+                       ("{kind: cider, target: 'a:b'}", "target apply to reward kind python only"),
+                       ("{kind: grammar, terms: [{reward: {kind: cider}}]}", "terms apply to reward kind sum only")]:
         with pytest.raises(RecipeError, match=match):
             load_recipe(RECIPE, [f"finetune.reward={bad}"])
 
@@ -68,11 +68,12 @@ def test_recipe_rules_for_reward_kinds():
 def tiny_model(tmp_path_factory):
     """A tiny pretrained captioner (tiny ViT, K = 2) with a word tokenizer of the shapes captions."""
     from rlrefine.config import load_recipe
-    from rlrefine.trainers.common import build_tokenizer, load_splits
+    from rlrefine.data.sources import load_splits
+    from rlrefine.data.tokenizer import build_tokenizer
     from rlrefine.models import CaptionerConfig, EncoderConfig, RefinementCaptioner
 
     cfg = load_recipe(RECIPE, DATA)
-    tok = build_tokenizer(cfg, load_splits(cfg)["train"])
+    tok = build_tokenizer(cfg.tokenizer, load_splits(cfg.data)["train"].all_captions())
     torch.manual_seed(0)
     model = RefinementCaptioner(CaptionerConfig(
         encoder=EncoderConfig(kind="tiny_vit", image_size=32, patch_size=16, width=16, depth=1, heads=2, stem_channels=0),
@@ -108,7 +109,7 @@ def test_finetune_with_a_python_reward(tmp_path, tiny_model):
 
 def test_finetune_with_a_sum_logs_every_term(tmp_path, tiny_model):
     reward = ("{kind: sum, terms: [{weight: 1, reward: {kind: cider}}, {weight: 0.5, name: fluency, reward: {kind: grammar}}]}")
-    assert _finetune(tmp_path, tiny_model, reward, "finetune.method=scst", "finetune.generation=sample") == 0
+    assert _finetune(tmp_path, tiny_model, reward, "finetune.method=scst") == 0
     tags = _scalars(tmp_path / "finetune")
     assert {"reward_terms/cider", "reward_terms/fluency", "layer_2/reward_terms/fluency"} <= tags
 

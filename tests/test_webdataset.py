@@ -11,7 +11,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from rlrefine.data.datasets import BadImageError, DataIssues
+from rlrefine.data.images import BadImageError
+from rlrefine.data.split import DataIssues
 from rlrefine.data.webdataset import expand_urls, iter_webdataset, load_webdataset_split
 
 
@@ -98,12 +99,12 @@ def test_missing_shard_is_named(tmp_path):
 
 def test_recipe_kind_webdataset_loads_splits(tmp_path):
     from rlrefine.config import RecipeError, load_recipe
-    from rlrefine.trainers.common import load_splits
+    from rlrefine.data.sources import load_splits
 
     urls = write_shards(tmp_path)
     cfg = load_recipe(None, ["data.kind=webdataset", f"data.webdataset.urls={urls}", "data.webdataset.num_val=1",
                              "data.image_size=16"])
-    splits = load_splits(cfg)
+    splits = load_splits(cfg.data)
     assert len(splits["train"]) == 3 and len(splits["val"]) == 1 and splits["test"] is splits["val"]
     assert splits["val"].image_ids == ["b1"] and splits["train"].images.shape == (3, 16, 16, 3)
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics, computed per refinement layer (DESIGN §5).
+"""Evaluation metrics, computed per refinement layer (docs/design.md).
 
 Where this sits in the flow: ``trainers -> **metrics** / evaluate -> cli``.
 

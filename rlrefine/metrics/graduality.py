@@ -1,4 +1,4 @@
-"""Graduality of a refinement captioner: does each layer do its share of the work? (DESIGN §5)
+"""Graduality of a refinement captioner: does each layer do its share of the work? (docs/design.md)
 
 Where this sits in the flow: ``trainers -> **metrics** / evaluate``. Pure functions on tensors and
 floats; ``evaluate`` feeds them latents Z or the evaluator's text embeddings of each layer's

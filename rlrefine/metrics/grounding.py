@@ -1,4 +1,4 @@
-"""Grounded accuracy of captions against the shapes scenes (DESIGN.md §5, synthetic data only).
+"""Grounded accuracy of captions against the shapes scenes (synthetic data only).
 
 Where it sits: `rlrefine.metrics`, used by `evaluate` per refinement layer. Each caption is read
 with `rlrefine.data.shapes.parse_caption` into (colour, shape) mentions and relations, then

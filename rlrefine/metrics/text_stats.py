@@ -1,4 +1,4 @@
-"""Surface statistics of generated captions: length, vocabulary, repetition (DESIGN §5).
+"""Surface statistics of generated captions: length, vocabulary, repetition.
 
 Where this sits in the flow: ``trainers -> **metrics** / evaluate``, computed per layer. Words are
 the tokens of :func:`rlrefine.metrics.captions.ptb_tokenize` (lower-cased, punctuation dropped),

@@ -460,6 +460,8 @@ class EvaluateSection(Section):
     extra_rewards: dict[str, RewardSection] = Field(default_factory=dict, description="more scores per layer, e.g. clip, pac")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="RS = (1 − α)·perf_K + α·G")
     kl_reference: bool = Field(True, description="report the final layer's KL to the pretrained (XE) model")
+    candidate_diagnostic: bool = Field(True, description="shapes data: the report also writes what each variant's candidates "
+                                       "hold at layer K before and after fine-tuning (report/candidates.json)")
     java_metrics: bool = Field(True, description="METEOR and SPICE where Java and their jars are present (each starts a Java "
                                                  "process per layer and model: seconds each); false skips them (reported n/a)")
 

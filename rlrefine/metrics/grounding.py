@@ -37,7 +37,7 @@ from typing import Sequence
 
 from rlrefine.data.shapes import Scene, is_grammatical, parse_caption
 
-__all__ = ["grounding_scores", "caption_grounding_counts", "grammaticality"]
+__all__ = ["candidate_coverage", "caption_grounding_counts", "grammaticality", "grounding_scores"]
 
 _COUNT_KEYS = (
     "mentions",
@@ -123,3 +123,30 @@ def grounding_scores(captions: Sequence[str], scenes: Sequence[Scene]) -> dict[s
 def grammaticality(captions: Sequence[str]) -> float:
     """Fraction of ``captions`` the shapes caption grammar produces (0.0 for no captions)."""
     return _rate(sum(is_grammatical(c) for c in captions), len(captions))
+
+
+def candidate_coverage(candidates: Sequence[Sequence[str]], scenes: Sequence[Scene],
+                       held_out: Sequence[tuple[str, str]] = ()) -> dict[str, float]:
+    """What a fine-tuning method's candidates hold, per image (``candidates[i]``: the n candidates of image i):
+
+    * ``true_relation``: share of the images with 2 or more objects where at least one candidate states a
+      relation that holds in the scene (``images_multi`` of them);
+    * ``unseen_pair``: share of the images holding a ``held_out`` colour–shape pair where at least one
+      candidate names such a pair of the scene correctly (``images_unseen`` of them; 0.0 when none).
+
+    A preference method can only prefer what its candidates contain: when these shares are low, the
+    candidates, not the reward, limit what fine-tuning can teach."""
+    if len(candidates) != len(scenes):
+        raise ValueError(f"{len(candidates)} candidate lists but {len(scenes)} scenes")
+    held = set(held_out)
+    multi = with_relation = unseen = with_unseen = 0
+    for cands, scene in zip(candidates, scenes):
+        if len(scene.objects) >= 2:
+            multi += 1
+            with_relation += any(caption_grounding_counts(c, scene)["relations_correct"] > 0 for c in cands)
+        present = {o.combo for o in scene.objects} & held
+        if present:
+            unseen += 1
+            with_unseen += any(present & set(parse_caption(c).mentions) for c in cands)
+    return {"true_relation": _rate(with_relation, multi), "images_multi": float(multi),
+            "unseen_pair": _rate(with_unseen, unseen), "images_unseen": float(unseen)}

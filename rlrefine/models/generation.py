@@ -249,3 +249,15 @@ def _naive_one(model, z, method, n, max_len, length_penalty):
         s, scores, lengths = _sort_beams(seqs[None], scores, lengths, length_penalty)
         seqs = s[0]
     return seqs, scores[0], lengths[0]
+
+
+def concat_candidates(a: GenerationOutput, b: GenerationOutput, pad_id: int) -> GenerationOutput:
+    """Two generations of the same images and layers side by side on the candidate axis ([B, L, n_a + n_b, T]),
+    the shorter token tensor padded with ``pad_id``."""
+    T = max(a.tokens.shape[-1], b.tokens.shape[-1])
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return F.pad(t, (0, T - t.shape[-1]), value=pad_id)
+
+    return GenerationOutput(torch.cat([pad(a.tokens), pad(b.tokens)], dim=2), torch.cat([a.logprobs, b.logprobs], dim=2),
+                            torch.cat([a.lengths, b.lengths], dim=2))

@@ -28,13 +28,11 @@ tokens for greedy and beam search.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # pragma: no cover
-    from rlrefine.models.captioner import RefinementCaptioner
 
 METHODS = ("greedy", "beam", "sample")
 
@@ -108,7 +106,7 @@ def beam_step(logp: torch.Tensor, scores: torch.Tensor, finished: torch.Tensor, 
 
 
 @torch.no_grad()
-def generate(model: "RefinementCaptioner", pixels: torch.Tensor, z0_seed: torch.Tensor,
+def generate(model: torch.nn.Module, pixels: torch.Tensor, z0_seed: torch.Tensor,
              layers: Sequence[int] | torch.Tensor | None = None, method: str = "greedy", num_candidates: int = 1,
              max_len: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
              generator: torch.Generator | None = None, length_penalty: float = 0.0) -> GenerationOutput:
@@ -197,7 +195,7 @@ def _sort_beams(seqs, scores, lengths, length_penalty):
 
 # ----------------------------------------------------------------------------------- reference
 @torch.no_grad()
-def naive_generate(model: "RefinementCaptioner", pixels: torch.Tensor, z0_seed: torch.Tensor,
+def naive_generate(model: torch.nn.Module, pixels: torch.Tensor, z0_seed: torch.Tensor,
                    layers: Sequence[int] | torch.Tensor | None = None, method: str = "greedy",
                    num_candidates: int = 1, max_len: int | None = None, length_penalty: float = 0.0) -> GenerationOutput:
     """Reference decode (greedy or beam): one (image, layer) at a time, no KV cache, the full readout

@@ -239,3 +239,17 @@ def test_report_reuses_evaluations_that_are_still_valid(run_dir, caplog):
     assert cached_evaluation(cfg, model, out, "test") is not None
     (model / "model.safetensors").touch()  # the model changed after its evaluation
     assert cached_evaluation(cfg, model, out, "test") is None
+
+
+def test_tensorboard_has_one_run_per_stage_with_its_hyperparameters(run_dir):
+    """Each training stage writes one TensorBoard run, <stage>/tb, with its hyper-parameters in it (the
+    hparams logging used to open a second, timestamped run under every stage)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for stage in ("evaluator", "pretrain", "distill", "finetune_dico", "finetune_grpo"):
+        files = list((run_dir / stage / "tb").rglob("events.out.tfevents*"))
+        assert {f.parent for f in files} == {run_dir / stage / "tb"}, stage
+        acc = EventAccumulator(str(run_dir / stage / "tb"))
+        acc.Reload()
+        assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams"), stage
+        assert "train/loss" in acc.Tags()["scalars"], stage

@@ -38,16 +38,27 @@ ENCODER_ARCH_DIR = "encoder"
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits)[..., index], [..., V] x [...] -> [...].
+    """log_softmax(logits)[..., index], [..., V] x [...] -> [...], in float32 (float64 for float64 logits).
 
     TRL's memory-lean `trl.trainer.utils.selective_log_softmax` (fused kernel on GPU) when trl is
     already imported in the process; otherwise the same math here (log p = logit - logsumexp),
     because importing trl just for this costs several seconds of start-up on every command.
+
+    Always float32 for bf16 / fp16 logits (autocast): a caption's log-prob is a sum of ~30 of these,
+    about -300 at the real recipe's vocabulary, where bf16's spacing is 2.0, and DiCO's margin is the
+    difference of four such sums. TRL's fused kernel returns float32 from bf16 logits without an fp32
+    copy of them; its fallback (CPU, or no triton) computes the log-softmax in bf16, so there the
+    logits are upcast here first (tests/test_mixed_precision.py measures both).
     """
     trl_utils = sys.modules.get("trl.trainer.utils")
     fn = getattr(trl_utils, "selective_log_softmax", None)
     if fn is not None:
-        return fn(logits, index)
+        low_precision = logits.dtype not in (torch.float32, torch.float64)
+        if not low_precision or logits.device.type in ("cuda", "xpu"):
+            out = fn(logits, index)
+            if out.dtype in (torch.float32, torch.float64):  # the fused kernel ran (or the input was fp32)
+                return out
+        return fn(logits.float(), index)
     logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     return logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 

@@ -31,14 +31,16 @@ import importlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import accelerate
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, is_deepspeed_available, set_seed
 from tqdm.auto import tqdm
 
 from rlrefine.config import RecipeConfig, dump_recipe
@@ -47,8 +49,8 @@ from rlrefine.trainers.checkpoint import CheckpointManager
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoopSettings", "NonFiniteGuard", "NonFiniteLossError", "StepOutput", "TrainingLoop", "all_processes",
-           "log_hparams", "make_accelerator", "tensorboard_writer", "warmup_cosine"]
+__all__ = ["AcceleratorSetupError", "LoopSettings", "NonFiniteGuard", "NonFiniteLossError", "StepOutput", "TrainingLoop",
+           "all_processes", "log_hparams", "make_accelerator", "tensorboard_writer", "warmup_cosine"]
 
 
 # ------------------------------------------------------------------------------------ schedules
@@ -63,12 +65,19 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) ->
 
 
 # ---------------------------------------------------------------------------------- accelerator
+class AcceleratorSetupError(RuntimeError):
+    """The launch asks for a scale-out this machine or environment cannot give (a package that is not installed,
+    sharding without GPUs, processes that would each run alone); the message says what to change."""
+
+
 def make_accelerator(stage_dir: str | Path, seed: int, device: str = "auto", threads: int | None = None,
                      mixed_precision: str = "no") -> Accelerator:
     """An Accelerator that logs to TensorBoard under `<stage_dir>/tb`, with every RNG seeded from ``seed``;
-    ``device``: auto (CUDA when available), cpu or cuda; ``threads``: torch CPU threads (None: torch's choice)."""
+    ``device``: auto (CUDA when available), cpu or cuda; ``threads``: torch CPU threads (None: torch's choice).
+    Raises `AcceleratorSetupError` where the launch configuration cannot run as asked (`_check_launch`)."""
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
+    _check_deepspeed_installed()
     _import_distributed_nn_before_the_group()
     _allow_another_precision(mixed_precision)
     acc = Accelerator(
@@ -81,10 +90,42 @@ def make_accelerator(stage_dir: str | Path, seed: int, device: str = "auto", thr
         # prepared scheduler num_processes times per optimizer step).
         step_scheduler_with_optimizer=False,
     )
+    _check_launch(acc, device)
     set_seed(seed, device_specific=False)
     if threads is not None:
         torch.set_num_threads(threads)
     return acc
+
+
+def _check_deepspeed_installed() -> None:
+    """A DeepSpeed launch (recipes/accelerate/deepspeed_zero2.yaml sets ACCELERATE_USE_DEEPSPEED) needs the package."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not is_deepspeed_available():
+        raise AcceleratorSetupError(
+            "the accelerate config asks for DeepSpeed (distributed_type: DEEPSPEED, e.g. recipes/accelerate/"
+            "deepspeed_zero2.yaml), and the deepspeed package is not installed: pip install deepspeed (it is not a "
+            "dependency of rlrefine), or launch with recipes/accelerate/ddp.yaml or fsdp.yaml")
+
+
+def _check_launch(acc: Accelerator, device: str) -> None:
+    """Refuse what accelerate would otherwise do silently: run FSDP as plain data parallelism, or run each launched
+    process alone.
+
+    accelerate (1.16) makes an FSDP state only for GPU-like processes (`AcceleratorState`: FSDP is chosen inside
+    the MULTI_GPU / MULTI_XPU / ... branch); a CPU process launched from recipes/accelerate/fsdp.yaml gets
+    MULTI_CPU (DDP over gloo), and one that is not told it is on a CPU (``device: auto`` on a machine without a
+    GPU) gets no process group at all, so every process would train and write the whole run by itself."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and acc.num_processes == 1:
+        raise AcceleratorSetupError(
+            f"{launched} processes were launched but accelerate made a single-process run in each (device={device}, "
+            f"{'no GPU' if not torch.cuda.is_available() else 'GPUs present'}): every process would train and write "
+            "the whole run alone. On CPUs set device=cpu (gloo); on GPUs check CUDA_VISIBLE_DEVICES")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.distributed_type != DistributedType.FSDP:
+        raise AcceleratorSetupError(
+            f"the accelerate config asks for FSDP (distributed_type: FSDP), but accelerate {accelerate.__version__} "
+            f"made a {acc.distributed_type.value} run here: it shards only on GPUs (and other accelerators), so on "
+            f"{acc.device.type} FSDP would silently be plain data parallelism. Launch with recipes/accelerate/ddp.yaml "
+            "on CPUs (accelerate launch --multi_gpu --num_processes N ... device=cpu)")
 
 
 def _allow_another_precision(mixed_precision: str) -> None:

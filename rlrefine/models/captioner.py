@@ -265,7 +265,13 @@ class Readout(nn.Module):
         self.blocks = nn.ModuleList([DecoderBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.readout_layers)])
         self.ln_f = nn.LayerNorm(d)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # weight tying (nanoGPT)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """The output layer shares the token embedding's matrix (nanoGPT). Called again by whatever rebuilds the
+        parameters one module at a time (accelerate's FSDP2 `cpu_ram_efficient_loading` moves the model to the meta
+        device, which unties them, then calls ``tie_weights`` on the prepared model)."""
+        self.lm_head.weight = self.tok_emb.weight
 
     def git_mask(self, T: int, device) -> torch.Tensor:
         """[M+T, M+T] bool, True = may attend: every row sees the prefix, text rows see earlier text."""
@@ -343,6 +349,10 @@ class RefinementCaptioner(nn.Module):
             for name, p in blocks.named_parameters():
                 if name.endswith("proj.weight"):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(n_branches))
+
+    def tie_weights(self) -> None:
+        """Re-tie the readout's output layer to its token embedding (`Readout.tie_weights`)."""
+        self.readout.tie_weights()
 
     # -- pieces --------------------------------------------------------------------------------
     def z0(self, seeds: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ skipped or changed, summed over processes) and skipped steps.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import logging
@@ -280,7 +281,8 @@ class TrainingLoop:
     def __init__(self, settings: LoopSettings, on_step_end: Callable[..., None] | None = None,
                  recipe: RecipeConfig | None = None, on_log: Callable[[dict[str, float], int], None] | None = None):
         """``recipe``: written beside the outputs (recipe.yaml) for provenance; ``on_step_end(step=, model=,
-        loss=, accelerator=, ...)``: called on every process after each optimizer step (tests, debugging);
+        loss=, accelerator=, ...)``: called on every process after each optimizer step (tests, debugging; under FSDP
+        ``model``'s parameters are this process's shards);
         ``on_log(scalars, step)``: called with every logged set of scalars (on the main process)."""
         self.settings, self.on_step_end, self.recipe, self.on_log = settings, on_step_end, recipe, on_log
         self.stage_dir = Path(settings.stage_dir)
@@ -288,6 +290,7 @@ class TrainingLoop:
         self.stream_issues = DataIssues()  # counted while reading batches (this process's slice)
         self.state: dict[str, Any] = {"nonfinite_total": 0}
         self.writer = None
+        self._whole: torch.nn.Module | None = None  # under FSDP: a plain copy of the model (`whole_model`)
 
     # -- what a stage provides ------------------------------------------------------------------
     def setup(self, start_step: int) -> None:
@@ -317,6 +320,26 @@ class TrainingLoop:
         """Save the trained model (main process) and return the stage's report."""
         raise NotImplementedError
 
+    # -- the model with whole parameters --------------------------------------------------------
+    @property
+    def whole_model(self) -> torch.nn.Module:
+        """The trained module with whole parameters, for what runs outside its prepared forward (generation,
+        validation, saving): the accelerate-unwrapped model itself, or under FSDP, whose unwrapped model holds only
+        this process's shards, a plain copy whose weights `gather_model` refreshes (one more copy of the weights
+        on every process: the price of generating and evaluating without collectives)."""
+        if self._whole is not None:
+            return self._whole
+        return self.acc.unwrap_model(self.model) if hasattr(self, "acc") else self.model
+
+    def gather_model(self) -> None:
+        """Under FSDP, copy the full weights into `whole_model`: a collective, so every process calls it (the loop
+        does before `validate` and `finish`; a stage before generating). Without sharding, nothing."""
+        if self._whole is None:
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        self._whole.load_state_dict(get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True)))
+
     # -- the loop -------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
         """Set up, train (resuming from the newest checkpoint when asked), save; returns the report."""
@@ -326,6 +349,8 @@ class TrainingLoop:
         latest = self.ckpt.latest() if resume else None
         start_step = self.ckpt.step_of(latest) if latest is not None else 0
         self.setup(start_step)
+        if acc.distributed_type == DistributedType.FSDP:  # FSDP shards the module in place: keep a whole copy
+            self._whole = copy.deepcopy(self.model).to(acc.device)
         self.model, self.optimizer, self.scheduler = acc.prepare(self.model, self.optimizer, self.scheduler)
         if latest is not None:
             self.state, extra = self.ckpt.load(latest)
@@ -355,8 +380,10 @@ class TrainingLoop:
                                  **out.hook)
             if step % s.log_every == 0 or step == s.steps - 1:
                 self._log(step, out, grad_norm, bar, (step + 1 - start_step) / max(time.time() - t0, 1e-9))
-            if acc.is_main_process and ((s.eval_every and (step + 1) % s.eval_every == 0) or step == s.steps - 1):
-                self.validate(step)
+            if (s.eval_every and (step + 1) % s.eval_every == 0) or step == s.steps - 1:
+                self.gather_model()
+                if acc.is_main_process:
+                    self.validate(step)
             if (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
                 self.save_checkpoint(step + 1)
             if self.stop_requested(step):
@@ -365,6 +392,7 @@ class TrainingLoop:
         self._sum_stream_issues()
         log.info("%s: data issues: %s; non-finite steps skipped: %d", s.section, self.issues.summary(),
                  self.state.get("nonfinite_total", 0))
+        self.gather_model()
         report = {}
         if acc.is_main_process:
             report = {"steps": s.steps, "train_seconds": round(time.time() - t0, 1), **self.finish(time.time() - t0),

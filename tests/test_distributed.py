@@ -9,7 +9,7 @@ accelerate 1.16 never makes an FSDP state for CPU processes (`AcceleratorState` 
 GPU-family branch, so a CPU launch from fsdp.yaml is MULTI_CPU, i.e. DDP), while torch's `fully_shard` runs on
 CPU over gloo; so the worker, and only the worker, promotes its CPU state to FSDP as accelerate does on GPUs,
 and from there accelerate's own FSDP2 path (`fsdp2_prepare_model`, sharded checkpoints) runs. Without that
-promotion rlrefine refuses the launch (`make_accelerator`), which `test_fsdp_launch_on_cpu_is_refused` checks.
+promotion rlrefine refuses the launch (`make_accelerator`; tests/test_loop.py).
 """
 
 from __future__ import annotations

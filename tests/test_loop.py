@@ -37,8 +37,10 @@ def test_deepspeed_config_without_deepspeed_names_the_package(tmp_path, monkeypa
     monkeypatch.setattr(loop, "is_deepspeed_available", lambda: False)  # as where it is not installed
     with pytest.raises(AcceleratorSetupError, match=r"pip install deepspeed"):
         make_accelerator(tmp_path, seed=0, device="cpu")
-    # through the command line: one line naming the package, exit code 2, before any data or model is loaded
-    argv = ["pretrain", "--config", str(REPO / "recipes" / "tiny.yaml"), f"run_dir={tmp_path / 'run'}", "device=cpu"]
+    # through the command line: one line naming the package, exit code 2, when the stage makes its accelerator
+    # (first thing in a stage's run; a tiny_vit encoder, so that no evaluator stage runs before it)
+    argv = ["pretrain", "--config", str(REPO / "recipes" / "tiny.yaml"), f"run_dir={tmp_path / 'run'}", "device=cpu",
+            "model.encoder.kind=tiny_vit"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "rlrefine: the accelerate config asks for DeepSpeed" in err and "pip install deepspeed" in err

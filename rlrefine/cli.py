@@ -316,6 +316,13 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level)
 
 
+def _launch_errors() -> tuple[type[Exception], ...]:
+    """`AcceleratorSetupError` once the training loop is imported (evaluated only when an error propagates, so
+    commands that train nothing never import accelerate for it)."""
+    loop = sys.modules.get("rlrefine.trainers.loop")
+    return () if loop is None else (loop.AcceleratorSetupError,)
+
+
 def main(argv: list[str] | None = None) -> int:
     from rlrefine.dry_run import DryRunError
 
@@ -337,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             _dry_run(args, cfg)
         else:
             (_run if args.command == "run" else COMMANDS[args.command][0])(args, cfg)
-    except (RecipeError, DryRunError) as exc:
+    except (RecipeError, DryRunError, *_launch_errors()) as exc:
         print(f"rlrefine: {exc}", file=sys.stderr)
         return 2
     except (FileNotFoundError, BadImageError, RewardTargetError) as exc:

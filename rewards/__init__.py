@@ -41,8 +41,9 @@ Public API
   ``rlrefine.trainers.distill``).
 * :mod:`rewards.fidelity`: how faithfully a student imitates its teacher (rank correlations, argmax
   agreement, decision agreement, which tower limits it).
-* :mod:`rewards.text_student`: ``TextStudentConfig``, ``build_text_student``, ``distill_text_tower``,
-  ``TextStudentScore`` (a student for CLIP-sized teachers: the teacher's image tower, a small text tower).
+* :mod:`rewards.text_student`: ``TextStudentConfig``, ``build_text_student``, ``TextStudentScore`` (a student
+  for CLIP-sized teachers: an open_clip image tower kept, a small text tower; trained by
+  ``rlrefine.trainers.distill_text``, loaded as kind ``distilled``).
 * :mod:`rewards.shaping`: ``schedule``, ``length_budget``, ``shape_rewards`` (the graduality shaping).
 * :mod:`rewards.cider`: ``CiderD`` (the one CIDEr-D implementation, also behind the metric),
   ``CiderReward`` (kind ``cider``: document frequencies from the training captions).
@@ -75,7 +76,7 @@ from .fidelity import kendall_tau, spearman
 from .loading import BatchedPreprocess, load_open_clip, read_state_dict, register_model_config
 from .grammar import GrammarReward
 from .shaping import length_budget, schedule, shape_rewards
-from .text_student import TextStudentConfig, TextStudentScore, build_text_student, distill_text_tower
+from .text_student import TextStudentConfig, TextStudentScore, build_text_student
 from .weighted import WeightedSum
 
 __all__ = [
@@ -102,7 +103,6 @@ __all__ = [
     "build_text_student",
     "check_reward",
     "clip_s",
-    "distill_text_tower",
     "harmonic_mean",
     "kendall_tau",
     "length_budget",

@@ -1,5 +1,5 @@
 """Caption rewards for rlrefine: CLIP-S, RefCLIP-S, PAC-S, RefPAC-S, learned and distilled evaluators,
-CIDEr-D, and rewards users bring (a python target, weighted sums, the shapes grammar).
+BLIP image-text matching, CIDEr-D, and rewards users bring (a python target, weighted sums, the shapes grammar).
 
 Where it sits: ``rlrefine.data -> rlrefine.models -> rewards -> rlrefine.losses -> trainers``.
 This package imports nothing from ``rlrefine`` above the data layer.
@@ -44,6 +44,8 @@ Public API
 * :mod:`rewards.text_student`: ``TextStudentConfig``, ``build_text_student``, ``TextStudentScore`` (a student
   for CLIP-sized teachers: an open_clip image tower kept, a small text tower; trained by
   ``rlrefine.trainers.distill_text``, loaded as kind ``distilled``).
+* :mod:`rewards.itm`: ``ITMScore`` (kind ``itm``: BLIP's image-text matching probability from a local
+  transformers ``BlipForImageTextRetrieval`` folder), ``load_blip_itm``.
 * :mod:`rewards.shaping`: ``schedule``, ``length_budget``, ``shape_rewards`` (the graduality shaping).
 * :mod:`rewards.cider`: ``CiderD`` (the one CIDEr-D implementation, also behind the metric),
   ``CiderReward`` (kind ``cider``: document frequencies from the training captions).
@@ -76,6 +78,7 @@ from .fidelity import kendall_tau, spearman
 from .loading import BatchedPreprocess, load_open_clip, read_state_dict, register_model_config
 from .grammar import GrammarReward
 from .shaping import length_budget, schedule, shape_rewards
+from .itm import ITMScore, load_blip_itm
 from .text_student import TextStudentConfig, TextStudentScore, build_text_student
 from .weighted import WeightedSum
 
@@ -89,6 +92,7 @@ __all__ = [
     "DistilledScore",
     "EvaluatorConfig",
     "GrammarReward",
+    "ITMScore",
     "LearnedScore",
     "OpenCLIPReward",
     "PACScore",
@@ -106,6 +110,7 @@ __all__ = [
     "harmonic_mean",
     "kendall_tau",
     "length_budget",
+    "load_blip_itm",
     "python_reward",
     "load_open_clip",
     "read_state_dict",

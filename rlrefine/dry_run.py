@@ -22,9 +22,11 @@ GPU. The projection of a training stage is its measured fixed cost (loading data
 rewards; saving) plus the recipe's steps × s/step (at the recipe's batch size); of the report, the
 fixed cost (loading; METEOR / SPICE start-up) plus the recipe's `evaluate.num_images` × the seconds
 per image (the slope between evaluations of the XE model on half and all of the handful), times the
-number of models the report compares (all share the XE model's architecture and code path).
-train-evaluator and distill-reward have no step hook: their s/step is the stage time over the
-steps, an upper bound. Not projected: the periodic validations inside training (`eval_every`) and
+number of models the report compares (all share the XE model's architecture and code path); of a
+distill-reward stage (one per student a reward reads), the recipe's steps × s/step plus its setup and
+held-out report (the captioner's candidates, the teacher's scores of the pairs), which grow with the
+images: scaled from the dry run's handful to the recipe's max(max_images, candidate_images).
+train-evaluator has no step hook: its s/step is the stage time over the steps, an upper bound. Not projected: the periodic validations inside training (`eval_every`) and
 the end-of-training reports, which run at the dry run's handful of images.
 
 The first broken piece stops the dry run with a `DryRunError` naming the stage and the cause (a
@@ -231,6 +233,20 @@ def _training_row(stage: str, seconds: float, clock: _StepClock, full_steps: int
                        _peak_cuda_gb(), note)
 
 
+def _distill_row(stage: str, seconds: float, clock: _StepClock, full: Any, short: Any, images: int) -> StageResult:
+    """A distill-reward row: the steps at the measured s/step (scaled to the recipe's images per step), plus the
+    stage's setup and report (the captioner's candidates, the teacher's scores of every pair, the held-out report),
+    which grow with the images: scaled by the recipe's max(max_images, candidate_images) over the dry run's images."""
+    row = _training_row(stage, seconds, clock, full.active.steps, short.active.images_per_step, full.active.images_per_step)
+    if row.s_per_step is None:
+        return row
+    fixed = max(0.0, seconds - len(clock.times) * clock.s_per_step())
+    full_images = max(full.active.max_images or 0, full.candidate_images, images)
+    row.projected_s = fixed * full_images / images + full.active.steps * row.s_per_step
+    row.note = "; ".join(x for x in (row.note, f"setup and report scaled from {images} to {full_images} images") if x)
+    return row
+
+
 def _upper_bound_row(stage: str, seconds: float, steps: int, full_steps: int, batch_run: int,
                      full_batch: int) -> StageResult:
     sps = seconds / steps * full_batch / batch_run
@@ -284,10 +300,10 @@ def dry_run(cfg: RecipeConfig, until: str | None = None, steps: int = DRY_RUN_ST
                                       cfg.pretrain.batch_size))
         elif name.startswith("distill-reward"):
             student = name[len("distill-reward["):-1] if name.endswith("]") else None
-            seconds, _ = _measure(name, dry, lambda: distill_stage(dry, name=student))
+            clock = _StepClock()
+            seconds, _ = _measure(name, dry, lambda: distill_stage(dry, name=student, on_step_end=clock))
             full, short = (c.distill if student is None else c.distill.extra(student) for c in (cfg, dry))
-            rows.append(_upper_bound_row(name, seconds, steps, full.active.steps, short.active.images_per_step,
-                                         full.active.images_per_step))
+            rows.append(_distill_row(name, seconds, clock, full, short, images))
         elif name == "finetune":
             full = cfg.finetune_variants()
             for variant, section in dry.finetune_variants().items():

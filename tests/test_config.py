@@ -94,14 +94,15 @@ def test_coco_recipe_keeps_the_dico_reference_settings(tmp_path):
     # every reward / encoder is the QuickGELU architecture the PAC-S and OpenAI weights need
     sections = [cfg.model.encoder, r, e.evaluator, *e.extra_rewards.values(), cfg.distill.teacher]
     assert {s.model_name for s in sections} == {"ViT-B-32-quickgelu"}
-    # the pipeline: no learned evaluator, no distillation (PAC-S is the reward), DiCO and SCST, the report
+    # the pipeline: no learned evaluator; the text student of PAC-S as DiCO trains on it for dico_distilled; DiCO
+    # against PAC-S and against the student, SCST, the report
     from rlrefine.pipeline import stages
 
-    assert [s.name for s in stages(cfg)] == ["pretrain", "finetune", "report"]
-    distilled = load_recipe(RECIPES / "coco_vitb32.yaml", _user_paths(tmp_path) + ["finetune.reward.kind=distilled",
-                            "finetune.reward.model_name=null", "finetune.reward.checkpoint=null", "finetune.reward.scale=null",
-                            "finetune.reward.prefix=null", "finetune.reward.clamp=null"])
-    assert [s.name for s in stages(distilled)] == ["pretrain", "distill-reward", "finetune", "report"]
+    assert [s.name for s in stages(cfg)] == ["pretrain", "distill-reward", "finetune", "report"]
+    d = cfg.distill
+    assert (d.student_kind, d.teacher.scale, d.teacher.prefix, d.teacher.clamp) == ("text", 2.0, "", False)
+    assert cfg.variant("dico_distilled").reward.kind == "distilled" and cfg.variant("dico_distilled").dico.tau == 300
+
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))

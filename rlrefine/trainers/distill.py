@@ -368,10 +368,12 @@ def captioner_candidates(cfg: RecipeConfig, split, index, beams: int, sampled: b
     return out
 
 
-def distill_stage(cfg: RecipeConfig, resume: bool = False, name: str | None = None) -> dict:
+def distill_stage(cfg: RecipeConfig, resume: bool = False, name: str | None = None,
+                  on_step_end: Callable[..., None] | None = None) -> dict:
     """`rlrefine distill-reward`: a compact student imitating the recipe's teacher reward -> <run_dir>/distill, or the
     named student ``name`` (`distill.extra_students`) -> <run_dir>/distill_<name>. `distill.student_kind` picks the
-    student: `dual` (`DistillLoop`) or `text` (`rlrefine.trainers.distill_text.TextDistillLoop`)."""
+    student: `dual` (`DistillLoop`) or `text` (`rlrefine.trainers.distill_text.TextDistillLoop`). ``on_step_end``:
+    called after every optimizer step (the dry run's clock)."""
     from rewards.registry import build_reward
     from rlrefine.data.sources import load_splits
     from rlrefine.trainers.model_card import scalars_table, write_model_card
@@ -398,10 +400,10 @@ def distill_stage(cfg: RecipeConfig, resume: bool = False, name: str | None = No
         settings = text_loop_settings(d.text_student, stage_dir, seed=cfg.seed, device=cfg.device, threads=cfg.threads,
                                       section=f"{section}.text_student")
         loop: TrainingLoop = TextDistillLoop(d.text_student, teacher, splits["train"], settings, candidates,
-                                             image_tower=tower, recipe=cfg)
+                                             image_tower=tower, recipe=cfg, on_step_end=on_step_end)
     else:
         settings = loop_settings(d.student, stage_dir, seed=cfg.seed, device=cfg.device, threads=cfg.threads)
-        loop = DistillLoop(d.student, teacher, splits["train"], settings, candidates, recipe=cfg)
+        loop = DistillLoop(d.student, teacher, splits["train"], settings, candidates, recipe=cfg, on_step_end=on_step_end)
     report = loop.run(resume)
     if loop.acc.is_main_process:
         (stage_dir / "report.json").write_text(json.dumps(report, indent=1))

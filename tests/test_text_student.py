@@ -1,6 +1,7 @@
 """rewards.text_student + rlrefine.trainers.distill_text: an open_clip image tower kept exact, a small text tower
 distilled onto the teacher through the shared loop, saved, and loaded back as reward kind `distilled`."""
 import json
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -86,6 +87,16 @@ def test_text_student_distils_through_the_loop_and_loads_as_distilled(teacher_ch
     idx = torch.tensor([0, 0, 1, 2])
     assert torch.allclose(built(images, caps, image_index=idx), loaded(images, caps, image_index=idx))
     assert torch.equal(loaded.embed_images(images), teacher.embed_images(images))  # exact image side, reloaded
+    with pytest.raises(FileNotFoundError, match="neither student.json .* nor text_student.json"):
+        DistilledScore.from_dir(tmp_path / "nothing")
+
+
+def test_distill_reward_names_a_missing_student(capsys):
+    from rlrefine import cli
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+    assert cli.main(["distill-reward", "--config", str(recipe), "--student", "text"]) == 2
+    assert "--student text: distill.extra_students has no student of that name (it has: none)" in capsys.readouterr().err
 
 
 def test_word_text_student_keeps_its_vocabulary(teacher_checkpoint, tmp_path):

@@ -40,7 +40,7 @@ from rewards.distill import DistillConfig, DistilledScore, WordTokens, narrow_re
 from rewards.evaluator import build_dual_encoder, save_dual_encoder
 from rewards.fidelity import (CANDIDATE, HARD, HELDOUT_FILE, REF, Pairs, compare_to_teacher, decision_agreement, groups_of,
                               ranking_report, save_pairs, score_pairs)
-from rlrefine.config import RecipeConfig
+from rlrefine.config import RecipeConfig, RecipeError
 from rlrefine.data.split import image_rows, images_and_captions
 from rlrefine.losses import hard_negative_margin, listwise_kl
 from rlrefine.trainers.evaluator import clip_param_groups
@@ -379,8 +379,8 @@ def distill_stage(cfg: RecipeConfig, resume: bool = False, name: str | None = No
     from rlrefine.trainers.model_card import scalars_table, write_model_card
 
     if name is not None and name not in cfg.distill.extra_students:
-        raise ValueError(f"no student named {name!r} in distill.extra_students (it has: "
-                         f"{', '.join(cfg.distill.extra_students) or 'none'})")
+        raise RecipeError(f"--student {name}: distill.extra_students has no student of that name (it has: "
+                          f"{', '.join(cfg.distill.extra_students) or 'none'})")
     d = cfg.distill if name is None else cfg.distill.extra(name)
     section = "distill" if name is None else f"distill.extra_students.{name}"
     splits = load_splits(cfg.data)

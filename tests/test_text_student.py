@@ -95,8 +95,8 @@ def test_distill_reward_names_a_missing_student(capsys):
     from rlrefine import cli
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
-    assert cli.main(["distill-reward", "--config", str(recipe), "--student", "text"]) == 2
-    assert "--student text: distill.extra_students has no student of that name (it has: none)" in capsys.readouterr().err
+    assert cli.main(["distill-reward", "--config", str(recipe), "--student", "nope"]) == 2
+    assert "--student nope: distill.extra_students has no student of that name" in capsys.readouterr().err
 
 
 def test_word_text_student_keeps_its_vocabulary(teacher_checkpoint, tmp_path):

@@ -1,11 +1,12 @@
 """The stages of a recipe and the order `rlrefine run` runs them in.
 
-    train-evaluator -> pretrain -> distill-reward -> finetune (each `compare` variant and seed) -> report
+    train-evaluator -> pretrain -> distill-reward (and distill-reward[<name>] for each named student)
+                    -> finetune (each `compare` variant and seed) -> report
 
 Where it sits: above every stage (`rlrefine.trainers.*`, `rlrefine.report`), below the CLI and the dry
 run. Each stage writes into the recipe's run_dir and has a marker file; `run_pipeline` skips a stage whose
-marker exists (unless forced). train-evaluator and distill-reward are in the list only when the run reads
-their output (`needs_evaluator`, `needs_distilled`).
+marker exists (unless forced). train-evaluator and the distill-reward stages are in the list only when the
+run reads their output (`needs_evaluator`; `RecipeConfig.distillations`: the students some reward reads).
 """
 
 from __future__ import annotations

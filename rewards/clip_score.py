@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .loading import load_open_clip, register_model_config
+from .loading import load_open_clip, model_config_of, register_model_config
 from .registry import register_reward
 
 __all__ = [
@@ -96,8 +96,11 @@ class OpenCLIPReward:
 
     def __init__(self, model: torch.nn.Module, preprocess, tokenizer, *, w: float | None = None,
                  text_prefix: str | None = None, batch_size: int = 128, clamp: bool = True,
-                 bias: float = 0.0, name: str | None = None):
+                 bias: float = 0.0, name: str | None = None, architecture: dict | None = None):
         self.model = model.eval()
+        # the open_clip config of ``model`` (set by `from_pretrained`): what a student that keeps this
+        # reward's image tower saves to rebuild it (`rewards.text_student`)
+        self.architecture = architecture
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.w = float(self.default_w if w is None else w)
@@ -120,7 +123,7 @@ class OpenCLIPReward:
         loader_keys = ("allow_gelu_for_openai_weights", "option")
         loader = {k: kwargs.pop(k) for k in loader_keys if k in kwargs}
         model, preprocess, tokenizer = load_open_clip(model_name, checkpoint, device, **loader)
-        return cls(model, preprocess, tokenizer, **kwargs)
+        return cls(model, preprocess, tokenizer, architecture=model_config_of(model_name), **kwargs)
 
     @property
     def device(self) -> torch.device:

@@ -538,15 +538,16 @@ class CompareSection(Section):
     seeds each gets. Every key other than `seeds` names a variant: a mapping of `finetune` overrides,
     e.g. `scst: {method: scst, scst: {baseline: mean}}`; `compare.dico_teacher.reward.kind=learned` adds one
     from the command line. Seed s of a variant fine-tunes with recipe seed + s (batches, z_0 noise,
-    sampling) into `finetune_<name>` (s = 0) or `finetune_<name>_seed<s>`; the report gives mean ± std."""
+    sampling) into `finetune_<name>` (s = 0) or `finetune_<name>_seed<s>`; the report gives mean ± std.
+    `compare.<name>=null` leaves a recipe's variant out."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True, protected_namespaces=())
     seeds: int = Field(1, ge=1, description="fine-tuning runs per variant, seeds recipe seed + 0..seeds-1 (the report shows mean ± std)")
 
     @property
     def variants(self) -> dict[str, dict[str, Any]]:
-        """name -> finetune overrides, in recipe order."""
-        return dict(self.__pydantic_extra__ or {})
+        """name -> finetune overrides, in recipe order; a variant set to null (`compare.scst=null`) is left out."""
+        return {k: v for k, v in (self.__pydantic_extra__ or {}).items() if v is not None}
 
 
 class RecipeConfig(Section):

@@ -27,20 +27,66 @@ log = logging.getLogger(__name__)
 
 NOT_PER_MODEL = {"split", "extra_splits", "candidate_diagnostic"}  # evaluate keys that do not change a model's evaluation
 
-__all__ = ["cached_evaluation", "evaluate_checkpoint", "report", "report_stage"]
+__all__ = ["EvaluationInputs", "cached_evaluation", "evaluate_checkpoint", "report", "report_stage"]
+
+
+class EvaluationInputs:
+    """What every model's evaluation in one report shares, built on first use and then reused: the data splits,
+    the evaluator and extra rewards (loaded once, not once per model and split) and the frozen reference models."""
+
+    def __init__(self, cfg: RecipeConfig):
+        self.cfg, self.device = cfg, cfg.torch_device
+        self._splits: dict | None = None
+        self._rewards: tuple | None = None
+        self._references: dict[Path, torch.nn.Module] = {}
+
+    @property
+    def splits(self) -> dict:
+        from rlrefine.data.sources import load_splits
+
+        if self._splits is None:
+            self._splits = load_splits(self.cfg.data)
+        return self._splits
+
+    def split(self, name: str):
+        if name not in self.splits:
+            raise ValueError(f"evaluate: this data has no split '{name}' (it has {', '.join(self.splits)}); "
+                             f"change evaluate.split / evaluate.extra_splits")
+        return self.splits[name]
+
+    @property
+    def rewards(self) -> tuple:
+        """(evaluator, {name: extra reward})."""
+        from rewards.registry import build_reward
+
+        if self._rewards is None:
+            e, cfg, train = self.cfg.evaluate, self.cfg, self.splits["train"]
+            evaluator = build_reward(e.evaluator, cfg.reward_context("evaluate.evaluator", self.device, train))
+            extra = {k: build_reward(v, cfg.reward_context(f"evaluate.extra_rewards.{k}", self.device, train))
+                     for k, v in e.extra_rewards.items()}
+            self._rewards = (evaluator, extra)
+        return self._rewards
+
+    def reference(self, path: Path) -> torch.nn.Module:
+        from rlrefine.models import RefinementCaptioner
+
+        path = Path(path).resolve()
+        if path not in self._references:
+            self._references[path] = RefinementCaptioner.from_pretrained(path, map_location=self.device).eval()
+        return self._references[path]
 
 
 def evaluate_checkpoint(cfg: RecipeConfig, model_dir: Path, name: str, out_dir: Path, reference_dir: Path | None = None,
-                        split_name: str | None = None, timings: dict | None = None) -> dict:
+                        split_name: str | None = None, timings: dict | None = None,
+                        inputs: EvaluationInputs | None = None) -> dict:
     """Evaluate one saved captioner on a split (default: the recipe's evaluate.split); writes
     metrics.{json,md,png}, captions_<split>.jsonl and TensorBoard scalars into ``out_dir``.
 
-    ``timings``, if given, receives ``setup_s`` (loading the model, data and rewards) and ``eval_s``
-    (scoring the images), which the dry run projects to the full split."""
+    ``inputs`` shares the data, rewards and reference between the evaluations of one report (default: built
+    for this call). ``timings``, if given, receives ``setup_s`` (loading the model, data and rewards) and
+    ``eval_s`` (scoring the images), which the dry run projects to the full split."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from rewards.registry import build_reward
-    from rlrefine.data.sources import load_splits
     from rlrefine.data.tokenizer import CaptionTokenizer
     from rlrefine.evaluate import evaluate_model, markdown_table, write_captions, write_report
     from rlrefine.models import RefinementCaptioner
@@ -48,21 +94,15 @@ def evaluate_checkpoint(cfg: RecipeConfig, model_dir: Path, name: str, out_dir: 
 
     e = cfg.evaluate
     t0 = time.perf_counter()
-    device = cfg.torch_device
-    model = RefinementCaptioner.from_pretrained(model_dir, map_location=device).eval()
+    inputs = inputs or EvaluationInputs(cfg)
+    model = RefinementCaptioner.from_pretrained(model_dir, map_location=inputs.device).eval()
     tokenizer = CaptionTokenizer.from_dir(model_dir)
     split_name = split_name or e.split
-    splits = load_splits(cfg.data)
-    if split_name not in splits:
-        raise ValueError(f"evaluate: this data has no split '{split_name}' (it has {', '.join(splits)}); "
-                         f"change evaluate.split / evaluate.extra_splits")
-    split = splits[split_name]
-    evaluator = build_reward(e.evaluator, cfg.reward_context("evaluate.evaluator", device, splits["train"]))
-    extra = {k: build_reward(v, cfg.reward_context(f"evaluate.extra_rewards.{k}", device, splits["train"]))
-             for k, v in e.extra_rewards.items()}
+    split = inputs.split(split_name)
+    evaluator, extra = inputs.rewards
     reference = None
     if reference_dir is not None and e.kl_reference and Path(reference_dir).resolve() != Path(model_dir).resolve():
-        reference = RefinementCaptioner.from_pretrained(reference_dir, map_location=device).eval()
+        reference = inputs.reference(reference_dir)
     t1 = time.perf_counter()
     result = evaluate_model(model, tokenizer, split, evaluator, num_images=e.num_images, image_size=cfg.data.image_size,
                             max_len=cfg.finetune.max_len, schedule_kind=cfg.pretrain.schedule, schedule_eps=cfg.pretrain.schedule_eps,
@@ -112,6 +152,7 @@ def report(cfg: RecipeConfig) -> str:
     for name, sections in cfg.finetune_runs().items():
         models[name] = [cfg.run_path / section.output / "model" for section in sections]
     tables = []
+    inputs = EvaluationInputs(cfg)  # the data, rewards and reference, loaded once for every model and split
     for split in [cfg.evaluate.split, *[s for s in cfg.evaluate.extra_splits if s != cfg.evaluate.split]]:
         main = split == cfg.evaluate.split
         results = {}
@@ -123,7 +164,8 @@ def report(cfg: RecipeConfig) -> str:
                 sub_dir = out / (sub if main else f"{split}/{sub}")
                 cached = cached_evaluation(cfg, model_dir, sub_dir, split)
                 runs.append(cached if cached is not None else
-                            evaluate_checkpoint(cfg, model_dir, sub, sub_dir, reference_dir=xe_dir, split_name=split))
+                            evaluate_checkpoint(cfg, model_dir, sub, sub_dir, reference_dir=xe_dir, split_name=split,
+                                                inputs=inputs))
             results[name] = aggregate_seeds(runs)
             log.info("evaluated %s on %s (%d model%s) in %.0f s", name, split, len(dirs), "s" * (len(dirs) > 1), time.time() - t0)
         stem = "compare" if main else f"compare_{split}"
@@ -135,7 +177,7 @@ def report(cfg: RecipeConfig) -> str:
         plot_layers(results, out / f"{stem}.png")
         tables.append(table)
     if cfg.data.kind == "shapes" and cfg.evaluate.candidate_diagnostic:
-        diagnostic = candidate_diagnostic(cfg)
+        diagnostic = candidate_diagnostic(cfg, inputs.splits)
         (out / "candidates.json").write_text(json.dumps(diagnostic, indent=1))
         tables.append(candidate_table(diagnostic))
     text = "\n".join(tables)
@@ -166,7 +208,7 @@ def method_candidates(cfg: RecipeConfig, section, model_dir: Path, split, index)
     return out
 
 
-def candidate_diagnostic(cfg: RecipeConfig) -> dict:
+def candidate_diagnostic(cfg: RecipeConfig, splits: dict | None = None) -> dict:
     """Shapes data: per fine-tuning variant (its first seed), what its method's candidates at layer K hold at the
     start (drawn from the XE model) and at the end of fine-tuning (from the fine-tuned model), on the evaluation
     split and on test_novel (`rlrefine.metrics.grounding.candidate_coverage`): the share of multi-object images
@@ -179,7 +221,7 @@ def candidate_diagnostic(cfg: RecipeConfig) -> dict:
 
     from rlrefine.data.shapes import DEFAULT_HELD_OUT
 
-    splits = load_splits(cfg.data)
+    splits = splits if splits is not None else load_splits(cfg.data)
     xe_dir = cfg.run_path / "pretrain" / "model"
     result: dict = {}
     for name, section in cfg.finetune_variants().items():

@@ -193,35 +193,44 @@ def _same_state(a: Path, b: Path) -> None:
     assert not different, f"resumed weights differ from the uninterrupted run in {different}"
 
 
-def test_killed_train_evaluator_resumes_to_identical_weights(tmp_path):
+def _in_process(command: str, run_dir: Path) -> None:
+    """The uninterrupted reference run, in this process (no interpreter start); one thread, as the subprocesses."""
+    from rlrefine.cli import main
+
+    assert main([command, "--config", str(RECIPE), f"run_dir={run_dir}", "threads=1", *MICRO_DATA, *MICRO_EVALUATOR,
+                 *MICRO_STUDENT]) == 0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """One uninterrupted train-evaluator run: the reference of the evaluator's resume and the teacher of the student's."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    _in_process("train-evaluator", run_dir)
+    return run_dir
+
+
+def test_killed_train_evaluator_resumes_to_identical_weights(tmp_path, uninterrupted):
     """Killed in its text-only phase (after step 20 of 40: the image tower frozen, the optimizer restarted, the
     neighbours mined at step 20 held in the checkpoint), then resumed: the evaluator of an uninterrupted run."""
-    ref_dir, crash_dir = tmp_path / "uninterrupted", tmp_path / "crashed"
+    crash_dir = tmp_path / "crashed"
     at = _kill_after_checkpoint(_stage_cli("train-evaluator", crash_dir), crash_dir / "evaluator", 25, tmp_path)
     assert 25 <= at < 40 and not (crash_dir / "evaluator" / "evaluator.pt").exists()
-    ref = subprocess.run(_stage_cli("train-evaluator", ref_dir), env=_env(), capture_output=True, text=True, cwd=tmp_path,
-                         timeout=180)
-    assert ref.returncode == 0, ref.stderr[-3000:]
     resumed = subprocess.run(_stage_cli("train-evaluator", crash_dir, "--resume"), env=_env(), capture_output=True, text=True,
                              cwd=tmp_path, timeout=180)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
-    _same_state(ref_dir / "evaluator" / "evaluator.pt", crash_dir / "evaluator" / "evaluator.pt")
+    _same_state(uninterrupted / "evaluator" / "evaluator.pt", crash_dir / "evaluator" / "evaluator.pt")
     report = json.loads((crash_dir / "evaluator" / "report.json").read_text())
     assert report["data_issues"]["bad_images"] == 0 and "swap_acc" in report
 
 
-def test_killed_distill_reward_resumes_to_identical_weights(tmp_path):
+def test_killed_distill_reward_resumes_to_identical_weights(tmp_path, uninterrupted):
     ref_dir, crash_dir = tmp_path / "uninterrupted", tmp_path / "crashed"
-    teacher = subprocess.run(_stage_cli("train-evaluator", ref_dir), env=_env(), capture_output=True, text=True,
-                             cwd=tmp_path, timeout=180)
-    assert teacher.returncode == 0, teacher.stderr[-3000:]
-    shutil.copytree(ref_dir / "evaluator", crash_dir / "evaluator")
+    for d in (ref_dir, crash_dir):
+        shutil.copytree(uninterrupted / "evaluator", d / "evaluator")
     at = _kill_after_checkpoint(_stage_cli("distill-reward", crash_dir), crash_dir / "distill", 10, tmp_path)
     assert 10 <= at < 30 and not (crash_dir / "distill" / "student.pt").exists()
-    ref = subprocess.run(_stage_cli("distill-reward", ref_dir), env=_env(), capture_output=True, text=True, cwd=tmp_path,
-                         timeout=180)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    _in_process("distill-reward", ref_dir)
     resumed = subprocess.run(_stage_cli("distill-reward", crash_dir, "--resume"), env=_env(), capture_output=True,
                              text=True, cwd=tmp_path, timeout=180)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

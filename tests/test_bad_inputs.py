@@ -67,7 +67,7 @@ def coco_dataset(tmp_path, bad: set[tuple[str, int]] = frozenset()):
                             "sentences": [{"raw": f"a {colour} picture"}, {"raw": f"an image that is {colour}"}]})
     ann = tmp_path / "dataset_coco.json"
     ann.write_text(json.dumps({"images": entries}))
-    return [f"data.kind=coco", f"data.coco.annotations={ann}", f"data.coco.image_root={root}"]
+    return ["data.kind=coco", f"data.coco.annotations={ann}", f"data.coco.image_root={root}"]
 
 
 def _raw_draws(n: int, probs, seed: int, step: int, batch: int) -> list[int]:

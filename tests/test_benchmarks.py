@@ -2,7 +2,6 @@
 and the decode benchmark checked the cached and naive decodes agree. No timing assertions."""
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest

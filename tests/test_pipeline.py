@@ -39,7 +39,7 @@ def run_dir(tmp_path_factory):
     layer and model. Every fine-tuning variant runs with two seeds."""
     out = tmp_path_factory.mktemp("pipeline")
     console = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(console), \
+    with contextlib.redirect_stderr(console), \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")  # as a plain `python` run shows them (deprecations hidden)
         for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):

@@ -1,7 +1,6 @@
 """rewards.clip_score / rewards.loading on a tiny random open_clip model saved to tmp_path."""
 import json
 
-import numpy as np
 import open_clip
 import pytest
 import torch

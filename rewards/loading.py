@@ -42,9 +42,8 @@ __all__ = [
     "register_model_config",
 ]
 
-# open_clip keeps its architecture registry as module state; we add our configs to it by writing
-# each into one temporary folder per process (that is what `open_clip.add_model_config` reads).
-_CONFIG_DIR: Path | None = None
+# open_clip keeps its architecture registry as module state; we add our configs to it through
+# `open_clip.add_model_config`, which reads a JSON file (written to a temporary folder, removed after).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 # open_clip's preference order for weights inside a `local-dir:` folder, then our own names.
 _PREFERRED_WEIGHTS = (
@@ -63,7 +62,6 @@ def register_model_config(name: str, model_cfg: dict) -> str:
     """
     import open_clip
 
-    global _CONFIG_DIR
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in model_cfg]
     if missing:
         raise ValueError(f"model config for {name!r} lacks keys {missing}")
@@ -74,11 +72,11 @@ def register_model_config(name: str, model_cfg: dict) -> str:
                 f"open_clip architecture {name!r} is already registered with a different config; "
                 f"pick another name. registered={existing} new={model_cfg}")
         return name
-    if _CONFIG_DIR is None:
-        _CONFIG_DIR = Path(tempfile.mkdtemp(prefix="rlrefine_open_clip_cfgs_"))
-    path = _CONFIG_DIR / f"{name}.json"
-    path.write_text(json.dumps(model_cfg, indent=2))
-    open_clip.add_model_config(path)
+    # open_clip reads the file when it is added and keeps the config in memory: the folder can go at once
+    with tempfile.TemporaryDirectory(prefix="rlrefine_open_clip_cfg_") as folder:
+        path = Path(folder) / f"{name}.json"
+        path.write_text(json.dumps(model_cfg, indent=2))
+        open_clip.add_model_config(path)
     return name
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .loading import load_open_clip, model_config_of, register_model_config
+from .protocol import caption_image_index
 from .registry import register_reward
 
 __all__ = [
@@ -173,16 +174,7 @@ class OpenCLIPReward:
         """
         captions = list(captions)
         n_images = len(images)
-        if image_index is None:
-            if n_images != len(captions):
-                raise ValueError(f"{len(captions)} captions for {n_images} images: pass image_index "
-                                 "to score several captions per image")
-            image_index = torch.arange(n_images)
-        image_index = torch.as_tensor(image_index, dtype=torch.long).flatten()
-        if image_index.numel() != len(captions):
-            raise ValueError(f"image_index has {image_index.numel()} entries for {len(captions)} captions")
-        if len(captions) and (int(image_index.min()) < 0 or int(image_index.max()) >= n_images):
-            raise ValueError(f"image_index out of range for {n_images} images")
+        image_index = caption_image_index(n_images, len(captions), image_index)
         if not captions:
             return torch.zeros(0, device=self.device)
         texts = list(captions)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .loading import BatchedPreprocess
+from .protocol import caption_image_index
 from .registry import register_reward
 
 log = logging.getLogger(__name__)
@@ -165,18 +166,9 @@ class ITMScore:
         """Match probabilities ``[len(captions)]`` (references are not read)."""
         captions = list(captions)
         n_images = len(images)
-        if image_index is None:
-            if n_images != len(captions):
-                raise ValueError(f"{len(captions)} captions for {n_images} images: pass image_index "
-                                 "to score several captions per image")
-            image_index = torch.arange(n_images)
-        image_index = torch.as_tensor(image_index, dtype=torch.long).flatten().cpu()
-        if image_index.numel() != len(captions):
-            raise ValueError(f"image_index has {image_index.numel()} entries for {len(captions)} captions")
+        image_index = caption_image_index(n_images, len(captions), image_index)
         if not captions:
             return torch.zeros(0, device=self.device)
-        if int(image_index.min()) < 0 or int(image_index.max()) >= n_images:
-            raise ValueError(f"image_index out of range for {n_images} images")
         pairs = list(dict.fromkeys(zip(image_index.tolist(), captions)))  # each distinct (image row, caption) once
         where = {p: k for k, p in enumerate(pairs)}
         scores = torch.empty(len(pairs), device=self.device)

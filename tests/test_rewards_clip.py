@@ -259,3 +259,17 @@ def test_recipe_pacs_reward_from_a_state_dict_file_equals_the_quickgelu_model(ar
     assert torch.allclose(reward(images, captions), 2.0 * (img * txt).sum(-1), atol=1e-5)
     official = build_reward(cfg.evaluate.evaluator, cfg.reward_context("evaluate.evaluator", "cpu"))
     assert (official.w, official.text_prefix, official.clamp) == (2.0, "A photo depicts ", True)
+
+
+def test_caption_image_index_checks_the_protocol_arguments():
+    from rewards.protocol import caption_image_index
+
+    assert caption_image_index(3, 3, None).tolist() == [0, 1, 2]
+    assert caption_image_index(2, 4, [0, 0, 1, 1]).tolist() == [0, 0, 1, 1]
+    assert caption_image_index(2, 0, []).numel() == 0
+    with pytest.raises(ValueError, match="pass image_index"):
+        caption_image_index(2, 3, None)
+    with pytest.raises(ValueError, match="3 entries for 2 captions"):
+        caption_image_index(2, 2, [0, 1, 1])
+    with pytest.raises(ValueError, match="out of range for 2 images"):
+        caption_image_index(2, 2, [0, 2])

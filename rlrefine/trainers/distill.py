@@ -137,6 +137,21 @@ def held_decisions(student: Callable, teacher: Callable, images: Any, captions: 
     return out
 
 
+def untrained_metrics(scores: torch.Tensor, held_pairs: Pairs) -> dict[str, float]:
+    """The untrained student's ranking of the held-out pairs, as ``init/<figure>``: the baseline of the report."""
+    init = ranking_report(scores, held_pairs.teacher, held_pairs.image, kendall=False)
+    return {f"init/{k}": v for k, v in init.items()}
+
+
+def student_optimizer(tower: torch.nn.Module, scale: list[torch.nn.Parameter], c: Any):
+    """AdamW over a student's trained tower (CLIP's weight-decay groups) and its score scale w, b (no decay), with
+    warm-up then cosine decay over ``c.steps``: every student kind trains with it."""
+    params = clip_param_groups(tower, c.weight_decay)
+    params.append({"params": scale, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.98), eps=1e-6)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, c.warmup_steps, c.steps))
+
+
 class ScoredStudent(torch.nn.Module):
     """The student dual encoder and its score scale ``w`` and offset ``b``: s = w · cos + b."""
 
@@ -167,13 +182,9 @@ class DistillLoop(TrainingLoop):
         self.train_pairs, self.held_pairs = data.train_pairs, data.held_pairs
         self._teacher_targets(data.image_emb, data.n)
         self._build_student()
-        init = ranking_report(self.student_scores(self.held_pairs), self.held_pairs.teacher, self.held_pairs.image, kendall=False)
-        self.metrics: dict[str, float] = {f"init/{k}": v for k, v in init.items()}  # the untrained student's baseline
+        self.metrics: dict[str, float] = untrained_metrics(self.student_scores(self.held_pairs), self.held_pairs)
         self.groups = list(groups_of(self.train_pairs.image).items())
-        params = clip_param_groups(self.student.model, c.weight_decay)
-        params.append({"params": [self.student.w, self.student.b], "weight_decay": 0.0})
-        self.optimizer = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.98), eps=1e-6)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_cosine(s, c.warmup_steps, c.steps))
+        self.optimizer, self.scheduler = student_optimizer(self.student.model, [self.student.w, self.student.b], c)
         self.teacher_all, self.kind_all = self.train_pairs.teacher.to(device), self.train_pairs.kind.to(device)
         texts = [c.text_prefix + x for x in self.train_pairs.caption]  # tokenized once, not at every step
         self.train_tokens = torch.cat([self.tokenizer(texts[i:i + 4096]) for i in range(0, len(texts), 4096)]).to(device)
@@ -306,15 +317,23 @@ class DistillLoop(TrainingLoop):
         # held-out report, with the saved student loaded through the reward protocol
         save_pairs(self.held_pairs, out_dir / HELDOUT_FILE)
         scorer = DistilledScore.from_dir(out_dir, device=self.acc.device)
-        metrics = dict(self.metrics)
-        metrics.update(compare_to_teacher(scorer, self.teacher, self.images, self.captions, self.held_pairs,
-                                          repeats=c.timing_repeats))
-        metrics.update(held_decisions(scorer, self.teacher, self.images, self.captions, self.held_pairs, self.candidates))
-        metrics["train_pairs"] = float(len(self.train_pairs.caption))
-        self.acc.log({f"distill/heldout_{k}": v for k, v in metrics.items()}, step=self.settings.steps)
+        metrics = held_out_report(self, scorer, c.timing_repeats)
         save_dual_encoder(student.model, out_dir, "student", self.name, self.model_cfg, {**manifest, "metrics": metrics})
         log.debug("distill-reward: saved to %s (%s)", out_dir, metrics)
         return metrics
+
+
+def held_out_report(loop: Any, scorer: Callable, timing_repeats: int) -> dict[str, float]:
+    """A distillation loop's final report: the saved student (``scorer``, loaded through the reward protocol) against
+    the teacher on the held-out pairs (ranking, speed, the decisions of the captioner's candidates), beside the
+    untrained student's figures; logged to the stage's TensorBoard run."""
+    metrics = dict(loop.metrics)
+    metrics.update(compare_to_teacher(scorer, loop.teacher, loop.images, loop.captions, loop.held_pairs,
+                                      repeats=timing_repeats))
+    metrics.update(held_decisions(scorer, loop.teacher, loop.images, loop.captions, loop.held_pairs, loop.candidates))
+    metrics["train_pairs"] = float(len(loop.train_pairs.caption))
+    loop.acc.log({f"distill/heldout_{k}": v for k, v in metrics.items()}, step=loop.settings.steps)
+    return metrics
 
 
 def loop_settings(dcfg: DistillConfig, stage_dir: Path, **fields: Any) -> LoopSettings:

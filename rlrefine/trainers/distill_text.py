@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from rewards.distill import DistilledScore
-from rewards.fidelity import HELDOUT_FILE, Pairs, compare_to_teacher, groups_of, ranking_report, save_pairs, score_pairs
+from rewards.fidelity import HELDOUT_FILE, Pairs, groups_of, save_pairs, score_pairs
 from rewards.text_student import TextStudentConfig, TextStudentScore, build_text_student
 from rlrefine.losses import listwise_kl
-from rlrefine.trainers.distill import candidate_pairs, held_decisions, prepare_pairs
-from rlrefine.trainers.evaluator import clip_param_groups
-from rlrefine.trainers.loop import LoopSettings, StepOutput, TrainingLoop, warmup_cosine
+from rlrefine.trainers.distill import (candidate_pairs, held_out_report, prepare_pairs, student_optimizer,
+                                      untrained_metrics)
+from rlrefine.trainers.loop import LoopSettings, StepOutput, TrainingLoop
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +90,9 @@ class TextDistillLoop(TrainingLoop):
         self.train_tokens = torch.cat([self.student.tokenizer(texts[i:i + 4096]) for i in range(0, len(texts), 4096)]).to(device)
         self.teacher_all = self.train_pairs.teacher.to(device)
         self.pair_image = self.train_pairs.image.to(device)
-        init = ranking_report(self.student_scores(self.held_pairs), self.held_pairs.teacher, self.held_pairs.image, kendall=False)
-        self.metrics: dict[str, float] = {f"init/{k}": v for k, v in init.items()}  # the untrained student's baseline
+        self.metrics: dict[str, float] = untrained_metrics(self.student_scores(self.held_pairs), self.held_pairs)
         self.groups = list(groups_of(self.train_pairs.image).items())
-        params = clip_param_groups(self.scored.text, c.weight_decay)
-        params.append({"params": [self.scored.w, self.scored.b], "weight_decay": 0.0})
-        self.optimizer = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.98), eps=1e-6)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_cosine(s, c.warmup_steps, c.steps))
+        self.optimizer, self.scheduler = student_optimizer(self.scored.text, [self.scored.w, self.scored.b], c)
         self.scored.train()
         self.model = self.scored
 
@@ -175,12 +171,7 @@ class TextDistillLoop(TrainingLoop):
         scorer = DistilledScore.from_dir(out_dir, device=self.acc.device)  # the saved student, through the protocol
         if not isinstance(scorer, TextStudentScore):
             raise RuntimeError(f"{out_dir} did not load back as a text student")
-        metrics = dict(self.metrics)
-        metrics.update(compare_to_teacher(scorer, self.teacher, self.images, self.captions, self.held_pairs,
-                                          repeats=c.timing_repeats))
-        metrics.update(held_decisions(scorer, self.teacher, self.images, self.captions, self.held_pairs, self.candidates))
-        metrics["train_pairs"] = float(len(self.train_pairs.caption))
-        self.acc.log({f"distill/heldout_{k}": v for k, v in metrics.items()}, step=self.settings.steps)
+        metrics = held_out_report(self, scorer, c.timing_repeats)
         student.save(out_dir, {**manifest, "metrics": metrics}, weights=False)
         log.debug("distill-reward (text student): saved to %s (%s)", out_dir, metrics)
         return metrics

@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
                    for row in noise_sensitivity(teacher, images, pairs, cosines, seed=args.seed)]
     decisions = None
     if (cfg.run_path / "pretrain" / "model").is_dir():
-        from rlrefine.trainers.distill import captioner_candidates
+        from rlrefine.trainers.distill_stage import captioner_candidates
 
         held = sorted(set(pairs.image.tolist()))
         beams = captioner_candidates(cfg, split, held, cfg.finetune.num_candidates, sampled=False)

@@ -275,7 +275,7 @@ def decision_agreement(student: Callable, teacher: Callable, images: Any, captio
     candidates at one refinement layer is best (DiCO's winner, whose softmax weight is largest).
 
     ``candidates``: ``(image_idx, layer, caption)``, e.g. the captioner's beams at every layer
-    (``rlrefine.pipeline.captioner_candidates``); ``image_idx`` indexes ``images`` / ``captions``.
+    (``rlrefine.trainers.distill_stage.captioner_candidates``); ``image_idx`` indexes ``images`` / ``captions``.
     Both rewards score every candidate once (a ``Ref*`` teacher with the image's references).
     Returns the per-group figures of the held-out report with one (image, layer) as one group
     (``argmax_agreement``, ``argmax_regret``, ``teacher_top2_gap_median``, ``spearman_per_image``:

@@ -111,7 +111,7 @@ def _train_evaluator(args, cfg: RecipeConfig) -> None:
 
 
 def _distill(args, cfg: RecipeConfig) -> None:
-    from rlrefine.trainers.distill import distill_stage
+    from rlrefine.trainers.distill_stage import distill_stage
 
     distill_stage(cfg, resume=args.resume, name=args.student)
 

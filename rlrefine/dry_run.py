@@ -267,7 +267,7 @@ def dry_run(cfg: RecipeConfig, until: str | None = None, steps: int = DRY_RUN_ST
     ``batch``: cap on every batch size; "auto" = `default_batch` (the recipe's sizes on a GPU, the
     `DRY_RUN_CPU_BATCH` images on a CPU), None = the recipe's sizes."""
     from rlrefine.pipeline import stages
-    from rlrefine.trainers.distill import distill_stage
+    from rlrefine.trainers.distill_stage import distill_stage
     from rlrefine.trainers.evaluator import train_evaluator_stage
     from rlrefine.trainers.finetune import finetune
     from rlrefine.trainers.pretrain import pretrain

@@ -68,7 +68,7 @@ def stages(cfg: RecipeConfig) -> list[Stage]:
     """The recipe's stages in order. train-evaluator and distill-reward are there only when the run
     reads their output (one distill-reward stage per student a reward reads)."""
     from rlrefine.report import report_stage
-    from rlrefine.trainers.distill import distill_stage
+    from rlrefine.trainers.distill_stage import distill_stage
     from rlrefine.trainers.evaluator import train_evaluator_stage
     from rlrefine.trainers.pretrain import pretrain
 

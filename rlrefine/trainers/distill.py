@@ -5,7 +5,7 @@ student learns the teacher's scores and, above all, its per-image ordering, on t
 show it:
 
 * pairs: every reference caption of an image; the captioner's own candidates from every layer
-  (`captioner_candidates`); and HELIP-style hard pairs, captions of the images nearest to each image in
+  (`rlrefine.trainers.distill_stage.captioner_candidates`); and HELIP-style hard pairs, captions of the images nearest to each image in
   the *teacher's* image-embedding space;
 * loss = ``mse_weight`` · mean (s − t)² + ``listwise_weight`` · `rlrefine.losses.listwise_kl` (per-image
   lists) + ``margin_weight`` · `rlrefine.losses.hard_negative_margin` (the image's best reference above its
@@ -16,14 +16,14 @@ show it:
 Reported on held-out images' pairs (`rewards.fidelity.compare_to_teacher`; the pairs are saved as
 ``heldout_pairs.json`` so ``benchmarks/distill.py`` can measure them again): Spearman and Kendall with
 the teacher, argmax agreement and regret, pairs/s of student and teacher, and which tower limits the
-ranking. `distill_reward` is the library entry point (a config, a teacher, a split, an output folder);
-`distill_stage` is the recipe stage (the teacher a reward section names, the XE captioner's candidates).
+ranking. `distill_reward` is the library entry point (a config, a teacher, a split, an output folder); the
+recipe stage is `rlrefine.trainers.distill_stage`. The pair data, the optimizer and the held-out report here are
+shared with the text student (`rlrefine.trainers.distill_text`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 import logging
 import random
@@ -31,7 +31,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,7 +39,6 @@ from rewards.distill import DistillConfig, DistilledScore, WordTokens, narrow_re
 from rewards.evaluator import build_dual_encoder, save_dual_encoder
 from rewards.fidelity import (CANDIDATE, HARD, HELDOUT_FILE, REF, Pairs, compare_to_teacher, decision_agreement, groups_of,
                               ranking_report, save_pairs, score_pairs)
-from rlrefine.config import RecipeConfig, RecipeError
 from rlrefine.data.split import image_rows, images_and_captions
 from rlrefine.losses import hard_negative_margin, listwise_kl
 from rlrefine.trainers.evaluator import clip_param_groups
@@ -48,7 +46,8 @@ from rlrefine.trainers.loop import LoopSettings, StepOutput, TrainingLoop, warmu
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistillLoop", "build_pairs", "captioner_candidates", "distill_reward", "distill_stage"]
+__all__ = ["DistillLoop", "build_pairs", "distill_reward", "held_out_report", "prepare_pairs", "student_optimizer",
+           "untrained_metrics"]
 
 
 def build_pairs(captions: list[list[str]], rows: Sequence[int], neighbours: torch.Tensor,
@@ -355,83 +354,3 @@ def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: s
     """
     settings = loop_settings(cfg, Path(out_dir), seed=cfg.seed, device=device)
     return DistillLoop(cfg, teacher, split, settings, candidates, on_log=on_log).run(resume)
-
-
-def captioner_candidates(cfg: RecipeConfig, split, index, beams: int, sampled: bool = True) -> list[tuple[int, int, str]]:
-    """(image index, layer, caption) triples: the pretrained captioner's ``beams`` beam candidates (and,
-    with ``sampled``, one sampled caption) at every layer for the images ``index`` of ``split``, each
-    distinct non-empty caption of an image and layer once; z_0 from the evaluation seeds."""
-    from rlrefine.data.batches import eval_z0_seeds, load_images
-    from rlrefine.data.tokenizer import CaptionTokenizer
-    from rlrefine.models import RefinementCaptioner
-
-    model_dir = cfg.run_path / "pretrain" / "model"
-    model = RefinementCaptioner.from_pretrained(model_dir).eval()
-    tokenizer = CaptionTokenizer.from_dir(model_dir)
-    K = model.config.num_refine_layers
-    index = np.asarray(index, dtype=np.int64)
-    g = torch.Generator().manual_seed(cfg.seed)
-    methods = (("beam", beams), ("sample", 1)) if sampled else (("beam", beams),)
-    out: list[tuple[int, int, str]] = []
-    with torch.no_grad():
-        for start in range(0, len(index), 64):
-            idx = index[start:start + 64]
-            pixels = model.encoder.preprocess(load_images(split, idx, cfg.data.image_size))
-            seeds = eval_z0_seeds(idx, seed=cfg.seed)
-            for method, n in methods:
-                gen = model.generate(pixels, seeds, list(range(K + 1)), method=method, num_candidates=n,
-                                     max_len=cfg.data.max_caption_len, generator=g)
-                for i, per_img in zip(idx, tokenizer.decode_batch(gen.tokens)):
-                    out.extend((int(i), layer, c) for layer, caps in enumerate(per_img)
-                               for c in dict.fromkeys(caps) if c.strip())
-    return out
-
-
-def distill_stage(cfg: RecipeConfig, resume: bool = False, name: str | None = None,
-                  on_step_end: Callable[..., None] | None = None) -> dict:
-    """`rlrefine distill-reward`: a compact student imitating the recipe's teacher reward -> <run_dir>/distill, or the
-    named student ``name`` (`distill.extra_students`) -> <run_dir>/distill_<name>. `distill.student_kind` picks the
-    student: `dual` (`DistillLoop`) or `text` (`rlrefine.trainers.distill_text.TextDistillLoop`). ``on_step_end``:
-    called after every optimizer step (the dry run's clock)."""
-    from rewards.registry import build_reward
-    from rlrefine.data.sources import load_splits
-    from rlrefine.trainers.model_card import scalars_table, write_model_card
-
-    if name is not None and name not in cfg.distill.extra_students:
-        raise RecipeError(f"--student {name}: distill.extra_students has no student of that name (it has: "
-                          f"{', '.join(cfg.distill.extra_students) or 'none'})")
-    d = cfg.distill if name is None else cfg.distill.extra(name)
-    section = "distill" if name is None else f"distill.extra_students.{name}"
-    splits = load_splits(cfg.data)
-    teacher = build_reward(d.teacher, cfg.reward_context(f"{section}.teacher", cfg.torch_device, splits["train"]))
-    candidates = None
-    if d.candidate_images > 0 and (cfg.run_path / "pretrain" / "model").is_dir():
-        split = splits["train"]
-        index = np.flatnonzero(~np.asarray(split.is_label, dtype=bool))[:d.candidate_images]  # captioned images
-        candidates = captioner_candidates(cfg, split, index, d.candidate_beams)  # (image, layer, caption)
-        log.info("distill: %d captioner candidate pairs from every layer", len(candidates))
-    stage_dir = cfg.distill_dir(name)
-    if d.student_kind == "text":
-        from rlrefine.trainers.distill_text import TextDistillLoop, text_loop_settings
-
-        tower = None if d.image_tower is None else build_reward(
-            d.image_tower, cfg.reward_context(f"{section}.image_tower", cfg.torch_device, splits["train"]))
-        settings = text_loop_settings(d.text_student, stage_dir, seed=cfg.seed, device=cfg.device, threads=cfg.threads,
-                                      section=f"{section}.text_student")
-        loop: TrainingLoop = TextDistillLoop(d.text_student, teacher, splits["train"], settings, candidates,
-                                             image_tower=tower, recipe=cfg, on_step_end=on_step_end)
-    else:
-        settings = loop_settings(d.student, stage_dir, seed=cfg.seed, device=cfg.device, threads=cfg.threads)
-        loop = DistillLoop(d.student, teacher, splits["train"], settings, candidates, recipe=cfg, on_step_end=on_step_end)
-    report = loop.run(resume)
-    if loop.acc.is_main_process:
-        (stage_dir / "report.json").write_text(json.dumps(report, indent=1))
-        what = "text student (the image tower kept, a small text tower)" if d.student_kind == "text" else "student"
-        write_model_card(stage_dir, f"Distilled reward ({what} of the {d.teacher.kind} teacher)",
-                         "A compact student that imitates the teacher reward (`rlrefine distill-reward`); load it with "
-                         "`rewards.DistilledScore.from_dir` or as `{kind: distilled}`. Held-out fidelity to the teacher "
-                         "below.", cfg, scalars_table(report))
-        log.info("distilled reward (%s): spearman %.3f, argmax agreement %.3f, decision agreement %.3f, %.1fx the teacher's "
-                 "speed", stage_dir.name, *(report.get(k, float("nan")) for k in ("spearman", "argmax_agreement",
-                                                                                   "decision_agreement", "speedup")))
-    return report

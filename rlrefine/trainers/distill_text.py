@@ -17,7 +17,7 @@ frozen: every pair image's embedding is computed once in `setup`, and a step cos
   captioner's candidates per held-out image and layer, and ``heldout_pairs.json``.
 
 `distill_text_student` is the library entry point (a config, a teacher, a split, an output folder);
-`rlrefine.trainers.distill.distill_stage` runs it for a recipe.
+`rlrefine.trainers.distill_stage.distill_stage` runs it for a recipe.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .clip_score import LearnedScore, OpenCLIPReward
+from .matching import MatchingHeadConfig
 from .registry import register_reward
 
 if TYPE_CHECKING:
@@ -166,6 +167,8 @@ class DistillConfig:
     log_every: int = 20  # steps between TensorBoard scalars
     checkpoint_every: int = 500  # steps between resumable checkpoints (--resume)
     seed: int = 0  # model initialisation, the held-out images and the draws of pairs
+    matching_head: MatchingHeadConfig = field(default_factory=lambda: MatchingHeadConfig(width=32, heads=4))  # the student's own cross-attention head (rewards.matching), trained after its towers, on them frozen, to give the teacher head's verdicts (steps 0: none; needs a teacher with a head; its score_weight is the teacher's)
+    head_example_images: int = 2000  # training images whose true and false captions (the data's matching examples) the teacher scores once for the student's head
 
     def __post_init__(self) -> None:
         if self.tokenizer not in ("open_clip", "word"):

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from rewards.distill import DistillConfig
 from rewards.evaluator import EvaluatorConfig
+from rewards.matching import MatchingHeadConfig
 from rewards.registry import OPTIONAL_FIELDS, REWARDS, RewardContext, validate_section
 from rlrefine.data.sources import DATA_KINDS
 from rlrefine.methods import METHODS
@@ -49,6 +50,7 @@ from rlrefine.methods import METHODS
 # unknown keys in them are errors like everywhere else.
 EvaluatorConfig.__pydantic_config__ = ConfigDict(extra="forbid")
 DistillConfig.__pydantic_config__ = ConfigDict(extra="forbid")
+MatchingHeadConfig.__pydantic_config__ = ConfigDict(extra="forbid")
 
 LayerWeighting = Literal["linear", "log", "uniform", "final"]
 ScheduleKind = Literal["linear", "geometric"]

@@ -125,7 +125,10 @@ def dry_run_config(cfg: RecipeConfig, steps: int = DRY_RUN_STEPS, images: int = 
                           preference_steps=min(d["evaluator"]["preference_steps"], steps))
     d["distill"]["candidate_images"] = min(d["distill"]["candidate_images"], images)
     d["distill"]["student"].update(steps=steps, max_images=images,
-                                   images_per_step=cap(d["distill"]["student"]["images_per_step"]))
+                                   images_per_step=cap(d["distill"]["student"]["images_per_step"]),
+                                   head_example_images=min(d["distill"]["student"]["head_example_images"], images))
+    for head in (d["evaluator"]["matching_head"], d["distill"]["student"]["matching_head"]):
+        head.update(steps=min(head["steps"], steps), batch_size=cap(head["batch_size"]))
     d["evaluate"]["num_images"] = images
     return RecipeConfig.model_validate(d)
 

@@ -39,7 +39,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from rewards.distill import DistillConfig
+from rewards.distill import DistillConfig, StudentHeadConfig
 from rewards.evaluator import EvaluatorConfig
 from rewards.matching import MatchingHeadConfig
 from rewards.registry import OPTIONAL_FIELDS, REWARDS, RewardContext, validate_section
@@ -51,6 +51,7 @@ from rlrefine.methods import METHODS
 EvaluatorConfig.__pydantic_config__ = ConfigDict(extra="forbid")
 DistillConfig.__pydantic_config__ = ConfigDict(extra="forbid")
 MatchingHeadConfig.__pydantic_config__ = ConfigDict(extra="forbid")
+StudentHeadConfig.__pydantic_config__ = ConfigDict(extra="forbid")
 
 LayerWeighting = Literal["linear", "log", "uniform", "final"]
 ScheduleKind = Literal["linear", "geometric"]

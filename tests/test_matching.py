@@ -194,7 +194,7 @@ def test_a_matching_head_needs_data_that_gives_examples(tmp_path):
 
 
 def test_distilled_student_gets_its_own_head_from_the_teachers_verdicts(teacher_dir, tmp_path):
-    from rewards.distill import DistillConfig
+    from rewards.distill import DistillConfig, StudentHeadConfig
     from rlrefine.trainers.distill import distill_reward
 
     out, _, world = teacher_dir
@@ -203,14 +203,15 @@ def test_distilled_student_gets_its_own_head_from_the_teachers_verdicts(teacher_
                         vision_layers=(1, 1, 1, 1), vision_head_width=8, text_width=16, text_layers=1, context_length=20,
                         tokenizer="word", steps=3, images_per_step=8, max_images=48, warmup_steps=1, hard_neighbours=2,
                         head_example_images=16,
-                        matching_head=MatchingHeadConfig(steps=3, width=16, heads=2, batch_size=8, warmup_steps=1,
-                                                         image_stage=2))
+                        matching_head=StudentHeadConfig(steps=3, width=16, heads=2, batch_size=8, warmup_steps=1,
+                                                        image_stage=2))
     seen = []
     report = distill_reward(cfg, teacher, world["train"], tmp_path, matching_examples=_examples(world["train"]),
                             on_log=lambda m, step: seen.append(m))
     assert any("matching/match_loss" in m for m in seen) and "speedup" in report
     student = DistilledScore.from_dir(tmp_path)
     assert student.matching_head is not None and student.head_weight == teacher.head_weight
+    assert len(student.matching_head.blocks) == 1 and student.matching_head.blocks[0].cross_first
     images = torch.from_numpy(world["val"].images[:4])
     captions = [c[0] for c in world["val"].captions[:4]]
     cos, logit = student.match_logits(images, captions, torch.arange(4))
@@ -219,3 +220,16 @@ def test_distilled_student_gets_its_own_head_from_the_teachers_verdicts(teacher_
     with pytest.raises(ValueError, match="no matching head to imitate"):
         distill_reward(cfg, LearnedScore.from_dir(out / "plain"), world["train"], tmp_path / "x",
                        matching_examples=_examples(world["train"]))
+
+
+def test_a_recipe_that_turns_the_students_head_on_keeps_the_students_own_defaults():
+    """Overriding one key of distill.student.matching_head must not fall back to the teacher's (wider, two-block) head."""
+    from pathlib import Path
+
+    from rlrefine.config import load_recipe
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+    cfg = load_recipe(recipe, ["distill.student.matching_head.steps=7", "evaluator.matching_head.steps=5"])
+    student, teacher = cfg.distill.student.matching_head, cfg.evaluator.matching_head
+    assert (student.steps, student.width, student.layers, student.cross_first) == (7, 32, 1, True)
+    assert (teacher.steps, teacher.width, teacher.layers, teacher.cross_first, teacher.heads) == (5, 64, 2, False, 8)

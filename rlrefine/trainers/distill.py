@@ -197,7 +197,8 @@ class DistillLoop(TrainingLoop):
         if not c.matching_head.steps:
             return
         rows = list(train_rows)[:c.head_example_images]
-        drawn = [self.example_fn(i, self.rng) for i in rows]
+        rng = random.Random(c.seed + 1)  # not the towers' RNG: with or without a head they train the same
+        drawn = [self.example_fn(i, rng) for i in rows]
         batch = matching_batch(drawn)
         _, logits = teacher.match_logits(image_rows(self.images, rows), batch.texts, torch.tensor(batch.owner))
         verdict = torch.sigmoid(logits).cpu().tolist()
@@ -214,8 +215,7 @@ class DistillLoop(TrainingLoop):
             from rlrefine.data.tokenizer import CaptionTokenizer
 
             self.vocab = CaptionTokenizer.train([x for caps in self.captions for x in caps]
-                                                + [x for _, x in self.candidates or ()]
-                                                + [x for _, ex, _ in self.examples for t, f in ex.groups for x in (t, *f)])
+                                                + [x for _, x in self.candidates or ()])
         self.model_cfg = c.model_cfg(self.vocab)
         self.name, model, self.tokenizer, self.preprocess = build_dual_encoder(c.model_name, self.model_cfg, device)
         if self.vocab is not None:

@@ -1,5 +1,6 @@
 """A DiCO step at the real recipe's sizes: its breakdown, its FLOP floor, decode against transformers'
-`generate`, a student sized for PAC-S, and memory per image. Random weights, nothing downloaded.
+`generate`, the reward's cost per caption (PAC-S, its text student, BLIP ITM), and memory per image. Random
+weights, nothing downloaded.
 
     python benchmarks/realsize.py --quick --threads 1
 
@@ -33,6 +34,11 @@ What it reports (one JSON line):
 * `student_speedup`: the teacher's reward time per DiCO step over the student's
   (`rewards.text_student`: the teacher's image tower, once per image, + a small text tower), both on
   the captions of the last DiCO rollout; `student_reward_share`: the reward's share of the step with it.
+* `cost_per_caption_ms`: one reward call on the last rollout's captions over the number of captions, for
+  `pacs`, `text_student` and (unless `--no-itm`) `blip_itm`: BLIP's image-text matching head
+  (`rewards.itm.ITMScore` over a random `BlipForImageTextRetrieval(BlipConfig())`, the base size: ViT-B/16
+  at 384 px, a 12-layer BERT cross-attending to its 577 tokens for every distinct (image, caption) pair);
+  `itm_over_pacs`, `student_speedup_over_itm`: the ratios of those times.
 * memory (unless `--no-memory`; under `--quick` only with `--memory`): the peak of one DiCO step at `--memory-batches` images (same process,
   same baseline, see _common.PeakMemory), `memory_per_image_mb` (slope), and `max_batch_141gb`: the
   largest batch whose weights + grads + AdamW state + measured activations fit 141 GB (fp32 CPU
@@ -46,6 +52,7 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -77,6 +84,9 @@ def parse_args(argv=None):
     p.add_argument("--student-layers", type=int, default=4)
     p.add_argument("--student-heads", type=int, default=4)
     p.add_argument("--student-context", type=int, default=32)
+    p.add_argument("--itm-size", choices=("base", "tiny"), default="base",
+                   help="BLIP ITM reward timed beside PAC-S: a default BlipConfig (base) or a toy one (tests)")
+    p.add_argument("--no-itm", action="store_true", help="skip the BLIP ITM reward")
     p.add_argument("--memory-batches", default="1,2", help="two batch sizes for the memory slope")
     p.add_argument("--memory", action="store_true", help="measure memory under --quick too (two extra DiCO steps)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement (the default under --quick)")
@@ -138,7 +148,37 @@ def build_pacs(args, device):
     pcfg = open_clip.get_model_preprocess_cfg(model)
     preprocess = BatchedPreprocess(pcfg.get("size", 224), pcfg["mean"], pcfg["std"], pcfg.get("interpolation", "bicubic"))
     return PACScore(model, preprocess, open_clip.get_tokenizer(name), batch_size=512,
-                    name=f"PACScore[{name}, random init]")
+                    name=f"PACScore[{name}, random init]", architecture=open_clip.get_model_config(name))
+
+
+def build_itm(args, device, captions):
+    """BLIP's ITM head through the project's reward class (`rewards.itm.ITMScore`), random weights: a default
+    `BlipConfig` (ViT-B/16 at 384 px: 577 image tokens; a 12-layer width-768 BERT with cross-attention to them), or a
+    tiny one (`--itm-size tiny`). The tokenizer is a BERT WordPiece over the benchmark's caption words (built
+    here; nothing downloaded): every word one token, as BERT reads common words."""
+    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval
+
+    from rewards.itm import ITMScore, SquashPreprocess
+
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    split = BertPreTokenizer()  # BERT's split into words and punctuation (its tokenizer lowercases first)
+    words = sorted({w for c in captions for w, _ in split.pre_tokenize_str(c.lower())})
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    if args.itm_size == "tiny":
+        cfg = BlipConfig(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                            image_size=32, patch_size=16),
+                         text_config=dict(vocab_size=30524, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, encoder_hidden_size=32),
+                         projection_dim=16, image_text_hidden_size=16)
+    else:
+        cfg = BlipConfig()  # the sizes of Salesforce/blip-itm-base-coco
+    torch.manual_seed(args.seed + 4)
+    model = BlipForImageTextRetrieval(cfg).to(device).eval().requires_grad_(False)
+    size = cfg.vision_config.image_size
+    preprocess = SquashPreprocess(size, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    return ITMScore(model, preprocess, BertTokenizer(vocab=vocab), batch_size=512,
+                    name=f"ITMScore[BlipConfig {args.itm_size}, {size} px, random init]")
 
 
 def gpt2_decoder(args, vocab_size: int, bos: int, eos: int, pad: int):
@@ -173,25 +213,37 @@ def param_bytes(*modules) -> int:
     return total
 
 
-# ------------------------------------------------------------------------------------------ main
-def main(argv=None) -> dict:
+# ------------------------------------------------------------------------------------------ bench
+class Bench(NamedTuple):
+    """The real-size captioner, its frozen reference, PAC-S and what a step needs (built once by `build_bench`).
+    A NamedTuple, not a dataclass: tests load this script with importlib, outside sys.modules."""
+
+    args: Any
+    device: torch.device
+    tokenizer: Any  # the open_clip BPE CaptionTokenizer
+    core: Any  # the policy (RefinementCaptioner), its phases timed
+    reference: Any  # the frozen XE model
+    pacs: Any  # PACScore over a random ViT-B-32-quickgelu
+    reward: RecordingReward  # pacs, keeping the last call's captions
+    acc: Any
+    optimizer: torch.optim.Optimizer
+    images: torch.Tensor  # [B, S, S, 3] uint8
+    pixels: torch.Tensor  # [B, 3, S, S]
+    seeds: torch.Tensor  # [B] z_0 seeds
+    teacher_forced: torch.Tensor  # [B, T] BPE ids for the XE step
+    phases: Any  # step.Phases: per-phase timer and FLOP counter
+    scorer: Any  # SequenceScorer of the policy
+    timed_reward: Any
+
+
+def build_bench(args, device: torch.device) -> Bench:
     from accelerate import Accelerator
 
-    from rlrefine.config import FinetuneSection
     from rlrefine.data.tokenizer import CaptionTokenizer
-    from rlrefine.losses import layer_weights, schedule, xe_loss
-    from rlrefine.methods import METHODS
-    from rlrefine.trainers.finetune import SequenceScorer, compute_loss
-    from rewards.text_student import TextStudentConfig, build_text_student
-    from step import Phases, flops_of
+    from rlrefine.trainers.finetune import SequenceScorer
+    from step import Phases
 
-    args = parse_args(argv)
-    device = C.setup(args)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    total_mem = C.PeakMemory(device)
-    K, n, T = args.K, args.n, args.max_len
     B = max([args.batch] + ([] if args.no_memory else args.memory_batches))
-
     tokenizer = CaptionTokenizer.from_open_clip()
     core = build_captioner(args, tokenizer).to(device)
     # the frozen image tower is shared by policy and reference here (it is the same tensor data; this
@@ -199,202 +251,251 @@ def main(argv=None) -> dict:
     reference = copy.deepcopy(core, memo={id(p): p for p in core.encoder.parameters()}).eval().requires_grad_(False)
     pacs = build_pacs(args, device)
     reward = RecordingReward(pacs)
-    acc = Accelerator(cpu=device.type == "cpu")
     optimizer = torch.optim.AdamW([p for p in core.parameters() if p.requires_grad], lr=1e-6)
     g = torch.Generator().manual_seed(args.seed)
-    images_all = torch.randint(0, 256, (B, args.image_size, args.image_size, 3), dtype=torch.uint8, generator=g).to(device)
-    pixels_all = core.encoder.preprocess(images_all)
-    seeds_all = torch.arange(B) + 1000 * args.seed
-    sched = schedule("linear", K)
-    tf_all = torch.randint(3, 40000, (B, T), generator=g)  # ordinary BPE ids (no specials, no pad)
-    tf_all[:, 0] = tokenizer.bos_id
-    tf_all = tf_all.to(device)
-    all_layers = list(range(1, K + 1))
-    xe_weights = layer_weights("linear", K)
-
+    images = torch.randint(0, 256, (B, args.image_size, args.image_size, 3), dtype=torch.uint8, generator=g).to(device)
+    tf = torch.randint(3, 40000, (B, args.max_len), generator=g)  # ordinary BPE ids (no specials, no pad)
+    tf[:, 0] = tokenizer.bos_id
     phases = Phases(device)
     core.generate = phases.wrap("generation", core.generate)
     reference.sequence_logprobs = phases.wrap("reference_forward", reference.sequence_logprobs)
     scorer = SequenceScorer(core)
     scorer.forward = phases.wrap("policy_forward", scorer.forward)
-    timed_reward = phases.wrap("reward", reward)
+    return Bench(args, device, tokenizer, core, reference, pacs, reward, Accelerator(cpu=device.type == "cpu"), optimizer,
+                 images, core.encoder.preprocess(images), torch.arange(B) + 1000 * args.seed, tf.to(device), phases, scorer,
+                 phases.wrap("reward", reward))
 
-    def dico_step(b, layers=all_layers):
-        f = FinetuneSection(num_candidates=n, max_len=T)  # DiCO, beam search
-        weights = layer_weights(f.layer_weights, K)[torch.tensor(layers) - 1]
-        method = METHODS[f.method](f.method_config, f)
-        loss, _, _ = compute_loss(core, scorer, reference, method, timed_reward, images_all[:b], pixels_all[:b],
-                                  seeds_all[:b], layers, f, tokenizer, sched, weights, acc)
-        phases.wrap("policy_backward", loss.backward)()
-        phases.wrap("optimizer", optimizer.step)()
-        optimizer.zero_grad(set_to_none=True)
 
-    def xe_forward_backward(b):
-        out = core(pixels_all[:b], tf_all[:b], seeds_all[:b], layers=all_layers)
-        loss, _ = xe_loss(out.logits.float(), tf_all[:b, 1:], xe_weights, tokenizer.pad_id)
-        loss.backward()
+def dico_step(b: Bench, n: int, layers: list[int] | None = None) -> None:
+    """One DiCO step on the first ``n`` images: `finetune.compute_loss` (the trainer's code) + backward + AdamW."""
+    from rlrefine.config import FinetuneSection
+    from rlrefine.losses import layer_weights, schedule
+    from rlrefine.methods import METHODS
+    from rlrefine.trainers.finetune import compute_loss
 
-    def xe_step(b):
-        core.train()
-        xe_forward_backward(b)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    K = b.args.K
+    layers = layers or list(range(1, K + 1))
+    f = FinetuneSection(num_candidates=b.args.n, max_len=b.args.max_len)  # DiCO, beam search
+    weights = layer_weights(f.layer_weights, K)[torch.tensor(layers) - 1]
+    method = METHODS[f.method](f.method_config, f)
+    loss, _, _ = compute_loss(b.core, b.scorer, b.reference, method, b.timed_reward, b.images[:n], b.pixels[:n],
+                              b.seeds[:n], layers, f, b.tokenizer, schedule("linear", K), weights, b.acc)
+    b.phases.wrap("policy_backward", loss.backward)()
+    b.phases.wrap("optimizer", b.optimizer.step)()
+    b.optimizer.zero_grad(set_to_none=True)
 
-    # -- memory: one DiCO step at two batch sizes, same baseline (the first peaks above all before it)
-    memory = {}
-    if not args.no_memory:
-        dico_step(1, all_layers[:1])  # one-off allocations (AdamW state, thread pools) out of the way
-        b1, b2 = args.memory_batches
-        C.release_memory()
-        mem = C.PeakMemory(device)
-        dico_step(b1)
-        p1 = mem.peak_mb()
-        exact1 = mem.exact
-        C.release_memory()
-        dico_step(b2)
-        p2 = mem.peak_mb()
-        per_image = (p2 - p1) / (b2 - b1)
-        trainable = [p for p in core.parameters() if p.requires_grad]
-        weights_mb = sum(param_bytes(m) for m in (core, reference, pacs.model)) / 2 ** 20
-        train_state_mb = 3 * sum(p.numel() * p.element_size() for p in trainable) / 2 ** 20  # grads + AdamW m, v
-        fixed_act = p1 - per_image * b1
-        budget = GPU_BYTES / 2 ** 20 - weights_mb - train_state_mb - max(0.0, fixed_act)
-        memory = {"memory_batches": [b1, b2], "peak_memory_mb_by_batch": [p1, p2],
-                  "memory_per_image_mb": round(per_image, 1), "memory_fixed_activations_mb": round(fixed_act, 1),
-                  "weights_mb": round(weights_mb, 1), "train_state_mb": round(train_state_mb, 1),
-                  "max_batch_141gb": int(budget // per_image) if per_image > 0 else None,
-                  "memory_exact": bool(exact1 and mem.exact)}
-        phases.timer.next_iteration(keep=False)
 
-    step = {}
-    if not args.no_step:
-        # -- warm-up (FLOPs counted here: FlopCounterMode slows what it counts, so never on a timed step)
-        b = args.batch
-        xe_flops = flops_of(lambda: xe_forward_backward(b))
-        core.zero_grad(set_to_none=True)
-        phases.count_flops = True
-        dico_step(b)
-        phases.count_flops = False
-        fl = phases.flops
-        for _ in range(max(0, args.warmup - 1)):
-            xe_step(b)
-            dico_step(b)
-        phases.timer.next_iteration(keep=False)
+def xe_forward_backward(b: Bench, n: int) -> None:
+    from rlrefine.losses import layer_weights, xe_loss
 
-        t_xe, t_dico = [], []
-        for _ in range(args.repeats):
-            t_xe.append(C.timeit(lambda: xe_step(b), device))
-            t_dico.append(C.timeit(lambda: dico_step(b), device))
-            phases.timer.add("total", t_dico[-1])
-            phases.timer.next_iteration()
-        med = phases.timer.medians()
-        total = med.pop("total")
-        breakdown = {k: round(v, 4) for k, v in med.items()}
-        breakdown["other"] = round(total - sum(med.values()), 4)
-        m_xe, m_dico = sorted(t_xe)[len(t_xe) // 2], sorted(t_dico)[len(t_dico) // 2]
-        ratio = m_dico / m_xe
-        cap_flops = sum(fl.get(k, 0) for k in ("generation", "policy_forward", "policy_backward", "reference_forward"))
-        floor = (cap_flops + fl.get("reward", 0)) / xe_flops
-        floor_cap = cap_flops / xe_flops
+    K = b.args.K
+    out = b.core(b.pixels[:n], b.teacher_forced[:n], b.seeds[:n], layers=list(range(1, K + 1)))
+    loss, _ = xe_loss(out.logits.float(), b.teacher_forced[:n, 1:], layer_weights("linear", K), b.tokenizer.pad_id)
+    loss.backward()
 
-        # -- the student for PAC-S, on the captions of the last rollout --------------------------------
-        scfg = TextStudentConfig(width=args.student_width, layers=args.student_layers, heads=args.student_heads,
-                                 context_length=args.student_context, seed=args.seed)
-        student = build_text_student(pacs, scfg)
-        im, caps, idx = reward.last
-        student(im, caps, image_index=idx)  # warm-up (the teacher is warm from the DiCO steps)
-        t_teacher, t_student, t_img = [], [], []
-        for _ in range(args.repeats):  # interleaved, so machine load hits both alike
-            t_teacher.append(C.timeit(lambda: pacs(im, caps, image_index=idx), device))
-            t_student.append(C.timeit(lambda: student(im, caps, image_index=idx), device))
-            t_img.append(C.timeit(lambda: pacs.embed_images(im), device))
-        t_teacher, t_student, t_img = (sorted(t)[len(t) // 2] for t in (t_teacher, t_student, t_img))
-        reward_s = breakdown.get("reward", 0.0)
-        student_step = total - reward_s + t_student
 
-        step = {
-            "ratio": round(ratio, 2), "floor": round(floor, 2), "dico_over_floor": round(ratio / floor, 3),
-            "floor_captioner": round(floor_cap, 2), "dico_over_floor_captioner": round(ratio / floor_cap, 3),
-            "dico_step_s": round(m_dico, 4), "xe_step_s": round(m_xe, 4),
-            "dico_step_s_all": [round(t, 4) for t in t_dico], "xe_step_s_all": [round(t, 4) for t in t_xe],
-            "breakdown_s": breakdown, "breakdown_share": {k: round(v / total, 3) for k, v in breakdown.items()},
-            "reward_share": round(reward_s / total, 3),
-            "xe_gflop": round(xe_flops / 1e9, 3), "dico_gflop": {k: round(v / 1e9, 3) for k, v in sorted(fl.items())},
-            "student_speedup": round(t_teacher / t_student, 2),
-            "teacher_reward_s": round(t_teacher, 4), "student_reward_s": round(t_student, 4),
-            "teacher_image_tower_s": round(t_img, 4),
-            "student_reward_share": round(t_student / student_step, 3),
-            "dico_step_s_with_student": round(student_step, 4),
-            "reward_pairs": len(caps), "reward_unique_captions": len(set(caps)), "student": student.name,
-        }
+def xe_step(b: Bench, n: int) -> None:
+    b.core.train()
+    xe_forward_backward(b, n)
+    b.optimizer.step()
+    b.optimizer.zero_grad(set_to_none=True)
 
-    # -- decode: the readout's batched all-layer beam search vs transformers' generate -------------
-    decode = {}
-    if not args.no_decode:
-        db = args.decode_batch
-        gd = torch.Generator().manual_seed(args.seed + 3)
-        dimages = torch.randint(0, 256, (db, args.image_size, args.image_size, 3), dtype=torch.uint8, generator=gd).to(device)
-        dpix = core.encoder.preprocess(dimages)
-        dseeds = torch.arange(db) + 7
-        gen = type(core).generate.__get__(core)  # not the phase-timed wrapper
-        core.eval()
+
+# ------------------------------------------------------------------------------------------ figures
+def measure_memory(b: Bench) -> dict:
+    """Peak of one DiCO step at the two `--memory-batches` sizes (same baseline), the slope per image, and the
+    largest batch that fits one 141 GB GPU."""
+    dico_step(b, 1, [1])  # one-off allocations (AdamW state, thread pools) out of the way
+    b1, b2 = b.args.memory_batches
+    C.release_memory()
+    mem = C.PeakMemory(b.device)
+    dico_step(b, b1)
+    p1 = mem.peak_mb()
+    exact1 = mem.exact
+    C.release_memory()
+    dico_step(b, b2)
+    p2 = mem.peak_mb()
+    per_image = (p2 - p1) / (b2 - b1)
+    trainable = [p for p in b.core.parameters() if p.requires_grad]
+    weights_mb = sum(param_bytes(m) for m in (b.core, b.reference, b.pacs.model)) / 2 ** 20
+    train_state_mb = 3 * sum(p.numel() * p.element_size() for p in trainable) / 2 ** 20  # grads + AdamW m, v
+    fixed_act = p1 - per_image * b1
+    budget = GPU_BYTES / 2 ** 20 - weights_mb - train_state_mb - max(0.0, fixed_act)
+    b.phases.timer.next_iteration(keep=False)
+    return {"memory_batches": [b1, b2], "peak_memory_mb_by_batch": [p1, p2],
+            "memory_per_image_mb": round(per_image, 1), "memory_fixed_activations_mb": round(fixed_act, 1),
+            "weights_mb": round(weights_mb, 1), "train_state_mb": round(train_state_mb, 1),
+            "max_batch_141gb": int(budget // per_image) if per_image > 0 else None,
+            "memory_exact": bool(exact1 and mem.exact)}
+
+
+def measure_step(b: Bench) -> dict:
+    """DiCO step vs XE step (interleaved medians), the DiCO step's breakdown and FLOP floor; then the rewards on the
+    last rollout's captions (`measure_rewards`)."""
+    from step import flops_of
+
+    n, args, phases = b.args.batch, b.args, b.phases
+    # warm-up (FLOPs counted here: FlopCounterMode slows what it counts, so never on a timed step)
+    xe_flops = flops_of(lambda: xe_forward_backward(b, n))
+    b.core.zero_grad(set_to_none=True)
+    phases.count_flops = True
+    dico_step(b, n)
+    phases.count_flops = False
+    fl = phases.flops
+    for _ in range(max(0, args.warmup - 1)):
+        xe_step(b, n)
+        dico_step(b, n)
+    phases.timer.next_iteration(keep=False)
+    t_xe, t_dico = [], []
+    for _ in range(args.repeats):
+        t_xe.append(C.timeit(lambda: xe_step(b, n), b.device))
+        t_dico.append(C.timeit(lambda: dico_step(b, n), b.device))
+        phases.timer.add("total", t_dico[-1])
+        phases.timer.next_iteration()
+    med = phases.timer.medians()
+    total = med.pop("total")
+    breakdown = {k: round(v, 4) for k, v in med.items()}
+    breakdown["other"] = round(total - sum(med.values()), 4)
+    m_xe, m_dico = _median(t_xe), _median(t_dico)
+    ratio = m_dico / m_xe
+    cap_flops = sum(fl.get(k, 0) for k in ("generation", "policy_forward", "policy_backward", "reference_forward"))
+    floor = (cap_flops + fl.get("reward", 0)) / xe_flops
+    floor_cap = cap_flops / xe_flops
+    rewards = measure_rewards(b)
+    reward_s = breakdown.get("reward", 0.0)
+    student_step = total - reward_s + rewards["student_reward_s"]
+    return {
+        "ratio": round(ratio, 2), "floor": round(floor, 2), "dico_over_floor": round(ratio / floor, 3),
+        "floor_captioner": round(floor_cap, 2), "dico_over_floor_captioner": round(ratio / floor_cap, 3),
+        "dico_step_s": round(m_dico, 4), "xe_step_s": round(m_xe, 4),
+        "dico_step_s_all": [round(t, 4) for t in t_dico], "xe_step_s_all": [round(t, 4) for t in t_xe],
+        "breakdown_s": breakdown, "breakdown_share": {k: round(v / total, 3) for k, v in breakdown.items()},
+        "reward_share": round(reward_s / total, 3),
+        "xe_gflop": round(xe_flops / 1e9, 3), "dico_gflop": {k: round(v / 1e9, 3) for k, v in sorted(fl.items())},
+        **rewards,
+        "student_reward_share": round(rewards["student_reward_s"] / student_step, 3),
+        "dico_step_s_with_student": round(student_step, 4),
+    }
+
+
+def measure_rewards(b: Bench) -> dict:
+    """PAC-S, its text student (`rewards.text_student`: PAC-S's image tower once per image + a small text tower) and,
+    unless `--no-itm`, BLIP's ITM head, each on the captions of the last DiCO rollout (the same call a step makes),
+    interleaved; medians of `--repeats`. ``cost_per_caption_ms``: a call's time over the captions it scored."""
+    from rewards.text_student import TextStudentConfig, build_text_student
+
+    args = b.args
+    scfg = TextStudentConfig(width=args.student_width, layers=args.student_layers, heads=args.student_heads,
+                             context_length=args.student_context, seed=args.seed)
+    student = build_text_student(b.pacs, scfg)
+    im, caps, idx = b.reward.last
+    scorers = {"pacs": b.pacs, "text_student": student}
+    if not args.no_itm:
+        scorers["blip_itm"] = build_itm(args, b.device, caps)
+    for r in scorers.values():
+        r(im, caps, image_index=idx)  # warm-up (PAC-S is warm from the DiCO steps; one more call is harmless)
+    times: dict[str, list[float]] = {k: [] for k in (*scorers, "pacs_image_tower")}
+    for _ in range(args.repeats):  # interleaved, so machine load hits all alike
+        for name, r in scorers.items():
+            times[name].append(C.timeit(lambda r=r: r(im, caps, image_index=idx), b.device))
+        times["pacs_image_tower"].append(C.timeit(lambda: b.pacs.embed_images(im), b.device))
+    t = {k: _median(v) for k, v in times.items()}
+    out = {"student_speedup": round(t["pacs"] / t["text_student"], 2),
+           "teacher_reward_s": round(t["pacs"], 4), "student_reward_s": round(t["text_student"], 4),
+           "teacher_image_tower_s": round(t["pacs_image_tower"], 4),
+           "reward_pairs": len(caps), "reward_unique_captions": len(set(caps)), "student": student.name,
+           "cost_per_caption_ms": {k: round(1000 * t[k] / len(caps), 3) for k in scorers}}
+    if "blip_itm" in t:
+        out.update(itm_reward_s=round(t["blip_itm"], 4), itm_over_pacs=round(t["blip_itm"] / t["pacs"], 2),
+                   student_speedup_over_itm=round(t["blip_itm"] / t["text_student"], 2), itm=scorers["blip_itm"].name)
+    return out
+
+
+def measure_decode(b: Bench) -> dict:
+    """The readout's batched all-layer beam search vs transformers' `generate` on a GPT-2 decoder of its shape."""
+    from step import flops_of
+
+    args, core, device, tokenizer = b.args, b.core, b.device, b.tokenizer
+    K, n, T, db = args.K, args.n, args.max_len, args.decode_batch
+    all_layers = list(range(1, K + 1))
+    gd = torch.Generator().manual_seed(args.seed + 3)
+    dimages = torch.randint(0, 256, (db, args.image_size, args.image_size, 3), dtype=torch.uint8, generator=gd).to(device)
+    dpix = core.encoder.preprocess(dimages)
+    dseeds = torch.arange(db) + 7
+    gen = type(core).generate.__get__(core)  # not the phase-timed wrapper
+    core.eval()
+    with torch.no_grad():
+        Z = core.latents(dpix, dseeds)
+        V = core.encode_image(dpix)  # [db, N, d] image tokens for GPT-2's cross-attention
+    kw = dict(method="beam", num_candidates=n, max_len=T)
+    tokens = db * K * n * (T - 1)
+
+    def readout_decode():
+        core.latents = lambda p, s: Z  # decode only: image tower and refinement already done
+        try:
+            out = gen(dpix, dseeds, all_layers, **kw)
+        finally:
+            del core.latents
+        return out
+
+    out = readout_decode()
+    assert int(out.lengths.sum()) == tokens, "a readout caption stopped before max_len"
+    gpt2 = gpt2_decoder(args, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id).to(device)
+    groups = db * K
+    enc = V.repeat_interleave(K, dim=0)  # one group per (image, layer), as the readout's prefixes
+    ids = torch.full((groups, 1), tokenizer.bos_id, dtype=torch.long, device=device)
+
+    def hf_generate():
         with torch.no_grad():
-            Z = core.latents(dpix, dseeds)
-            V = core.encode_image(dpix)  # [db, N, d] image tokens for GPT-2's cross-attention
-        kw = dict(method="beam", num_candidates=n, max_len=T)
-        tokens = db * K * n * (T - 1)
+            return gpt2.generate(ids, attention_mask=torch.ones_like(ids), encoder_hidden_states=enc,
+                                 num_beams=n, num_return_sequences=n, do_sample=False, max_new_tokens=T - 1,
+                                 min_new_tokens=T - 1, length_penalty=0.0, early_stopping=False)
 
-        def readout_decode():
-            core.latents = lambda p, s: Z  # decode only: image tower and refinement already done
-            try:
-                out = gen(dpix, dseeds, all_layers, **kw)
-            finally:
-                del core.latents
-            return out
+    hf_out = hf_generate()  # checked, and the warm-up of both (readout_decode ran above)
+    assert hf_out.shape == (groups * n, T), f"generate returned {tuple(hf_out.shape)}"
+    t_readout, t_hf, t_enc = [], [], []
+    for _ in range(args.repeats):  # interleaved, so machine load hits all alike
+        t_readout.append(C.timeit(readout_decode, device))
+        t_hf.append(C.timeit(hf_generate, device))
+        if not args.quick:  # the readout with its image tower and refinement
+            t_enc.append(C.timeit(lambda: gen(dpix, dseeds, all_layers, **kw), device))
+    decode = {"readout_s_all": [round(t, 3) for t in t_readout], "generate_s_all": [round(t, 3) for t in t_hf]}
+    m_readout, m_hf = _median(t_readout), _median(t_hf)
+    decode.update({"decode_vs_generate": round(m_hf / m_readout, 3), "readout_tokens_per_s": round(tokens / m_readout, 1),
+                   "generate_tokens_per_s": round(tokens / m_hf, 1)})
+    if not args.quick:  # the readout with its image tower and refinement, and both decoders' FLOPs
+        m_enc = _median(t_enc)
+        decode.update(decode_vs_generate_with_encoder=round(m_hf / m_enc, 3),
+                      readout_tokens_per_s_with_encoder=round(tokens / m_enc, 1),
+                      decode_gflop={"readout": round(flops_of(readout_decode) / 1e9, 3),
+                                    "gpt2": round(flops_of(hf_generate) / 1e9, 3)})
+    decode.update({"decode_images": db, "decode_groups": groups, "decode_tokens": tokens,
+                   "gpt2": f"GPT2LMHeadModel(n_embd={args.d_model}, n_layer={args.readout_layers}, n_head={args.heads}, "
+                           f"add_cross_attention=True, vocab={tokenizer.vocab_size}), cross-attending to {V.shape[1]} image tokens"})
+    return decode
 
-        out = readout_decode()
-        assert int(out.lengths.sum()) == tokens, "a readout caption stopped before max_len"
-        gpt2 = gpt2_decoder(args, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id).to(device)
-        groups = db * K
-        enc = V.repeat_interleave(K, dim=0)  # one group per (image, layer), as the readout's prefixes
-        ids = torch.full((groups, 1), tokenizer.bos_id, dtype=torch.long, device=device)
 
-        def hf_generate():
-            with torch.no_grad():
-                return gpt2.generate(ids, attention_mask=torch.ones_like(ids), encoder_hidden_states=enc,
-                                     num_beams=n, num_return_sequences=n, do_sample=False, max_new_tokens=T - 1,
-                                     min_new_tokens=T - 1, length_penalty=0.0, early_stopping=False)
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
-        hf_out = hf_generate()  # checked, and the warm-up of both (readout_decode ran above)
-        assert hf_out.shape == (groups * n, T), f"generate returned {tuple(hf_out.shape)}"
-        t_readout, t_hf, t_enc = [], [], []
-        for _ in range(args.repeats):  # interleaved, so machine load hits all alike
-            t_readout.append(C.timeit(readout_decode, device))
-            t_hf.append(C.timeit(hf_generate, device))
-            if not args.quick:  # the readout with its image tower and refinement
-                t_enc.append(C.timeit(lambda: gen(dpix, dseeds, all_layers, **kw), device))
-        decode_all = {"readout_s_all": [round(t, 3) for t in t_readout], "generate_s_all": [round(t, 3) for t in t_hf]}
-        t_readout, t_hf = sorted(t_readout)[len(t_readout) // 2], sorted(t_hf)[len(t_hf) // 2]
-        decode = {"decode_vs_generate": round(t_hf / t_readout, 3),
-                  "readout_tokens_per_s": round(tokens / t_readout, 1),
-                  "generate_tokens_per_s": round(tokens / t_hf, 1), **decode_all}
-        if not args.quick:  # the readout with its image tower and refinement, and both decoders' FLOPs
-            t_readout_enc = sorted(t_enc)[len(t_enc) // 2]
-            decode.update(decode_vs_generate_with_encoder=round(t_hf / t_readout_enc, 3),
-                          readout_tokens_per_s_with_encoder=round(tokens / t_readout_enc, 1),
-                          decode_gflop={"readout": round(flops_of(readout_decode) / 1e9, 3),
-                                        "gpt2": round(flops_of(hf_generate) / 1e9, 3)})
-        decode.update({"decode_images": db, "decode_groups": groups, "decode_tokens": tokens,
-                  "gpt2": f"GPT2LMHeadModel(n_embd={args.d_model}, n_layer={args.readout_layers}, n_head={args.heads}, "
-                          f"add_cross_attention=True, vocab={tokenizer.vocab_size}), cross-attending to {V.shape[1]} image tokens"})
 
+# ------------------------------------------------------------------------------------------ main
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = C.setup(args)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    total_mem = C.PeakMemory(device)
+    b = build_bench(args, device)
+    memory = {} if args.no_memory else measure_memory(b)
+    step = {} if args.no_step else measure_step(b)
+    decode = {} if args.no_decode else measure_decode(b)
     result = {
         "benchmark": "realsize",
         **step, **decode, **memory,
-        "reward": pacs.name,
-        "images": args.batch, "K": K, "n": n, "max_len": T, "d_model": args.d_model, "slots": args.slots,
-        "readout_layers": args.readout_layers, "encoder": args.encoder, "image_size": args.image_size,
-        "vocab": tokenizer.vocab_size,
+        "reward": b.pacs.name,
+        "images": args.batch, "K": args.K, "n": args.n, "max_len": args.max_len, "d_model": args.d_model,
+        "slots": args.slots, "readout_layers": args.readout_layers, "encoder": args.encoder, "image_size": args.image_size,
+        "vocab": b.tokenizer.vocab_size,
         "peak_memory_mb": total_mem.peak_mb(),
         **C.environment(args, device),
     }

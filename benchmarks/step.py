@@ -89,108 +89,128 @@ def flops_of(fn) -> int:
     return fc.get_total_flops()
 
 
+class StepBench:
+    """One DiCO step and one XE step of the same captioner on the same images, with the phases of the DiCO step
+    timed and FLOP-counted (`Phases`)."""
+
+    def __init__(self, args, device: torch.device):
+        from accelerate import Accelerator
+
+        from rlrefine.losses import layer_weights, schedule
+
+        self.args, self.device = args, device
+        K, n, B, T = args.K, args.n, args.batch, args.length + 1  # T counts bos
+        self.K, self.n, self.T = K, n, T
+        images, _, tokenizer = C.shapes_data(B, seed=args.seed)
+        self.images, self.tokenizer = images.to(device), tokenizer
+        self.core = C.benchmark_captioner(tokenizer.vocab_size, K, max_len=T, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
+                                          eos_id=tokenizer.eos_id, suppress_eos=True, seed=args.seed).to(device)
+        self.reference = copy.deepcopy(self.core).eval().requires_grad_(False)
+        self.reward = FreeReward() if args.reward == "free" else C.random_score(args.reward, device, args.seed)
+        self.acc = Accelerator(cpu=device.type == "cpu")
+        self.optimizer = torch.optim.AdamW(self.core.parameters(), lr=1e-5)
+        self.pixels = self.core.encoder.preprocess(self.images)
+        self.seeds = torch.arange(B) + 1000 * args.seed
+        self.sched = schedule("linear", K)
+        g = torch.Generator().manual_seed(args.seed)
+        first_word = max(tokenizer.special_ids) + 1 if tokenizer.special_ids else 3
+        tf_tokens = torch.randint(first_word, tokenizer.vocab_size, (B, T), generator=g)
+        tf_tokens[:, 0] = tokenizer.bos_id
+        self.tf_tokens = tf_tokens.to(device)
+        self.all_layers = list(range(1, K + 1))
+        self.xe_weights = layer_weights("linear", K)
+        self.phases = phases = Phases(device)
+        self.core.generate = phases.wrap("generation", self.core.generate)  # rollout calls policy.generate twice
+        self.reference.sequence_logprobs = phases.wrap("reference_forward", self.reference.sequence_logprobs)
+        from rlrefine.trainers.finetune import SequenceScorer
+
+        self.scorer = SequenceScorer(self.core)
+        self.scorer.forward = phases.wrap("policy_forward", self.scorer.forward)
+        self.timed_reward = phases.wrap("reward", self.reward)
+
+    def dico_step(self, layers: list[int]) -> None:
+        from rlrefine.config import FinetuneSection
+        from rlrefine.losses import layer_weights
+        from rlrefine.methods import METHODS
+        from rlrefine.trainers.finetune import compute_loss
+
+        f = FinetuneSection(num_candidates=self.n, max_len=self.T)  # DiCO, beam, defaults of the embedded recipe
+        weights = layer_weights(f.layer_weights, self.K)[torch.tensor(layers) - 1]
+        method = METHODS[f.method](f.method_config, f)
+        loss, _, _ = compute_loss(self.core, self.scorer, self.reference, method, self.timed_reward, self.images, self.pixels,
+                                  self.seeds, layers, f, self.tokenizer, self.sched, weights, self.acc)
+        self.phases.wrap("policy_backward", loss.backward)()
+        self.phases.wrap("optimizer", self.optimizer.step)()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def xe_forward_backward(self) -> None:
+        from rlrefine.losses import xe_loss
+
+        out = self.core(self.pixels, self.tf_tokens, self.seeds, layers=self.all_layers)
+        loss, _ = xe_loss(out.logits.float(), self.tf_tokens[:, 1:], self.xe_weights, self.tokenizer.pad_id)
+        loss.backward()
+
+    def xe_step(self) -> None:
+        self.core.train()
+        self.xe_forward_backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def memory(self) -> dict:
+        """Peak memory of one DiCO step at two sizes (first: nothing before it peaked higher)."""
+        layers = self.all_layers
+        self.dico_step(layers[:1])  # one-off allocations (optimizer state, thread pools) out of the way
+        small = layers[: max(1, self.K // 2)]
+        C.release_memory()
+        mem = C.PeakMemory(self.device)
+        self.dico_step(small)
+        out = {"peak_memory_mb_small": mem.peak_mb(), "kn_small": len(small) * self.n}
+        exact_small = mem.exact
+        C.release_memory()  # same baseline: freed memory is reused, so the high-water mark is the larger peak
+        self.dico_step(layers)
+        out.update(peak_memory_mb_large=mem.peak_mb(), kn_large=self.K * self.n, memory_exact=bool(exact_small and mem.exact))
+        self.phases.timer.next_iteration(keep=False)
+        return out
+
+    def timing(self) -> tuple[list[float], list[float], dict[str, float], float]:
+        """XE and DiCO step times, interleaved repeats after warm-up; the DiCO step's phases (medians)."""
+        timer = self.phases.timer
+        for _ in range(self.args.warmup):
+            self.xe_step()
+            self.dico_step(self.all_layers)
+            timer.next_iteration(keep=False)
+        t_xe, t_dico = [], []
+        for _ in range(self.args.repeats):
+            t_xe.append(C.timeit(self.xe_step, self.device))
+            t_dico.append(C.timeit(lambda: self.dico_step(self.all_layers), self.device))
+            timer.add("total", t_dico[-1])
+            timer.next_iteration()
+        med = timer.medians()
+        total = med.pop("total")
+        breakdown = {k: round(v, 4) for k, v in med.items()}
+        breakdown["other"] = round(total - sum(med.values()), 4)  # decode to text, shaping, loss, wrappers
+        return t_xe, t_dico, breakdown, total
+
+    def flops(self) -> tuple[int, dict[str, int]]:
+        """FLOPs of one XE forward + backward, and of each phase of one DiCO step."""
+        xe_flops = flops_of(self.xe_forward_backward)
+        self.core.zero_grad(set_to_none=True)
+        self.phases.count_flops = True
+        self.dico_step(self.all_layers)
+        self.phases.count_flops = False
+        return xe_flops, self.phases.flops
+
+
 def main(argv=None) -> dict:
-    from accelerate import Accelerator
-
-    from rlrefine.config import FinetuneSection
-    from rlrefine.losses import layer_weights, schedule, xe_loss
-    from rlrefine.methods import METHODS
-    from rlrefine.trainers.finetune import SequenceScorer, compute_loss
-
     args = parse_args(argv)
     device = C.setup(args)
     total_mem = C.PeakMemory(device)
-    K, n, B, T = args.K, args.n, args.batch, args.length + 1  # T counts bos
-
-    images, _, tokenizer = C.shapes_data(B, seed=args.seed)
-    images = images.to(device)
-    core = C.benchmark_captioner(tokenizer.vocab_size, K, max_len=T, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
-                                 eos_id=tokenizer.eos_id, suppress_eos=True, seed=args.seed).to(device)
-    reference = copy.deepcopy(core).eval().requires_grad_(False)
-    reward = FreeReward() if args.reward == "free" else C.random_score(args.reward, device, args.seed)
-    acc = Accelerator(cpu=device.type == "cpu")
-    optimizer = torch.optim.AdamW(core.parameters(), lr=1e-5)
-    pixels = core.encoder.preprocess(images)
-    seeds = torch.arange(B) + 1000 * args.seed
-    sched = schedule("linear", K)
-    g = torch.Generator().manual_seed(args.seed)
-    first_word = max(tokenizer.special_ids) + 1 if tokenizer.special_ids else 3
-    tf_tokens = torch.randint(first_word, tokenizer.vocab_size, (B, T), generator=g)
-    tf_tokens[:, 0] = tokenizer.bos_id
-    tf_tokens = tf_tokens.to(device)
-
-    phases = Phases(device)
-    core.generate = phases.wrap("generation", core.generate)  # rollout calls policy.generate twice
-    reference.sequence_logprobs = phases.wrap("reference_forward", reference.sequence_logprobs)
-    scorer = SequenceScorer(core)
-    scorer.forward = phases.wrap("policy_forward", scorer.forward)
-    timed_reward = phases.wrap("reward", reward)
-
-    def dico_step(layers):
-        f = FinetuneSection(num_candidates=n, max_len=T)  # DiCO, beam, defaults of the embedded recipe
-        weights = layer_weights(f.layer_weights, K)[torch.tensor(layers) - 1]
-        method = METHODS[f.method](f.method_config, f)
-        loss, _, _ = compute_loss(core, scorer, reference, method, timed_reward, images, pixels, seeds, layers, f, tokenizer,
-                                  sched, weights, acc)
-        phases.wrap("policy_backward", loss.backward)()
-        phases.wrap("optimizer", optimizer.step)()
-        optimizer.zero_grad(set_to_none=True)
-
-    all_layers = list(range(1, K + 1))
-    xe_weights = layer_weights("linear", K)
-
-    def xe_forward_backward():
-        out = core(pixels, tf_tokens, seeds, layers=all_layers)
-        loss, _ = xe_loss(out.logits.float(), tf_tokens[:, 1:], xe_weights, tokenizer.pad_id)
-        loss.backward()
-
-    def xe_step():
-        core.train()
-        xe_forward_backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    # -- memory of one DiCO step at two sizes (first: nothing before it peaked higher) --------------
-    memory = {}
-    if not args.no_memory:
-        dico_step(all_layers[:1])  # one-off allocations (optimizer state, thread pools) out of the way
-        small = all_layers[: max(1, K // 2)]
-        C.release_memory()
-        mem = C.PeakMemory(device)
-        dico_step(small)
-        memory.update(peak_memory_mb_small=mem.peak_mb(), kn_small=len(small) * n)
-        exact_small = mem.exact
-        C.release_memory()  # same baseline: freed memory is reused, so the high-water mark is the larger peak
-        dico_step(all_layers)
-        memory.update(peak_memory_mb_large=mem.peak_mb(), kn_large=K * n, memory_exact=bool(exact_small and mem.exact))
-        phases.timer.next_iteration(keep=False)
-
-    # -- timing: interleaved repeats after warm-up -------------------------------------------------
-    for _ in range(args.warmup):
-        xe_step()
-        dico_step(all_layers)
-        phases.timer.next_iteration(keep=False)
-    t_xe, t_dico = [], []
-    for _ in range(args.repeats):
-        t_xe.append(C.timeit(xe_step, device))
-        t_dico.append(C.timeit(lambda: dico_step(all_layers), device))
-        phases.timer.add("total", t_dico[-1])
-        phases.timer.next_iteration()
-    med = phases.timer.medians()
-    total = med.pop("total")
-    breakdown = {k: round(v, 4) for k, v in med.items()}
-    breakdown["other"] = round(total - sum(med.values()), 4)  # decode to text, shaping, loss, wrappers
+    bench = StepBench(args, device)
+    memory = {} if args.no_memory else bench.memory()
+    t_xe, t_dico, breakdown, total = bench.timing()
     m_xe, m_dico = sorted(t_xe)[len(t_xe) // 2], sorted(t_dico)[len(t_dico) // 2]
-
-    # -- FLOPs --------------------------------------------------------------------------------------
-    xe_flops = flops_of(xe_forward_backward)
-    core.zero_grad(set_to_none=True)
-    phases.count_flops = True
-    dico_step(all_layers)
-    phases.count_flops = False
-    fl = phases.flops
-    captioner_flops = fl.get("generation", 0) + fl.get("policy_forward", 0) + fl.get("policy_backward", 0) + fl.get("reference_forward", 0)
-
+    xe_flops, fl = bench.flops()
+    captioner_flops = sum(fl.get(k, 0) for k in ("generation", "policy_forward", "policy_backward", "reference_forward"))
     result = {
         "benchmark": "step",
         "ratio": round(m_dico / m_xe, 2),
@@ -203,8 +223,8 @@ def main(argv=None) -> dict:
         "xe_gflop": round(xe_flops / 1e9, 3),
         "dico_gflop": {k: round(v / 1e9, 3) for k, v in sorted(fl.items())},
         **memory,
-        "reward": "free stand-in" if args.reward == "free" else getattr(reward, "name", args.reward),
-        "images": B, "K": K, "layers": K, "n": n, "length": args.length,
+        "reward": "free stand-in" if args.reward == "free" else getattr(bench.reward, "name", args.reward),
+        "images": args.batch, "K": args.K, "layers": args.K, "n": args.n, "length": args.length,
         "peak_memory_mb": total_mem.peak_mb(),
         **C.environment(args, device),
     }

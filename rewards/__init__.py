@@ -1,5 +1,5 @@
 """Caption rewards for rlrefine: CLIP-S, RefCLIP-S, PAC-S, RefPAC-S, learned and distilled evaluators,
-CIDEr-D, and rewards users bring (a python target, weighted sums, the shapes grammar).
+BLIP image-text matching, CIDEr-D, and rewards users bring (a python target, weighted sums, the shapes grammar).
 
 Where it sits: ``rlrefine.data -> rlrefine.models -> rewards -> rlrefine.losses -> trainers``.
 This package imports nothing from ``rlrefine`` above the data layer.
@@ -41,8 +41,11 @@ Public API
   ``rlrefine.trainers.distill``).
 * :mod:`rewards.fidelity`: how faithfully a student imitates its teacher (rank correlations, argmax
   agreement, decision agreement, which tower limits it).
-* :mod:`rewards.text_student`: ``TextStudentConfig``, ``build_text_student``, ``distill_text_tower``,
-  ``TextStudentScore`` (a student for CLIP-sized teachers: the teacher's image tower, a small text tower).
+* :mod:`rewards.text_student`: ``TextStudentConfig``, ``build_text_student``, ``TextStudentScore`` (a student
+  for CLIP-sized teachers: an open_clip image tower kept, a small text tower; trained by
+  ``rlrefine.trainers.distill_text``, loaded as kind ``distilled``).
+* :mod:`rewards.itm`: ``ITMScore`` (kind ``itm``: BLIP's image-text matching probability from a local
+  transformers ``BlipForImageTextRetrieval`` folder), ``load_blip_itm``.
 * :mod:`rewards.shaping`: ``schedule``, ``length_budget``, ``shape_rewards`` (the graduality shaping).
 * :mod:`rewards.cider`: ``CiderD`` (the one CIDEr-D implementation, also behind the metric),
   ``CiderReward`` (kind ``cider``: document frequencies from the training captions).
@@ -75,7 +78,8 @@ from .fidelity import kendall_tau, spearman
 from .loading import BatchedPreprocess, load_open_clip, read_state_dict, register_model_config
 from .grammar import GrammarReward
 from .shaping import length_budget, schedule, shape_rewards
-from .text_student import TextStudentConfig, TextStudentScore, build_text_student, distill_text_tower
+from .itm import ITMScore, load_blip_itm
+from .text_student import TextStudentConfig, TextStudentScore, build_text_student
 from .weighted import WeightedSum
 
 __all__ = [
@@ -88,6 +92,7 @@ __all__ = [
     "DistilledScore",
     "EvaluatorConfig",
     "GrammarReward",
+    "ITMScore",
     "LearnedScore",
     "OpenCLIPReward",
     "PACScore",
@@ -102,10 +107,10 @@ __all__ = [
     "build_text_student",
     "check_reward",
     "clip_s",
-    "distill_text_tower",
     "harmonic_mean",
     "kendall_tau",
     "length_budget",
+    "load_blip_itm",
     "python_reward",
     "load_open_clip",
     "read_state_dict",

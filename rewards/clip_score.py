@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .loading import load_open_clip, register_model_config
+from .loading import load_open_clip, model_config_of, register_model_config
 from .matching import gated_score, image_features, load_matching_head, text_features
 from .registry import register_reward
 
@@ -99,9 +99,12 @@ class OpenCLIPReward:
 
     def __init__(self, model: torch.nn.Module, preprocess, tokenizer, *, w: float | None = None,
                  text_prefix: str | None = None, batch_size: int = 128, clamp: bool = True,
-                 bias: float = 0.0, name: str | None = None, matching_head: torch.nn.Module | None = None,
-                 head_weight: float = 0.0, head_stage: int = 3):
+                 bias: float = 0.0, name: str | None = None, architecture: dict | None = None,
+                 matching_head: torch.nn.Module | None = None, head_weight: float = 0.0, head_stage: int = 3):
         self.model = model.eval()
+        # the open_clip config of ``model`` (set by `from_pretrained`): what a student that keeps this
+        # reward's image tower saves to rebuild it (`rewards.text_student`)
+        self.architecture = architecture
         # a cross-attention head over both towers (rewards.matching): score = w·cos + b + λ·(σ(ℓ) − 1)
         self.matching_head = None if matching_head is None else matching_head.eval()
         self.head_weight, self.head_stage = float(head_weight), int(head_stage)
@@ -127,7 +130,7 @@ class OpenCLIPReward:
         loader_keys = ("allow_gelu_for_openai_weights", "option")
         loader = {k: kwargs.pop(k) for k in loader_keys if k in kwargs}
         model, preprocess, tokenizer = load_open_clip(model_name, checkpoint, device, **loader)
-        return cls(model, preprocess, tokenizer, **kwargs)
+        return cls(model, preprocess, tokenizer, architecture=model_config_of(model_name), **kwargs)
 
     @property
     def device(self) -> torch.device:

@@ -7,7 +7,7 @@ student imitates its teacher is `rewards.fidelity`). Here:
   The student is an open_clip model (default ``rlrefine-student-tiny``: width-32 towers, 2 layers, 16 px
   patches; with ``vision_init="teacher"`` a narrower ModifiedResNet of the teacher's depths starts from
   the teacher's strongest channels, `narrow_resnet_state`), saved as ``student.pt`` + ``student.json``;
-* `WordTokens`: with ``tokenizer="word"`` the student's text tower reads a word vocabulary trained on
+* `WordTokens` (`rlrefine.data.tokenizer`): with ``tokenizer="word"`` the student's text tower reads a word vocabulary trained on
   the distillation captions (saved beside it as ``tokenizer.json``; the tower pools at the eos token),
   which skips open_clip's Python BPE, a third of a small teacher's time;
 * `DistilledScore`: the student as a reward, ``max(w · cos(E_img, E_txt(c)) + b, 0)``, loaded with
@@ -20,17 +20,17 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import Any, Literal
 
-import numpy as np
 import torch
+
+from rlrefine.data.tokenizer import CaptionTokenizer, WordTokens
 
 from .clip_score import LearnedScore, OpenCLIPReward
 from .matching import MatchingHeadConfig
 from .registry import register_reward
-
-if TYPE_CHECKING:
-    from rlrefine.data.tokenizer import CaptionTokenizer
+from .text_student import MANIFEST as TEXT_STUDENT_MANIFEST
+from .text_student import TextStudentScore
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class DistillConfig:
             raise ValueError("distill extra_embedding_images only feeds the image-embedding loss: set embedding_weight > 0 "
                              "or extra_embedding_images=0")
 
-    def model_cfg(self, vocab: "CaptionTokenizer | None" = None) -> dict:
+    def model_cfg(self, vocab: CaptionTokenizer | None = None) -> dict:
         """open_clip architecture config; ``vocab``: the word-level tokenizer of a ``word`` student
         (its vocabulary size, and the text tower pools at its eos token)."""
         text_cfg = {"context_length": self.context_length, "vocab_size": 49408,
@@ -209,44 +209,46 @@ class DistillConfig:
         }
 
 
-class WordTokens:
-    """open_clip-style tokenizer over a word-level :class:`CaptionTokenizer`: captions ->
-    LongTensor ``[N, context_length]`` = ``bos + words + eos``, padded with ``pad_id`` (a long
-    caption is cut with eos kept last; an empty one is just ``bos eos``)."""
-
-    def __init__(self, vocab: "CaptionTokenizer", context_length: int):
-        self.vocab, self.context_length = vocab, int(context_length)
-
-    def __call__(self, texts: Sequence[str] | str) -> torch.Tensor:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        v, n = self.vocab, self.context_length
-        out = np.full((len(texts), n), v.pad_id, dtype=np.int64)
-        for row, words in enumerate(v.tokenize_batch(texts)):
-            words = words[:n - 2]
-            out[row, 0], out[row, 1:len(words) + 1], out[row, len(words) + 1] = v.bos_id, words, v.eos_id
-        return torch.from_numpy(out)
-
-
 class DistilledScore(LearnedScore):
     """The distilled student as a reward: ``max(w * cos(E_img, E_txt(c)) + b, 0)``.
 
-    Load with ``DistilledScore.from_dir(out_dir)`` (``student.json`` + ``student.pt``, and for a
-    ``word`` student its ``tokenizer.json``).
+    Load with ``DistilledScore.from_dir(out_dir)``: a dual-encoder student (``student.json`` + ``student.pt``,
+    and for a ``word`` student its ``tokenizer.json``), or, where the folder holds ``text_student.json``, a
+    text student (`rewards.text_student.TextStudentScore`), which is returned instead.
     """
 
     manifest_name = "student.json"
 
     @classmethod
-    def from_dir(cls, out_dir: str | Path, device: str | torch.device = "cpu", **overrides: Any) -> "OpenCLIPReward":
+    def from_dir(cls, out_dir: str | Path, device: str | torch.device = "cpu", **overrides: Any) -> OpenCLIPReward:
+        out_dir = Path(out_dir)
+        if (out_dir / TEXT_STUDENT_MANIFEST).is_file():
+            return TextStudentScore.from_dir(out_dir, device=device, **overrides)
+        if not (out_dir / cls.manifest_name).is_file():
+            raise FileNotFoundError(f"no distilled student in {out_dir}: neither {cls.manifest_name} (a dual-encoder "
+                                    f"student) nor {TEXT_STUDENT_MANIFEST} (a text student); run `rlrefine distill-reward`")
         reward = super().from_dir(out_dir, device=device, **overrides)
-        meta = json.loads((Path(out_dir) / cls.manifest_name).read_text())
+        meta = json.loads((out_dir / cls.manifest_name).read_text())
         if meta.get("tokenizer", "open_clip") == "word":
-            from rlrefine.data.tokenizer import CaptionTokenizer
-
             reward.tokenizer = WordTokens(CaptionTokenizer.from_dir(out_dir),
                                           meta["model_cfg"]["text_cfg"]["context_length"])
         return reward
 
 
-register_reward("distilled", lambda section, ctx: DistilledScore.from_dir(section.path or ctx.run_dir / "distill", device=ctx.device),
-                "this run's distilled student (distill-reward), or `path:` to another", uses=("path",))
+def _student_dir(section: Any, ctx: Any) -> Path:
+    """Where a ``distilled`` section's student is: ``path``, else the run's ``distill`` folder, or
+    ``distill_<student>`` for a named student (`distill.extra_students`)."""
+    if section.path:
+        return Path(section.path)
+    return ctx.run_dir / ("distill" if section.student is None else f"distill_{section.student}")
+
+
+def _check_distilled(section: Any) -> None:
+    if section.path and section.student:
+        raise ValueError(f"reward kind 'distilled': give path ({section.path}) or student ({section.student}), not both")
+
+
+register_reward("distilled", lambda section, ctx: DistilledScore.from_dir(_student_dir(section, ctx), device=ctx.device),
+                "this run's distilled student (distill-reward: a dual encoder or a text student), `student:` one of the "
+                "run's named students (distill.extra_students), or `path:` to another", uses=("path", "student"),
+                check=_check_distilled)

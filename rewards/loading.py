@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BatchedPreprocess",
     "load_open_clip",
+    "model_config_of",
     "read_state_dict",
     "register_model_config",
 ]
@@ -240,9 +241,16 @@ def load_open_clip(model_name: str, checkpoint: str | Path | None = None,
 
 
 def model_config_of(model_name: str) -> dict:
-    """A copy of a registered open_clip architecture config (for saving beside weights)."""
+    """A copy of the open_clip architecture config ``model_name`` names: a registered architecture, or the
+    ``model_cfg`` of a ``local-dir:`` folder's ``open_clip_config.json`` (saved beside a student that keeps
+    that architecture's image tower, `rewards.text_student`)."""
     import open_clip
 
+    if model_name.startswith("local-dir:"):
+        path = Path(model_name[len("local-dir:"):]).expanduser() / "open_clip_config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"local-dir folder has no open_clip_config.json: {path.parent}")
+        return json.loads(path.read_text())["model_cfg"]
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         raise ValueError(f"unknown open_clip architecture {model_name!r}")

@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 __all__ = ["OPTIONAL_FIELDS", "REWARDS", "RewardContext", "RewardKind", "build_reward", "register_reward"]
 
-OPTIONAL_FIELDS = ("path", "model_name", "checkpoint", "scale", "prefix", "clamp", "allow_gelu_for_openai_weights",
-                   "target", "kwargs", "terms")
+OPTIONAL_FIELDS = ("path", "student", "model_name", "checkpoint", "scale", "prefix", "clamp",
+                   "allow_gelu_for_openai_weights", "target", "kwargs", "terms")
 """Fields of a reward section that only some kinds read; a kind lists the ones it reads in `RewardKind.uses`,
 and setting another is an error (it would be ignored silently)."""
 

@@ -113,7 +113,7 @@ def _train_evaluator(args, cfg: RecipeConfig) -> None:
 def _distill(args, cfg: RecipeConfig) -> None:
     from rlrefine.trainers.distill import distill_stage
 
-    distill_stage(cfg, resume=args.resume)
+    distill_stage(cfg, resume=args.resume, name=args.student)
 
 
 COMMANDS = {
@@ -134,9 +134,11 @@ COMMANDS = {
     ),
     "distill-reward": (
         _distill, "distil the teacher reward into a compact student that scores every layer's candidates",
-        "Trains a small student on references, the pretrained captioner's candidates from every layer and mined hard "
-        "pairs (regression + listwise KL + hard-negative margin). Writes <run_dir>/distill and report.json with "
-        "Spearman / Kendall vs the teacher, argmax agreement and pairs/s of student vs teacher; --resume continues a "
+        "Trains a small student (distill.student_kind: dual, both towers; text, an open_clip image tower kept and a small "
+        "text tower) on references, the pretrained captioner's candidates from every layer and mined hard pairs "
+        "(regression + listwise KL + hard-negative margin / text-embedding match). Writes <run_dir>/distill (--student "
+        "NAME: the named student distill.extra_students.NAME, to <run_dir>/distill_NAME) and report.json with Spearman / "
+        "Kendall vs the teacher, argmax and decision agreement and pairs/s of student vs teacher; --resume continues a "
         "killed run from its last checkpoint.",
     ),
     "finetune": (
@@ -227,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--method", default="greedy", choices=["greedy", "beam"])
             p.add_argument("--beams", type=int, default=3, help="beam size for --method beam (the best beam is printed)")
             p.add_argument("--out", help="write the JSON here too")
+        if name == "distill-reward":
+            p.add_argument("--student", metavar="NAME", help="the named student distill.extra_students.NAME (written to "
+                                                              "<run_dir>/distill_NAME) instead of <run_dir>/distill")
         if name == "evaluate":
             p.add_argument("--model", help="captioner directory to evaluate (default: <run_dir>/finetune_<first variant>/model)")
             p.add_argument("--out", help="output directory (default: <run_dir>/eval/<model name>)")
@@ -316,6 +321,13 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level)
 
 
+def _launch_errors() -> tuple[type[Exception], ...]:
+    """`AcceleratorSetupError` once the training loop is imported (evaluated only when an error propagates, so
+    commands that train nothing never import accelerate for it)."""
+    loop = sys.modules.get("rlrefine.trainers.loop")
+    return () if loop is None else (loop.AcceleratorSetupError,)
+
+
 def main(argv: list[str] | None = None) -> int:
     from rlrefine.dry_run import DryRunError
 
@@ -337,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             _dry_run(args, cfg)
         else:
             (_run if args.command == "run" else COMMANDS[args.command][0])(args, cfg)
-    except (RecipeError, DryRunError) as exc:
+    except (RecipeError, DryRunError, *_launch_errors()) as exc:
         print(f"rlrefine: {exc}", file=sys.stderr)
         return 2
     except (FileNotFoundError, BadImageError, RewardTargetError) as exc:

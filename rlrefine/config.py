@@ -43,6 +43,7 @@ from rewards.distill import DistillConfig, StudentHeadConfig
 from rewards.evaluator import EvaluatorConfig
 from rewards.matching import MatchingHeadConfig
 from rewards.registry import OPTIONAL_FIELDS, REWARDS, RewardContext, validate_section
+from rewards.text_student import TextStudentConfig
 from rlrefine.data.sources import DATA_KINDS
 from rlrefine.methods import METHODS
 
@@ -52,6 +53,7 @@ EvaluatorConfig.__pydantic_config__ = ConfigDict(extra="forbid")
 DistillConfig.__pydantic_config__ = ConfigDict(extra="forbid")
 MatchingHeadConfig.__pydantic_config__ = ConfigDict(extra="forbid")
 StudentHeadConfig.__pydantic_config__ = ConfigDict(extra="forbid")
+TextStudentConfig.__pydantic_config__ = ConfigDict(extra="forbid")
 
 LayerWeighting = Literal["linear", "log", "uniform", "final"]
 ScheduleKind = Literal["linear", "geometric"]
@@ -321,7 +323,10 @@ class RewardSection(Section):
     kind: Literal[tuple(REWARDS)] = Field(
         "distilled", description="; ".join(f"{k.name}: {k.describe}" for k in REWARDS.values()))
     path: str | None = Field(None, description="a reward directory: the evaluator / student (default: <run_dir>/evaluator or "
-                                               "<run_dir>/distill), or a local checkpoint directory")
+                                               "<run_dir>/distill), or a local checkpoint directory (itm: a transformers "
+                                               "BlipForImageTextRetrieval folder)")
+    student: str | None = Field(None, description="distilled: one of the run's named students (a key of "
+                                "distill.extra_students, trained into <run_dir>/distill_<name>); default: <run_dir>/distill")
     model_name: str | None = Field(None, description="open_clip architecture for clip/pac, e.g. ViT-B-32-quickgelu for OpenAI / PAC-S weights")
     checkpoint: str | None = Field(None, description="local open_clip / PAC-S checkpoint for clip/pac")
     batch_size: int = Field(512, ge=1, description="captions scored per forward pass (model rewards)")
@@ -443,12 +448,74 @@ FinetuneSection = create_model(
 
 class DistillSection(Section):
     """`distill-reward`: a compact student imitates `teacher` on references, the pretrained captioner's
-    candidates from every layer (`candidate_images` training images, beam + sampled), and mined hard pairs."""
+    candidates from every layer (`candidate_images` training images, beam + sampled), and mined hard pairs.
+    `student_kind` picks the student: `dual` (both towers replaced, `distill.student`) or `text` (an open_clip
+    image tower kept, a small text tower, `distill.text_student`); the other kind's section is not read.
+    The student is written to <run_dir>/distill; `extra_students` names more, each in <run_dir>/distill_<name>,
+    which a reward reads as `{kind: distilled, student: <name>}`."""
 
     teacher: RewardSection = RewardSection(kind="learned")
     candidate_images: int = Field(1000, ge=0, description="training images whose per-layer candidates join the pairs (0: none)")
     candidate_beams: int = Field(3, ge=1, description="beam candidates per image and layer (plus one sampled)")
-    student: DistillConfig = Field(default_factory=DistillConfig)
+    student_kind: Literal["dual", "text"] = Field(
+        "dual", description="dual: a compact open_clip dual encoder (distill.student), right where the teacher's image "
+                            "tower is a large share of its cost; text: the image tower of the teacher (or of image_tower) "
+                            "kept, frozen and exact, and a small text tower (distill.text_student), right for CLIP-sized "
+                            "teachers whose text tower dominates (PAC-S ViT-B/32)")
+    student: DistillConfig = Field(default_factory=DistillConfig, description="the dual student (student_kind: dual)")
+    text_student: TextStudentConfig = Field(default_factory=TextStudentConfig,
+                                            description="the text student (student_kind: text; rewards.text_student)")
+    image_tower: RewardSection | None = Field(
+        None, description="text student: the open_clip reward whose image tower it keeps (clip, pac, learned, ...; its "
+                          "w starts the student's); default: the teacher's own. Needed when the teacher has no open_clip "
+                          "image tower (itm): then the student learns the teacher's scores in this tower's space")
+    extra_students: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="more students distilled by `rlrefine run` when a reward reads them, each a "
+                                          "mapping of distill overrides written to <run_dir>/distill_<name>, e.g. text: "
+                                          "{student_kind: text}; a reward names one as {kind: distilled, student: text}")
+
+    @model_validator(mode="after")
+    def _students(self) -> "DistillSection":
+        if self.student_kind == "text":
+            if self.teacher.kind == "itm" and self.image_tower is None:
+                raise ValueError("a text student of an itm teacher needs distill.image_tower: the open_clip reward whose "
+                                 "image tower it keeps (e.g. the recipe's pac or clip section), since BLIP's image tower is "
+                                 "not an open_clip one; or use student_kind: dual")
+            tower = self.image_tower or self.teacher
+            if tower.kind not in OPEN_CLIP_KINDS:
+                raise ValueError(f"a text student keeps an open_clip image tower; the {'image_tower' if self.image_tower else 'teacher'} "
+                                 f"is kind '{tower.kind}' (open_clip kinds: {', '.join(OPEN_CLIP_KINDS)})")
+        for name in self.extra_students:
+            self.extra(name)
+        return self
+
+    def extra(self, name: str) -> "DistillSection":
+        """The distill section of the named student ``name`` (its overrides on top of this one)."""
+        overrides = self.extra_students[name]
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise ValueError(f"distill.extra_students name {name!r}: use letters, digits, '_' and '-' (it names a folder)")
+        if not isinstance(overrides, dict):
+            raise ValueError(f"distill.extra_students.{name} must be a mapping of distill keys, got {overrides!r}")
+        if "extra_students" in overrides:
+            raise ValueError(f"distill.extra_students.{name} cannot name students of its own")
+        base = self.model_dump(exclude={"extra_students"})
+        for key in ("teacher", "image_tower"):  # another kind of reward: none of the base's kind-specific keys apply
+            new = overrides.get(key)
+            if isinstance(new, dict) and isinstance(base[key], dict) and new.get("kind", base[key]["kind"]) != base[key]["kind"]:
+                base[key] = {}
+        try:
+            return DistillSection.model_validate(_deep_merge(base, overrides))
+        except ValidationError as err:
+            raise ValueError(format_validation_error(err, DistillSection, f"distill.extra_students.{name}",
+                                                     key_prefix=f"distill.extra_students.{name}.")) from None
+
+    @property
+    def active(self) -> DistillConfig | TextStudentConfig:
+        """The config of the student this section trains (`student` or `text_student`)."""
+        return self.text_student if self.student_kind == "text" else self.student
+
+
+OPEN_CLIP_KINDS = ("clip", "refclip", "pac", "refpac", "learned")  # rewards with an open_clip image tower a text student keeps
 
 
 class EvaluateSection(Section):
@@ -463,6 +530,8 @@ class EvaluateSection(Section):
     extra_rewards: dict[str, RewardSection] = Field(default_factory=dict, description="more scores per layer, e.g. clip, pac")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="RS = (1 − α)·perf_K + α·G")
     kl_reference: bool = Field(True, description="report the final layer's KL to the pretrained (XE) model")
+    candidate_diagnostic: bool = Field(True, description="shapes data: the report also writes what each variant's candidates "
+                                       "hold at layer K before and after fine-tuning (report/candidates.json)")
     java_metrics: bool = Field(True, description="METEOR and SPICE where Java and their jars are present (each starts a Java "
                                                  "process per layer and model: seconds each); false skips them (reported n/a)")
 
@@ -472,15 +541,16 @@ class CompareSection(Section):
     seeds each gets. Every key other than `seeds` names a variant: a mapping of `finetune` overrides,
     e.g. `scst: {method: scst, scst: {baseline: mean}}`; `compare.dico_teacher.reward.kind=learned` adds one
     from the command line. Seed s of a variant fine-tunes with recipe seed + s (batches, z_0 noise,
-    sampling) into `finetune_<name>` (s = 0) or `finetune_<name>_seed<s>`; the report gives mean ± std."""
+    sampling) into `finetune_<name>` (s = 0) or `finetune_<name>_seed<s>`; the report gives mean ± std.
+    `compare.scst=null` leaves a recipe's variant out of a run."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True, protected_namespaces=())
     seeds: int = Field(1, ge=1, description="fine-tuning runs per variant, seeds recipe seed + 0..seeds-1 (the report shows mean ± std)")
 
     @property
     def variants(self) -> dict[str, dict[str, Any]]:
-        """name -> finetune overrides, in recipe order."""
-        return dict(self.__pydantic_extra__ or {})
+        """name -> finetune overrides, in recipe order; a variant set to null (`compare.scst=null`) is left out."""
+        return {k: v for k, v in (self.__pydantic_extra__ or {}).items() if v is not None}
 
 
 class RecipeConfig(Section):
@@ -512,14 +582,48 @@ class RecipeConfig(Section):
             raise ValueError(f"finetune.layers {bad} out of range: layers are 1..K = 1..{K}")
         for name in self.compare.variants:
             self.variant(name)
+        named = [s.student for s in self.reward_sections() if s.kind == "distilled" and s.student is not None]
+        unknown = sorted(set(named) - set(self.distill.extra_students))
+        if unknown:
+            raise ValueError(f"a distilled reward names student(s) {', '.join(unknown)}, which distill.extra_students does not "
+                             f"define (it has: {', '.join(self.distill.extra_students) or 'none'}); add e.g. "
+                             f"distill.extra_students.{unknown[0]}={{student_kind: text}}")
         return self
+
+    def reward_sections(self) -> list[RewardSection]:
+        """Every reward section a run reads: each fine-tuning variant's reward and the evaluation scores, with the
+        terms of `sum` rewards (not the distillation teachers)."""
+        todo = [*(v.reward for v in self.finetune_variants().values()), self.evaluate.evaluator,
+                *self.evaluate.extra_rewards.values()]
+        out = []
+        while todo:
+            section = todo.pop()
+            out.append(section)
+            todo.extend(term.reward for term in section.terms)
+        return out
+
+    def distillations(self) -> dict[str | None, DistillSection]:
+        """The students the run reads, in order: None -> `distill` (<run_dir>/distill) when a `distilled` reward without
+        path or student reads it, then each named student a reward reads (<run_dir>/distill_<name>)."""
+        wanted = {s.student for s in self.reward_sections() if s.kind == "distilled" and not s.path}
+        out: dict[str | None, DistillSection] = {}
+        if None in wanted:
+            out[None] = self.distill
+        for name in self.distill.extra_students:
+            if name in wanted:
+                out[name] = self.distill.extra(name)
+        return out
+
+    def distill_dir(self, name: str | None = None) -> Path:
+        """The folder of the run's student ``name`` (None: the main one)."""
+        return self.run_path / ("distill" if name is None else f"distill_{name}")
 
     def variant(self, name: str, seed: int = 0) -> FinetuneSection:
         """The finetune section of a named comparison variant (its overrides on top of `finetune`); seed
         s > 0 of it writes to `finetune_<name>_seed<s>`."""
         overrides = self.compare.variants[name]
         if not isinstance(overrides, dict):
-            raise ValueError(f"compare.{name} must be a mapping of finetune keys (or compare.seeds an integer), got {overrides!r}")
+            raise ValueError(f"compare.{name} must be a mapping of finetune keys, or null to leave it out (compare.seeds: an integer), got {overrides!r}")
         base = self.finetune.model_dump()
         new_reward = overrides.get("reward")
         if isinstance(new_reward, dict) and new_reward.get("kind", base["reward"]["kind"]) != base["reward"]["kind"]:

@@ -22,9 +22,11 @@ GPU. The projection of a training stage is its measured fixed cost (loading data
 rewards; saving) plus the recipe's steps × s/step (at the recipe's batch size); of the report, the
 fixed cost (loading; METEOR / SPICE start-up) plus the recipe's `evaluate.num_images` × the seconds
 per image (the slope between evaluations of the XE model on half and all of the handful), times the
-number of models the report compares (all share the XE model's architecture and code path).
-train-evaluator and distill-reward have no step hook: their s/step is the stage time over the
-steps, an upper bound. Not projected: the periodic validations inside training (`eval_every`) and
+number of models the report compares (all share the XE model's architecture and code path); of a
+distill-reward stage (one per student a reward reads), the recipe's steps × s/step plus its setup and
+held-out report (the captioner's candidates, the teacher's scores of the pairs), which grow with the
+images: scaled from the dry run's handful to the recipe's max(max_images, candidate_images).
+train-evaluator has no step hook: its s/step is the stage time over the steps, an upper bound. Not projected: the periodic validations inside training (`eval_every`) and
 the end-of-training reports, which run at the dry run's handful of images.
 
 The first broken piece stops the dry run with a `DryRunError` naming the stage and the cause (a
@@ -123,14 +125,35 @@ def dry_run_config(cfg: RecipeConfig, steps: int = DRY_RUN_STEPS, images: int = 
         d["compare"][name] = variant
     d["evaluator"].update(steps=steps, eval_every=0, eval_max_images=images, batch_size=cap(d["evaluator"]["batch_size"]),
                           preference_steps=min(d["evaluator"]["preference_steps"], steps))
-    d["distill"]["candidate_images"] = min(d["distill"]["candidate_images"], images)
-    d["distill"]["student"].update(steps=steps, max_images=images,
-                                   images_per_step=cap(d["distill"]["student"]["images_per_step"]),
-                                   head_example_images=min(d["distill"]["student"]["head_example_images"], images))
-    for head in (d["evaluator"]["matching_head"], d["distill"]["student"]["matching_head"]):
-        head.update(steps=min(head["steps"], steps), batch_size=cap(head["batch_size"]))
+    head = d["evaluator"]["matching_head"]
+    head.update(steps=min(head["steps"], steps), batch_size=cap(head["batch_size"]))
+    d["distill"] = _short_distill(d["distill"], steps, images, cap)
+    for name, overrides in d["distill"]["extra_students"].items():  # a named student: its own sizes, shortened too
+        full = cfg.distill.extra(name).model_dump()
+        short = _short_distill(full, steps, images, cap)
+        d["distill"]["extra_students"][name] = {
+            **overrides, "candidate_images": short["candidate_images"],
+            "student": {**overrides.get("student", {}), **{k: short["student"][k] for k in _SHORT_STUDENT + _SHORT_HEAD}},
+            "text_student": {**overrides.get("text_student", {}), **{k: short["text_student"][k] for k in _SHORT_STUDENT}}}
     d["evaluate"]["num_images"] = images
     return RecipeConfig.model_validate(d)
+
+
+_SHORT_STUDENT = ("steps", "max_images", "images_per_step", "timing_repeats")
+_SHORT_HEAD = ("head_example_images", "matching_head")  # the image student's matching head and its examples
+
+
+def _short_distill(d: dict, steps: int, images: int, cap: Callable[[int], int]) -> dict:
+    """A dumped distill section with both students shortened: `steps` steps on `images` images, the held-out speed
+    timed once."""
+    d = {**d, "candidate_images": min(d["candidate_images"], images)}
+    for key in ("student", "text_student"):
+        d[key] = {**d[key], "steps": steps, "max_images": images, "images_per_step": cap(d[key]["images_per_step"]),
+                  "timing_repeats": 1}
+    head = d["student"]["matching_head"]  # the image student's own matching head (rewards.matching), if on
+    d["student"] = {**d["student"], "head_example_images": min(d["student"]["head_example_images"], images),
+                    "matching_head": {**head, "steps": min(head["steps"], steps), "batch_size": cap(head["batch_size"])}}
+    return d
 
 
 # ---------------------------------------------------------------------------------------- memory
@@ -172,8 +195,12 @@ def _memory_setting(stage: str, cfg: RecipeConfig) -> str:
         return f"finetune.batch_size (now {f.batch_size}; or finetune.num_candidates, now {f.num_candidates})"
     if stage == "train-evaluator":
         return f"evaluator.batch_size (now {cfg.evaluator.batch_size})"
-    if stage == "distill-reward":
-        return f"distill.student.images_per_step (now {cfg.distill.student.images_per_step})"
+    if stage.startswith("distill-reward"):
+        name = stage[len("distill-reward["):-1] if stage.endswith("]") else None
+        d = cfg.distill if name is None else cfg.distill.extra(name)
+        key = ("distill" if name is None else f"distill.extra_students.{name}") + \
+            (".text_student" if d.student_kind == "text" else ".student")
+        return f"{key}.images_per_step (now {d.active.images_per_step})"
     return f"evaluate.evaluator.batch_size (now {cfg.evaluate.evaluator.batch_size}) and the reward batch sizes"
 
 
@@ -212,6 +239,20 @@ def _training_row(stage: str, seconds: float, clock: _StepClock, full_steps: int
                        _peak_cuda_gb(), note)
 
 
+def _distill_row(stage: str, seconds: float, clock: _StepClock, full: Any, short: Any, images: int) -> StageResult:
+    """A distill-reward row: the steps at the measured s/step (scaled to the recipe's images per step), plus the
+    stage's setup and report (the captioner's candidates, the teacher's scores of every pair, the held-out report),
+    which grow with the images: scaled by the recipe's max(max_images, candidate_images) over the dry run's images."""
+    row = _training_row(stage, seconds, clock, full.active.steps, short.active.images_per_step, full.active.images_per_step)
+    if row.s_per_step is None:
+        return row
+    fixed = max(0.0, seconds - len(clock.times) * clock.s_per_step())
+    full_images = max(full.active.max_images or 0, full.candidate_images, images)
+    row.projected_s = fixed * full_images / images + full.active.steps * row.s_per_step
+    row.note = "; ".join(x for x in (row.note, f"setup and report scaled from {images} to {full_images} images") if x)
+    return row
+
+
 def _upper_bound_row(stage: str, seconds: float, steps: int, full_steps: int, batch_run: int,
                      full_batch: int) -> StageResult:
     sps = seconds / steps * full_batch / batch_run
@@ -242,10 +283,11 @@ def dry_run(cfg: RecipeConfig, until: str | None = None, steps: int = DRY_RUN_ST
     batch = default_batch() if batch == "auto" else batch
     dry = dry_run_config(cfg, steps, images, batch)
     names = [s.name for s in stages(cfg)]
-    if until is not None and until not in names:
+    upto = [i for i, n in enumerate(names) if until is not None and (n == until or n.startswith(f"{until}["))]
+    if until is not None and not upto:
         raise DryRunError(f"'{until}' is not a stage of this recipe (its stages: {', '.join(names)}); "
                           "train-evaluator and distill-reward run only when a reward or the encoder reads their output")
-    todo = names if until is None else names[:names.index(until) + 1]
+    todo = names if until is None else names[:upto[-1] + 1]
     if dry.run_path.exists():
         shutil.rmtree(dry.run_path)
     dry.run_path.mkdir(parents=True)
@@ -262,10 +304,12 @@ def dry_run(cfg: RecipeConfig, until: str | None = None, steps: int = DRY_RUN_ST
             seconds, _ = _measure(name, dry, lambda: pretrain(dry, on_step_end=clock))
             rows.append(_training_row(name, seconds, clock, cfg.pretrain.steps, dry.pretrain.batch_size,
                                       cfg.pretrain.batch_size))
-        elif name == "distill-reward":
-            seconds, _ = _measure(name, dry, lambda: distill_stage(dry))
-            rows.append(_upper_bound_row(name, seconds, steps, cfg.distill.student.steps,
-                                         dry.distill.student.images_per_step, cfg.distill.student.images_per_step))
+        elif name.startswith("distill-reward"):
+            student = name[len("distill-reward["):-1] if name.endswith("]") else None
+            clock = _StepClock()
+            seconds, _ = _measure(name, dry, lambda: distill_stage(dry, name=student, on_step_end=clock))
+            full, short = (c.distill if student is None else c.distill.extra(student) for c in (cfg, dry))
+            rows.append(_distill_row(name, seconds, clock, full, short, images))
         elif name == "finetune":
             full = cfg.finetune_variants()
             for variant, section in dry.finetune_variants().items():

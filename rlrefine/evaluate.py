@@ -135,7 +135,7 @@ def _text_stats(x: LayerData) -> dict:
     return text_stats(x.captions)
 
 
-@register_layer_metric("grounding", version=2)
+@register_layer_metric("grounding", version=3)
 def _grounding(x: LayerData) -> dict:
     """Shapes data: grounded recall / precision / relations against the scenes, grammaticality, and the counts
     behind the rates (a rate over an empty count is 0.0; the count tells it from a real zero)."""
@@ -145,9 +145,9 @@ def _grounding(x: LayerData) -> dict:
 
     g = grounding_scores(x.captions, x.scenes)
     row = {k: g[k] for k in ("object_accuracy", "object_recall", "object_recall_multi", "hallucination_rate",
-                             "relation_accuracy")}
+                             "relation_accuracy", "relation_precision", "relation_recall_multi")}
     row.update({"grounded_precision": g["precision"], "grammaticality": grammaticality(x.captions)})
-    row.update({k: g[k] for k in ("num_captions", "num_objects", "num_mentions", "num_relations")})
+    row.update({k: g[k] for k in ("num_captions", "num_objects", "num_mentions", "num_relations", "num_multi_images")})
     return row
 
 
@@ -389,7 +389,8 @@ def write_report(result: dict, out_dir: Path, name: str = "model", writer=None) 
 
 
 COMPARE_COLUMNS = ["evaluator", "CIDEr-D", "BLEU-4", "object_recall", "object_recall_multi", "hallucination_rate",
-                   "relation_accuracy", "grammaticality", "vendi", "mean_length", "repeated_ngram_rate"]
+                   "relation_recall_multi", "relation_precision", "num_relations", "grammaticality", "vendi", "mean_length",
+                   "repeated_ngram_rate"]
 
 
 def compare_table(results: dict[str, dict]) -> str:

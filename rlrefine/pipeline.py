@@ -1,11 +1,12 @@
 """The stages of a recipe and the order `rlrefine run` runs them in.
 
-    train-evaluator -> pretrain -> distill-reward -> finetune (each `compare` variant and seed) -> report
+    train-evaluator -> pretrain -> distill-reward (and distill-reward[<name>] for each named student)
+                    -> finetune (each `compare` variant and seed) -> report
 
 Where it sits: above every stage (`rlrefine.trainers.*`, `rlrefine.report`), below the CLI and the dry
 run. Each stage writes into the recipe's run_dir and has a marker file; `run_pipeline` skips a stage whose
-marker exists (unless forced). train-evaluator and distill-reward are in the list only when the run reads
-their output (`needs_evaluator`, `needs_distilled`).
+marker exists (unless forced). train-evaluator and the distill-reward stages are in the list only when the
+run reads their output (`needs_evaluator`; `RecipeConfig.distillations`: the students some reward reads).
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from rlrefine.config import RecipeConfig, RewardSection
+from rlrefine.config import RecipeConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Stage", "needs_distilled", "needs_evaluator", "run_finetune_variants", "run_pipeline", "stages"]
+__all__ = ["Stage", "distill_stage_name", "needs_distilled", "needs_evaluator", "run_finetune_variants", "run_pipeline",
+           "stages"]
 
 
 @dataclass
@@ -43,32 +45,28 @@ def run_finetune_variants(cfg: RecipeConfig, resume: bool, force: bool = False) 
             finetune(cfg.model_copy(update={"finetune": section, "seed": cfg.seed + s}), resume=resume)
 
 
-def _reward_sections(cfg: RecipeConfig) -> list[RewardSection]:
-    """Every reward section a run reads: each fine-tuning variant's reward and the evaluation scores,
-    with the terms of `sum` rewards."""
-    todo = [*(v.reward for v in cfg.finetune_variants().values()), cfg.evaluate.evaluator, *cfg.evaluate.extra_rewards.values()]
-    out = []
-    while todo:
-        section = todo.pop()
-        out.append(section)
-        todo.extend(term.reward for term in section.terms)
-    return out
-
-
 def needs_evaluator(cfg: RecipeConfig) -> bool:
-    """True when the run reads its own learned evaluator (the encoder, a reward, or the distill teacher)."""
-    sections = _reward_sections(cfg) + ([cfg.distill.teacher] if needs_distilled(cfg) else [])
+    """True when the run reads its own learned evaluator (the encoder, a reward, a distill teacher or the image
+    tower a text student keeps)."""
+    sections = list(cfg.reward_sections())
+    for d in cfg.distillations().values():
+        sections += [d.teacher] + ([d.image_tower] if d.image_tower is not None else [])
     return cfg.model.encoder.kind == "evaluator" or any(s.kind == "learned" and s.path is None for s in sections)
 
 
 def needs_distilled(cfg: RecipeConfig) -> bool:
-    """True when a reward of the run is the run's own distilled student (`distilled` without a path)."""
-    return any(s.kind == "distilled" and s.path is None for s in _reward_sections(cfg))
+    """True when a reward of the run is one of the run's own distilled students (`distilled` without a path)."""
+    return bool(cfg.distillations())
+
+
+def distill_stage_name(name: str | None) -> str:
+    """`distill-reward` for the run's student, `distill-reward[<name>]` for a named one."""
+    return "distill-reward" if name is None else f"distill-reward[{name}]"
 
 
 def stages(cfg: RecipeConfig) -> list[Stage]:
     """The recipe's stages in order. train-evaluator and distill-reward are there only when the run
-    reads their output (e.g. the COCO recipe trains on PAC-S directly: neither runs)."""
+    reads their output (one distill-reward stage per student a reward reads)."""
     from rlrefine.report import report_stage
     from rlrefine.trainers.distill import distill_stage
     from rlrefine.trainers.evaluator import train_evaluator_stage
@@ -78,8 +76,9 @@ def stages(cfg: RecipeConfig) -> list[Stage]:
     if needs_evaluator(cfg):
         out.append(Stage("train-evaluator", "evaluator/report.json", lambda c, r, f: train_evaluator_stage(c, resume=r)))
     out.append(Stage("pretrain", "pretrain/model/config.json", lambda c, r, f: pretrain(c, resume=r)))
-    if needs_distilled(cfg):
-        out.append(Stage("distill-reward", "distill/report.json", lambda c, r, f: distill_stage(c, resume=r)))
+    for name in cfg.distillations():
+        marker = str(cfg.distill_dir(name).relative_to(cfg.run_path) / "report.json")
+        out.append(Stage(distill_stage_name(name), marker, lambda c, r, f, n=name: distill_stage(c, resume=r, name=n)))
     out.append(Stage("finetune", "", run_finetune_variants))  # each variant is skipped on its own
     out.append(Stage("report", "", report_stage))
     return out

@@ -220,8 +220,8 @@ def markdown_reference() -> str:
         if doc:
             out.extend(["\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n")), ""])
         if cls in shared:
-            out.extend([f"Used by `finetune.reward`, `distill.teacher`, `evaluate.evaluator`, `evaluate.extra_rewards.<name>`, "
-                        "`compare.<name>.reward` and the terms of a `sum`." if path == "reward" else
+            out.extend(["Used by `finetune.reward`, `distill.teacher`, `distill.image_tower`, `evaluate.evaluator`, "
+                        "`evaluate.extra_rewards.<name>`, `compare.<name>.reward` and the terms of a `sum`." if path == "reward" else
                         "An item of `terms` (a `sum` reward).", ""])
         out.extend(["| key | type | default | description |", "|---|---|---|---|"])
         nested = []

@@ -6,7 +6,9 @@ TensorBoard scalars and, on the recipe's main split, the model card's metrics; i
 ``captions_<split>.jsonl`` (one line per image: its id, the caption at every layer 0..K and, for shapes
 data, the scene's objects). `report` evaluates the XE model and every fine-tuned variant (each of its
 seeds) on `evaluate.split` and every `evaluate.extra_splits`, reusing an earlier evaluation while it is
-still valid (`cached_evaluation`), and writes ``report/compare.{md,json,png}`` (and ``compare_<split>.*``).
+still valid (`cached_evaluation`), and writes ``report/compare.{md,json,png}`` (and ``compare_<split>.*``);
+on shapes data also ``report/candidates.json``, what each method's candidates hold before and after
+fine-tuning (`candidate_diagnostic`).
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from rlrefine.config import RecipeConfig
 from rlrefine.evaluate import metrics_version
 
 log = logging.getLogger(__name__)
+
+NOT_PER_MODEL = {"split", "extra_splits", "candidate_diagnostic"}  # evaluate keys that do not change a model's evaluation
 
 __all__ = ["cached_evaluation", "evaluate_checkpoint", "report", "report_stage"]
 
@@ -66,7 +72,7 @@ def evaluate_checkpoint(cfg: RecipeConfig, model_dir: Path, name: str, out_dir: 
         timings.update(setup_s=t1 - t0, eval_s=time.perf_counter() - t1)
     captions = result.pop("captions")
     result.update({"model": str(model_dir), "split": split_name, "metrics_version": metrics_version(),
-                   "evaluate_config": e.model_dump(mode="json", exclude={"split", "extra_splits"})})
+                   "evaluate_config": e.model_dump(mode="json", exclude=NOT_PER_MODEL)})
     writer = SummaryWriter(str(out_dir / "tb"))
     write_report(result, out_dir, name=name, writer=writer)
     writer.close()
@@ -86,7 +92,7 @@ def cached_evaluation(cfg: RecipeConfig, model_dir: Path, out_dir: Path, split: 
     if not metrics.is_file() or not weights.is_file() or metrics.stat().st_mtime <= weights.stat().st_mtime:
         return None
     result = json.loads(metrics.read_text())
-    settings = cfg.evaluate.model_dump(mode="json", exclude={"split", "extra_splits"})
+    settings = cfg.evaluate.model_dump(mode="json", exclude=NOT_PER_MODEL)
     if (result.get("split") != split or result.get("evaluate_config") != settings or Path(result.get("model", "")) != Path(model_dir)
             or result.get("metrics_version") != metrics_version()):
         return None
@@ -128,9 +134,79 @@ def report(cfg: RecipeConfig) -> str:
         (out / f"{stem}.json").write_text(json.dumps({k: {kk: v for kk, v in r.items() if kk != "examples"} for k, r in results.items()}, indent=1))
         plot_layers(results, out / f"{stem}.png")
         tables.append(table)
+    if cfg.data.kind == "shapes" and cfg.evaluate.candidate_diagnostic:
+        diagnostic = candidate_diagnostic(cfg)
+        (out / "candidates.json").write_text(json.dumps(diagnostic, indent=1))
+        tables.append(candidate_table(diagnostic))
     text = "\n".join(tables)
     (out / "compare.md").write_text(text)
     return text
+
+
+@torch.no_grad()
+def method_candidates(cfg: RecipeConfig, section, model_dir: Path, split, index) -> list[list[str]]:
+    """The final-layer candidates a variant's method draws (``section``: its finetune section) from the captioner in
+    ``model_dir`` for the images ``index`` of ``split``: the evaluation z_0 seeds, a fixed sampling seed."""
+    from rlrefine.data.batches import eval_z0_seeds, load_images
+    from rlrefine.data.tokenizer import CaptionTokenizer
+    from rlrefine.methods import METHODS
+    from rlrefine.models import RefinementCaptioner
+
+    model = RefinementCaptioner.from_pretrained(model_dir).eval()
+    tokenizer = CaptionTokenizer.from_dir(model_dir)
+    method = METHODS[section.method](section.method_config, section)
+    K = model.config.num_refine_layers
+    generator = torch.Generator().manual_seed(cfg.seed)
+    out: list[list[str]] = []
+    for start in range(0, len(index), 64):
+        idx = index[start:start + 64]
+        pixels = model.encoder.preprocess(load_images(split, idx, cfg.data.image_size))
+        gen = method.generate(model, pixels, eval_z0_seeds(idx), [K], generator)
+        out.extend([per_img[0] for per_img in tokenizer.decode_batch(gen.tokens)])
+    return out
+
+
+def candidate_diagnostic(cfg: RecipeConfig) -> dict:
+    """Shapes data: per fine-tuning variant (its first seed), what its method's candidates at layer K hold at the
+    start (drawn from the XE model) and at the end of fine-tuning (from the fine-tuned model), on the evaluation
+    split and on test_novel (`rlrefine.metrics.grounding.candidate_coverage`): the share of multi-object images
+    where a candidate states a true relation, and of images with an unseen colour–shape pair where a candidate
+    names it. Written to report/candidates.json; says whether the reward or the candidates limit learning."""
+    import numpy as np
+
+    from rlrefine.data.sources import load_splits
+    from rlrefine.metrics.grounding import candidate_coverage
+
+    from rlrefine.data.shapes import DEFAULT_HELD_OUT
+
+    splits = load_splits(cfg.data)
+    xe_dir = cfg.run_path / "pretrain" / "model"
+    result: dict = {}
+    for name, section in cfg.finetune_variants().items():
+        result[name] = {}
+        for split_name in dict.fromkeys([cfg.evaluate.split, "test_novel"]):
+            if split_name not in splits:
+                continue
+            split = splits[split_name]
+            index = np.flatnonzero(~np.asarray(split.is_label, dtype=bool))[:cfg.evaluate.num_images]
+            scenes = [split.scenes[i] for i in index]
+            result[name][split_name] = {
+                when: candidate_coverage(method_candidates(cfg, section, model_dir, split, index), scenes, DEFAULT_HELD_OUT)
+                for when, model_dir in (("start", xe_dir), ("end", cfg.run_path / section.output / "model"))}
+    return result
+
+
+def candidate_table(diagnostic: dict) -> str:
+    """The candidate diagnostic as Markdown: one row per variant and split, start -> end."""
+    lines = ["### Candidates at layer K: what each method's candidates hold (XE model at the start -> fine-tuned model "
+             "at the end)\n", "| variant | split | a candidate states a true relation (multi-object images) | a candidate "
+             "names the image's unseen pair |", "|---|---|---|---|"]
+    for name, per_split in diagnostic.items():
+        for split, d in per_split.items():
+            s, e = d["start"], d["end"]
+            unseen = f"{s['unseen_pair']:.3f} -> {e['unseen_pair']:.3f}" if s["images_unseen"] else "n/a"
+            lines.append(f"| {name} | {split} | {s['true_relation']:.3f} -> {e['true_relation']:.3f} | {unseen} |")
+    return "\n".join(lines) + "\n"
 
 
 def report_stage(cfg: RecipeConfig, resume: bool = False, force: bool = False) -> None:

@@ -67,9 +67,13 @@ def test_realsize(capsys):
     r = run("realsize", ["--quick", "--K", "2", "--n", "2", "--max-len", "5", "--d-model", "64", "--slots", "4",
                          "--heads", "2", "--readout-layers", "1", "--encoder", "tiny_vit", "--image-size", "32",
                          "--reward-model", "tiny", "--student-width", "32", "--student-layers", "1",
-                         "--student-heads", "2", "--memory"], capsys)
-    for k in ("decode_vs_generate", "student_speedup", "dico_over_floor", "ratio", "floor", "reward_share"):
+                         "--student-heads", "2", "--itm-size", "tiny", "--memory"], capsys)
+    for k in ("decode_vs_generate", "student_speedup", "dico_over_floor", "ratio", "floor", "reward_share", "itm_over_pacs",
+              "student_speedup_over_itm"):
         assert isinstance(r[k], float) and r[k] > 0, k
+    costs = r["cost_per_caption_ms"]
+    assert set(costs) == {"pacs", "text_student", "blip_itm"} and all(v > 0 for v in costs.values())
+    assert costs["pacs"] / costs["text_student"] == pytest.approx(r["student_speedup"], rel=0.05)  # one call, one count
     # at toy sizes one more image can stay under the allocator's granularity (the CI run once read 0.0 MB)
     assert isinstance(r["memory_per_image_mb"], float) and r["memory_per_image_mb"] >= 0
     assert {"generation", "reward", "policy_forward", "policy_backward", "reference_forward"} <= set(r["breakdown_s"])

@@ -94,14 +94,15 @@ def test_coco_recipe_keeps_the_dico_reference_settings(tmp_path):
     # every reward / encoder is the QuickGELU architecture the PAC-S and OpenAI weights need
     sections = [cfg.model.encoder, r, e.evaluator, *e.extra_rewards.values(), cfg.distill.teacher]
     assert {s.model_name for s in sections} == {"ViT-B-32-quickgelu"}
-    # the pipeline: no learned evaluator, no distillation (PAC-S is the reward), DiCO and SCST, the report
+    # the pipeline: no learned evaluator; the text student of PAC-S as DiCO trains on it for dico_distilled; DiCO
+    # against PAC-S and against the student, SCST, the report
     from rlrefine.pipeline import stages
 
-    assert [s.name for s in stages(cfg)] == ["pretrain", "finetune", "report"]
-    distilled = load_recipe(RECIPES / "coco_vitb32.yaml", _user_paths(tmp_path) + ["finetune.reward.kind=distilled",
-                            "finetune.reward.model_name=null", "finetune.reward.checkpoint=null", "finetune.reward.scale=null",
-                            "finetune.reward.prefix=null", "finetune.reward.clamp=null"])
-    assert [s.name for s in stages(distilled)] == ["pretrain", "distill-reward", "finetune", "report"]
+    assert [s.name for s in stages(cfg)] == ["pretrain", "distill-reward", "finetune", "report"]
+    d = cfg.distill
+    assert (d.student_kind, d.teacher.scale, d.teacher.prefix, d.teacher.clamp) == ("text", 2.0, "", False)
+    assert cfg.variant("dico_distilled").reward.kind == "distilled" and cfg.variant("dico_distilled").dico.tau == 300
+
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
@@ -206,8 +207,37 @@ def test_compare_takes_seeds_beside_named_variants():
         load_recipe(RECIPES / "tiny.yaml", ["compare.extra.lambda_gradd=1.0"])
 
 
+def test_a_variant_set_to_null_is_left_out_of_the_run():
+    cfg = load_recipe(RECIPES / "tiny.yaml", ["compare.scst=null", "compare.grpo=null", "compare.mix={dico: {generation: mix}}"])
+    assert "scst" not in cfg.compare.variants and "grpo" not in cfg.finetune_runs()
+    assert list(cfg.compare.variants)[-1] == "mix" and cfg.variant("mix").dico.generation == "mix"
+
+
 def test_a_variant_with_another_reward_kind_does_not_inherit_the_base_rewards_keys():
     cfg = load_recipe(RECIPES / "tiny.yaml", ["finetune.reward={kind: sum, terms: [{weight: 1, reward: {kind: distilled}}]}",
                                               "compare.teacher.reward.kind=learned"])
     assert cfg.variant("teacher").reward.kind == "learned" and cfg.variant("teacher").reward.terms == []
     assert cfg.variant("dico").reward.kind == "sum" and len(cfg.variant("dico").reward.terms) == 1
+
+
+def test_a_named_student_is_distilled_only_when_a_reward_reads_it():
+    from rlrefine.pipeline import stages
+
+    text = "distill.extra_students.text={student_kind: text, text_student: {tokenizer: word, steps: 7}}"
+    cfg = load_recipe(RECIPES / "tiny.yaml", [text])
+    assert list(cfg.distillations()) == [None]  # defined, read by no reward: not distilled
+    cfg = load_recipe(RECIPES / "tiny.yaml", [text, "compare.dico_text={reward: {kind: distilled, student: text}}"])
+    named = cfg.distillations()["text"]
+    assert (named.student_kind, named.text_student.tokenizer, named.text_student.steps) == ("text", "word", 7)
+    assert named.teacher == cfg.distill.teacher and named.candidate_images == cfg.distill.candidate_images  # the rest inherited
+    assert cfg.distill_dir("text") == cfg.run_path / "distill_text"
+    names = [s.name for s in stages(cfg)]
+    assert names[names.index("pretrain") + 1:names.index("finetune")] == ["distill-reward", "distill-reward[text]"]
+    with pytest.raises(RecipeError, match="names student\\(s\\) txt, which distill.extra_students does not define"):
+        load_recipe(RECIPES / "tiny.yaml", [text, "compare.x={reward: {kind: distilled, student: txt}}"])
+    with pytest.raises(RecipeError, match="distill.extra_students.text.text_student.widht"):
+        load_recipe(RECIPES / "tiny.yaml", ["distill.extra_students.text={text_student: {widht: 8}}"])
+    with pytest.raises(RecipeError, match="give path .* or student .*, not both"):
+        load_recipe(RECIPES / "tiny.yaml", [text, "compare.x={reward: {kind: distilled, student: text, path: /tmp}}"])
+    with pytest.raises(RecipeError, match="text student keeps an open_clip image tower; the teacher is kind 'cider'"):
+        load_recipe(RECIPES / "tiny.yaml", ["distill.student_kind=text", "distill.teacher={kind: cider}"])

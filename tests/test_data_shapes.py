@@ -18,13 +18,13 @@ from rlrefine.data.shapes import (
     complete_descriptions,
     generate_shapes,
     is_grammatical,
-    load_or_generate_shapes,
     parse_caption,
     relation,
     salience_order,
 )
 from rlrefine.data.shapes import _captions_one, _template_three, _template_two
-from rlrefine.data.split import CaptionSplit, load_split, save_split
+from rlrefine.data.cache import load_or_generate_shapes, load_split, save_split
+from rlrefine.data.split import CaptionSplit
 
 SMALL = ShapesConfig(num_train=300, num_val=40, num_test=40, num_test_novel=120, seed=3)
 

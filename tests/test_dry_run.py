@@ -15,6 +15,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+import yaml
 
 from rewards.loading import register_model_config
 from rlrefine import cli
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "coco_vitb32.yaml"
 TINY_COCO = ROOT.parent / "shared" / "data" / "tiny_coco"
 
+STAGES = ["pretrain", "distill-reward", "finetune[dico]", "finetune[dico_distilled]", "finetune[scst]", "report"]
 SMALL = "rlrefine-test-clip-small-quickgelu"  # a QuickGELU architecture small enough for seconds on 2 cores
 SMALL_GELU = "rlrefine-test-clip-small"  # its GELU twin, to show the guard
 _SMALL_CFG = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
@@ -80,7 +82,8 @@ def _small_sizes() -> list[str]:
             "data.num_workers=0", "pretrain.batch_size=4", "pretrain.mixed_precision=no", "finetune.batch_size=2",
             "finetune.num_candidates=2", "finetune.max_len=8", "finetune.mixed_precision=no",
             f"finetune.reward.model_name={SMALL}", f"evaluate.evaluator.model_name={SMALL}",
-            f"evaluate.extra_rewards.refpac.model_name={SMALL}", f"distill.teacher.model_name={SMALL}"]
+            f"evaluate.extra_rewards.refpac.model_name={SMALL}", f"distill.teacher.model_name={SMALL}",
+            "distill.candidate_images=3"]  # the captioner's candidates of 3 images: the path, at a third of its cost
 
 
 def _files_under(root: Path) -> set[Path]:
@@ -94,10 +97,11 @@ def test_dry_run_of_the_coco_recipe_on_real_images(tiny_coco, small_checkpoints,
     out = capsys.readouterr().out
     assert "| stage | dry run |" in out and "Projected wall time of the full recipe" in out
     report = json.loads((run_dir / "dry_run" / "report.json").read_text())
-    assert [s["stage"] for s in report["stages"]] == ["pretrain", "finetune[dico]", "finetune[scst]", "report"]
+    assert [s["stage"] for s in report["stages"]] == STAGES
     cfg = load_recipe(RECIPE, argv[3:])
-    full = {"pretrain": cfg.pretrain.steps, "finetune[dico]": cfg.variant("dico").steps,
-            "finetune[scst]": cfg.variant("scst").steps, "report": cfg.evaluate.num_images * 3}
+    full = {"pretrain": cfg.pretrain.steps, "distill-reward": cfg.distill.text_student.steps,
+            "finetune[dico]": cfg.variant("dico").steps, "finetune[dico_distilled]": cfg.variant("dico_distilled").steps,
+            "finetune[scst]": cfg.variant("scst").steps, "report": cfg.evaluate.num_images * 4}
     for row in report["stages"]:
         assert row["full_steps"] == full[row["stage"]]
         assert row["s_per_step"] > 0 and row["projected_s"] >= row["full_steps"] * row["s_per_step"] * 0.99
@@ -107,8 +111,14 @@ def test_dry_run_of_the_coco_recipe_on_real_images(tiny_coco, small_checkpoints,
     # everything it wrote is under run_dir/dry_run: the stages' outputs, and the report evaluated each model
     assert _files_under(run_dir) == _files_under(run_dir / "dry_run")
     assert json.loads((run_dir / "dry_run" / "report" / "XE" / "metrics.json").read_text())["num_images"] == 8
-    assert (run_dir / "dry_run" / "finetune_dico" / "model").is_dir() and (run_dir / "dry_run" / "finetune_scst" / "model").is_dir()
-    assert format_table(report).count("\n| ") == 5  # header + 4 stages
+    for variant in ("dico", "dico_distilled", "scst"):
+        assert (run_dir / "dry_run" / f"finetune_{variant}" / "model").is_dir()
+    # the distill stage trained the text student of PAC-S and dico_distilled fine-tuned against it
+    student = json.loads((run_dir / "dry_run" / "distill" / "text_student.json").read_text())
+    assert student["student_kind"] == "text" and student["text_tower"]["width"] == cfg.distill.text_student.width
+    used = yaml.safe_load((run_dir / "dry_run" / "finetune_dico_distilled" / "recipe.yaml").read_text())
+    assert used["finetune"]["reward"]["kind"] == "distilled"
+    assert format_table(report).count("\n| ") == 7  # header + 6 stages
 
 
 def test_dry_run_stops_at_the_first_broken_piece(tiny_coco, small_checkpoints, tmp_path, capsys):
@@ -131,9 +141,9 @@ def test_dry_run_stops_at_the_first_broken_piece(tiny_coco, small_checkpoints, t
                      *_paths(tiny_coco, encoder, reward), *_small_sizes()]) == 0
     report = json.loads((tmp_path / "run2" / "dry_run" / "report.json").read_text())
     assert [s["stage"] for s in report["stages"]] == ["pretrain"]
-    # a stage this recipe does not have (PAC-S is the reward: nothing to distil)
-    assert cli.main(["distill-reward", "--config", str(RECIPE), "--dry-run", *_paths(tiny_coco, encoder, reward)]) == 2
-    assert "'distill-reward' is not a stage of this recipe" in capsys.readouterr().err
+    # a stage this recipe does not have (PAC-S is the teacher: no learned evaluator to train)
+    assert cli.main(["train-evaluator", "--config", str(RECIPE), "--dry-run", *_paths(tiny_coco, encoder, reward)]) == 2
+    assert "'train-evaluator' is not a stage of this recipe" in capsys.readouterr().err
 
 
 def test_out_of_memory_names_the_setting_to_lower(tmp_path, small_checkpoints, tiny_coco):
@@ -157,6 +167,15 @@ def test_dry_run_config_keeps_files_and_models_and_shortens_the_rest(tmp_path, s
     assert dry.variant("scst").lr == cfg.variant("scst").lr
     capped = dry_run_config(cfg, steps=2, images=5, batch=4)
     assert (capped.pretrain.batch_size, capped.finetune.batch_size, capped.variant("scst").batch_size) == (4, 4, 4)
+    # the students: their steps, images and timing shortened, their models and teacher kept; a named one too
+    t, full = capped.distill.text_student, cfg.distill.text_student
+    assert (t.steps, t.max_images, t.images_per_step, t.timing_repeats, capped.distill.candidate_images) == (2, 5, 4, 1, 5)
+    assert (t.width, t.layers, t.context_length) == (full.width, full.layers, full.context_length)
+    assert capped.distill.teacher == cfg.distill.teacher
+    named = load_recipe(RECIPE, [f"run_dir={tmp_path}", *_paths(tiny_coco, *small_checkpoints),
+                                 "distill.extra_students.wide={text_student: {width: 512, steps: 900}}"])
+    wide = dry_run_config(named, steps=2, images=5, batch=4).distill.extra("wide").text_student
+    assert (wide.width, wide.steps, wide.max_images) == (512, 2, 5)
 
 
 @pytest.mark.slow
@@ -167,5 +186,5 @@ def test_dry_run_at_the_recipes_real_sizes(tiny_coco, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert cli.main(["run", str(RECIPE), "--dry-run", f"run_dir={run_dir}", *_paths(tiny_coco, encoder, reward)]) == 0
     report = json.loads((run_dir / "dry_run" / "report.json").read_text())
-    assert [s["stage"] for s in report["stages"]] == ["pretrain", "finetune[dico]", "finetune[scst]", "report"]
+    assert [s["stage"] for s in report["stages"]] == STAGES
     assert report["projected_total_s"] > 0

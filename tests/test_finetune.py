@@ -138,3 +138,22 @@ def test_a_moved_key_is_an_error_naming_its_new_home():
     with pytest.raises(RecipeError, match=r"finetune.dico.gamma"):  # unknown keys of a method section are errors too
         load_recipe(None, ["finetune.dico.gamma=1"])
     assert load_recipe(None, ["finetune.dico.beta=0.3"]).finetune.dico.beta == 0.3
+
+
+def test_dico_mix_draws_beams_and_samples_side_by_side():
+    policy, tok = tiny_policy(2)
+    images = torch.randint(0, 255, (3, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    pixels = policy.encoder.preprocess(images)
+    f = FinetuneSection(num_candidates=4, max_len=8, dico={"generation": "mix", "mix_beams": 2})
+    gen = method_of(f).generate(policy, pixels, torch.arange(3), [1, 2], torch.Generator().manual_seed(0))
+    beams = policy.generate(pixels, torch.arange(3), [1, 2], method="beam", num_candidates=2, max_len=8)
+    assert gen.tokens.shape[:3] == (3, 2, 4)
+    T = beams.tokens.shape[-1]
+    torch.testing.assert_close(gen.tokens[:, :, :2, :T], beams.tokens)  # the first two are the beams
+    assert (gen.tokens[:, :, :2, T:] == tok.pad_id).all()
+    # the samples' log-probs are the model's own, like the beams'
+    lp = policy.sequence_logprobs(pixels, torch.arange(3), [1, 2], gen.tokens)
+    torch.testing.assert_close(lp, gen.logprobs, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="mix_beams"):
+        method_of(FinetuneSection(num_candidates=2, max_len=8, dico={"generation": "mix", "mix_beams": 2})).generate(
+            policy, pixels, torch.arange(3), [1, 2], None)

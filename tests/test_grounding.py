@@ -115,3 +115,35 @@ def test_recall_on_multi_object_images_hallucination_and_grammaticality():
     assert s["object_recall_multi"] == pytest.approx(1 / 2)    # the two-object image alone
     assert s["hallucination_rate"] == pytest.approx(1 / 3)     # the green cross of 3 mentions
     assert grammaticality(captions + ["a large red circle and"]) == pytest.approx(2 / 3)
+
+
+def test_relation_recall_on_multi_object_images_and_precision_by_hand():
+    one = Scene.from_objects([SceneObject("circle", "red", "large", 20, 20, 10)])
+    captions = [
+        "a red circle above a blue square",                                 # TWO: holds
+        "a green cross left of a yellow triangle and an orange diamond",    # THREE: holds
+        "a green cross right of a yellow triangle",                         # THREE: wrong direction
+        "a large red circle",                                               # one object: not counted
+    ]
+    s = grounding_scores(captions, [TWO, THREE, THREE, one])
+    # 3 multi-object images, 2 of which state a relation that holds; 3 relations stated, 2 hold
+    assert s["num_multi_images"] == 3.0 and s["relation_recall_multi"] == pytest.approx(2 / 3)
+    assert s["num_relations"] == 3.0 and s["relation_precision"] == pytest.approx(2 / 3)
+    assert s["relation_accuracy"] == s["relation_precision"]
+    none = grounding_scores(["a red circle and a blue square"], [TWO])
+    # no relation stated: both rates are 0.0 and the counts tell that apart from a wrong relation
+    assert none["relation_recall_multi"] == 0.0 and none["relation_precision"] == 0.0 and none["num_relations"] == 0.0
+
+
+def test_candidate_coverage_by_hand():
+    from rlrefine.metrics.grounding import candidate_coverage
+
+    one = Scene.from_objects([SceneObject("circle", "red", "large", 20, 20, 10)])
+    cands = [["a red circle and a blue square", "a red circle above a blue square"],   # TWO: a true relation
+             ["a green cross right of a yellow triangle", "a yellow triangle"],        # THREE: none holds
+             ["a large red circle"]]                                                   # one object
+    c = candidate_coverage(cands, [TWO, THREE, one], held_out=[("blue", "square"), ("red", "circle")])
+    assert c["images_multi"] == 2.0 and c["true_relation"] == pytest.approx(1 / 2)
+    # TWO and one hold a held-out pair; both have a candidate naming it
+    assert c["images_unseen"] == 2.0 and c["unseen_pair"] == 1.0
+    assert candidate_coverage([["a green square"]], [TWO], held_out=[("blue", "square")])["unseen_pair"] == 0.0

@@ -74,7 +74,7 @@ def test_default_output_is_quiet(run_dir):
 
 def test_report_compares_xe_and_every_variant_per_layer(run_dir):
     table = (run_dir / "report" / "compare.md").read_text()
-    for name in ("| XE |", "| dico |", "| scst |", "| scst_cider |"):
+    for name in ("| XE |", "| dico |", "| scst |", "| grpo |", "| scst_cider |"):
         assert name in table
     result = json.loads((run_dir / "report" / "compare.json").read_text())
     dico = result["dico"]
@@ -96,6 +96,30 @@ def test_report_compares_xe_and_every_variant_per_layer(run_dir):
     for row in dico["layers"]:
         assert 0.0 <= row["object_accuracy"] <= 1.0 and row["CIDEr-D"] >= 0.0 and row["evaluator"] >= 0.0
         assert 0.0 <= row["grammaticality"] <= 1.0 and 1.0 <= row["vendi"] <= 6 and 0.0 <= row["hallucination_rate"] <= 1.0
+        # the counts behind the rates: a relation rate of 0.0 over no stated relation is told apart from a wrong one
+        assert row["num_captions"] == 6 and row["num_relations"] >= 0 and 0 < row["num_multi_images"] <= 6
+        assert 0.0 <= row["relation_recall_multi"] <= 1.0 and 0.0 <= row["relation_precision"] <= 1.0
+
+
+def test_report_writes_each_models_captions_and_the_candidate_diagnostic(run_dir):
+    from rlrefine.config import load_recipe
+    from rlrefine.data.sources import load_splits
+
+    rows = [json.loads(line) for line in (run_dir / "report" / "dico" / "captions_test.jsonl").read_text().splitlines()]
+    test = load_splits(load_recipe(RECIPE, MICRO).data)["test"]
+    assert len(rows) == 6 and [r["image_id"] for r in rows] == test.image_ids[:6]
+    for row, scene in zip(rows, test.scenes):
+        assert len(row["captions"]) == 3  # layers 0..K
+        assert [(o["colour"], o["shape"], o["x"], o["y"]) for o in row["objects"]] == \
+            [(o.colour, o.shape, o.x, o.y) for o in scene.objects]
+    assert (run_dir / "report" / "test_novel" / "grpo" / "captions_test_novel.jsonl").is_file()
+    diagnostic = json.loads((run_dir / "report" / "candidates.json").read_text())
+    assert set(diagnostic) == {"dico", "dico_no_shaping", "dico_teacher", "scst", "grpo", "scst_cider"}
+    for when in ("start", "end"):
+        test_d, novel_d = diagnostic["dico"]["test"][when], diagnostic["dico"]["test_novel"][when]
+        assert 0.0 <= test_d["true_relation"] <= 1.0 and test_d["images_multi"] > 0
+        assert novel_d["images_unseen"] == 6 and 0.0 <= novel_d["unseen_pair"] <= 1.0  # every test_novel image has one
+    assert "Candidates at layer K" in (run_dir / "report" / "compare.md").read_text()
 
 
 def test_every_variant_runs_with_each_seed_and_the_report_gives_mean_and_std(run_dir):
@@ -103,7 +127,7 @@ def test_every_variant_runs_with_each_seed_and_the_report_gives_mean_and_std(run
     assert (run_dir / "finetune_dico_teacher_seed1" / "model" / "config.json").is_file()
     for stem in ("compare", "compare_test_novel"):
         result = json.loads((run_dir / "report" / f"{stem}.json").read_text())
-        assert set(result) == {"XE", "dico", "dico_no_shaping", "dico_teacher", "scst", "scst_cider"}
+        assert set(result) == {"XE", "dico", "dico_no_shaping", "dico_teacher", "scst", "grpo", "scst_cider"}
         final = result["dico"]["final"]
         for key in ("object_recall", "object_recall_multi", "hallucination_rate", "grammaticality"):
             assert set(final[key]) == {"mean", "std", "n"} and final[key]["n"] == 2, key
@@ -215,3 +239,17 @@ def test_report_reuses_evaluations_that_are_still_valid(run_dir, caplog):
     assert cached_evaluation(cfg, model, out, "test") is not None
     (model / "model.safetensors").touch()  # the model changed after its evaluation
     assert cached_evaluation(cfg, model, out, "test") is None
+
+
+def test_tensorboard_has_one_run_per_stage_with_its_hyperparameters(run_dir):
+    """Each training stage writes one TensorBoard run, <stage>/tb, with its hyper-parameters in it (the
+    hparams logging used to open a second, timestamped run under every stage)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for stage in ("evaluator", "pretrain", "distill", "finetune_dico", "finetune_grpo"):
+        files = list((run_dir / stage / "tb").rglob("events.out.tfevents*"))
+        assert {f.parent for f in files} == {run_dir / stage / "tb"}, stage
+        acc = EventAccumulator(str(run_dir / stage / "tb"))
+        acc.Reload()
+        assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams"), stage
+        assert "train/loss" in acc.Tags()["scalars"], stage

@@ -67,21 +67,9 @@ def test_recipe_rules_for_reward_kinds():
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A tiny pretrained captioner (tiny ViT, K = 2) with a word tokenizer of the shapes captions."""
-    from rlrefine.config import load_recipe
-    from rlrefine.data.sources import load_splits
-    from rlrefine.data.tokenizer import build_tokenizer
-    from rlrefine.models import CaptionerConfig, EncoderConfig, RefinementCaptioner
+    from tests_tiny_model import tiny_captioner
 
-    cfg = load_recipe(RECIPE, DATA)
-    tok = build_tokenizer(cfg.tokenizer, load_splits(cfg.data)["train"].all_captions())
-    torch.manual_seed(0)
-    model = RefinementCaptioner(CaptionerConfig(
-        encoder=EncoderConfig(kind="tiny_vit", image_size=32, patch_size=16, width=16, depth=1, heads=2, stem_channels=0),
-        d_model=16, num_slots=2, num_refine_layers=2, n_heads=2, readout_layers=1, vocab_size=tok.vocab_size,
-        max_len=12, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id))
-    out = tmp_path_factory.mktemp("tiny_model") / "model"
-    model.save_pretrained(out, tokenizer=tok)
-    return out
+    return tiny_captioner(tmp_path_factory.mktemp("tiny_model") / "model")
 
 
 def _finetune(tmp_path, model, reward: str, *extra) -> int:

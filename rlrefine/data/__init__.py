@@ -1,14 +1,15 @@
 """rlrefine.data: datasets, tokenizers and training batches (bottom of the flow).
 
-Modules: `split` (CaptionSplit + cache, seeded hash splits, the caption policy `sanitize_split` and its
+Modules: `split` (CaptionSplit, seeded hash splits, the caption policy `sanitize_split` and its
 `DataIssues` counts), `sources` (the data kinds and `load_splits`), `shapes` (the embedded procedural
 dataset) and `shapes_probes` (what a reward knows about it), `coco` (Karpathy split or the official
 caption files), `captions_csv` (image,caption CSV files), `webdataset` (tar shards), `imagefolder`
 (label-only data), `images` (decoding files, `BadImageError`), `tokenizer` (CaptionTokenizer),
-`batches` (the step-indexed training batch stream and z_0 seeds).
+`batches` (the step-indexed training batch stream and z_0 seeds), `cache` (splits on disk).
 """
 
 from rlrefine.data.batches import Batch, batch_stream, eval_z0_seeds, load_images, step_z0_seeds
+from rlrefine.data.cache import load_or_generate_shapes, load_split, save_split
 from rlrefine.data.captions_csv import load_caption_csv
 from rlrefine.data.coco import load_coco, load_karpathy_split
 from rlrefine.data.imagefolder import load_image_folder
@@ -19,11 +20,10 @@ from rlrefine.data.shapes import (
     SceneObject,
     ShapesConfig,
     generate_shapes,
-    load_or_generate_shapes,
     parse_caption,
 )
 from rlrefine.data.sources import DATA_KINDS, load_splits
-from rlrefine.data.split import CaptionSplit, DataIssues, load_split, sanitize_split, save_split
+from rlrefine.data.split import CaptionSplit, DataIssues, sanitize_split
 from rlrefine.data.tokenizer import CaptionTokenizer, build_tokenizer
 
 __all__ = [

@@ -38,17 +38,14 @@ the same slot, shape and radius): 20k 64x64 images take a few seconds on one CPU
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
-from rlrefine.data.split import CaptionSplit, load_split, save_split
+from rlrefine.data.split import CaptionSplit
 
 __all__ = [
     "COLOURS",
@@ -75,7 +72,6 @@ __all__ = [
     "is_grammatical",
     "parse_caption",
     "salience_order",
-    "load_or_generate_shapes",
     "SPLITS",
 ]
 
@@ -915,30 +911,3 @@ def generate_shapes(cfg: ShapesConfig | None = None) -> dict[str, CaptionSplit]:
         "test": _generate_split(streams[2], cfg.num_test, cfg, "test"),
         "test_novel": _generate_split(streams[3], cfg.num_test_novel, cfg, "test_novel", novel=True),
     }
-
-
-def _config_json(cfg: ShapesConfig) -> dict:
-    d = asdict(cfg)
-    d["held_out"] = [list(p) for p in cfg.held_out]
-    return d
-
-
-def load_or_generate_shapes(cfg: ShapesConfig, cache_dir: str | os.PathLike) -> dict[str, CaptionSplit]:
-    """The shapes splits, loaded from ``cache_dir`` when it holds a dataset generated from the same
-    config, else generated and written there (``<split>.npz`` + ``<split>.json`` +
-    ``shapes_config.json``, the config written last so an interrupted write is regenerated)."""
-    d = Path(cache_dir)
-    marker = d / "shapes_config.json"
-    if marker.is_file():
-        with open(marker) as f:
-            if json.load(f) == _config_json(cfg):
-                return {name: load_split(d, name) for name in SPLITS}
-    splits = generate_shapes(cfg)
-    for name in SPLITS:
-        save_split(splits[name], d, name)
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / ".shapes_config.json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(_config_json(cfg), f, indent=1)
-    os.replace(tmp, marker)
-    return splits

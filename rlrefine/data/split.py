@@ -14,28 +14,21 @@ A split holds, row-aligned:
 * ``image_ids``: one id per image (str for shapes and image folders, the ``cocoid`` int for COCO);
 * ``is_label``: ``np.ndarray[bool] [N]``, True for label-only ("ImageNet style") examples.
 
-`save_split` / `load_split` write and read ``<dir>/<name>.npz`` (images, is_label) plus
-``<dir>/<name>.json`` (captions, scenes, ids, paths), so a generated dataset can be cached in a
-run directory and reloaded bit-identically.
+The on-disk cache of a split (`save_split` / `load_split`) is `rlrefine.data.cache`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import tempfile
 import logging
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CaptionSplit", "DataIssues", "hash_split", "hash_unit", "image_rows", "images_and_captions", "load_split",
-           "sanitize_split", "save_split"]
+__all__ = ["CaptionSplit", "DataIssues", "hash_split", "hash_unit", "image_rows", "images_and_captions", "sanitize_split"]
 
 
 @dataclass
@@ -179,70 +172,6 @@ def hash_split(name: str, seed: int, val_fraction: float, test_fraction: float) 
     if u < test_fraction:
         return "test"
     return "val" if u < test_fraction + val_fraction else "train"
-
-
-def _paths(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
-    d = Path(directory)
-    return d / f"{name}.npz", d / f"{name}.json"
-
-
-def save_split(split: CaptionSplit, directory: str | os.PathLike, name: str) -> None:
-    """Write ``split`` to ``directory/name.npz`` + ``directory/name.json``.
-
-    Each file is written to a temporary name and renamed, so a killed run never leaves a
-    half-written cache that `load_split` would accept.
-    """
-    from rlrefine.data.shapes import Scene  # local: shapes imports this module
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    npz_path, json_path = _paths(d, name)
-    arrays = {"is_label": split.is_label}
-    if split.in_memory:
-        arrays["images"] = split.images
-    meta = {
-        "format": "rlrefine.CaptionSplit/1",
-        "num_images": len(split),
-        "captions": split.captions,
-        "image_ids": list(split.image_ids),
-        "image_paths": None if split.in_memory else list(split.images),
-        "scenes": None if split.scenes is None else [asdict(s) for s in split.scenes],
-    }
-    for s in split.scenes or []:
-        if not isinstance(s, Scene):
-            raise TypeError(f"scenes must be rlrefine.data.shapes.Scene, got {type(s).__name__}")
-    # np.savez appends ".npz" to names that lack it, so the temp name must end with it too.
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.", suffix=".npz")
-    os.close(fd)
-    np.savez(tmp, **arrays)  # uncompressed: 20k 64x64 images load in well under a second
-    os.replace(tmp, npz_path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(meta, f)
-    os.replace(tmp, json_path)
-
-
-def load_split(directory: str | os.PathLike, name: str) -> CaptionSplit:
-    """Read a split written by `save_split`; FileNotFoundError names the missing file."""
-    from rlrefine.data.shapes import Scene
-
-    npz_path, json_path = _paths(directory, name)
-    for p in (npz_path, json_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"cached split file not found: {p} (write it with rlrefine.data.save_split)")
-    with open(json_path) as f:
-        meta = json.load(f)
-    with np.load(npz_path) as arrays:
-        is_label = arrays["is_label"]
-        images = arrays["images"] if meta["image_paths"] is None else list(meta["image_paths"])
-    scenes = None if meta["scenes"] is None else [Scene.from_dict(s) for s in meta["scenes"]]
-    return CaptionSplit(
-        images=images,
-        captions=[list(c) for c in meta["captions"]],
-        scenes=scenes,
-        image_ids=list(meta["image_ids"]),
-        is_label=is_label,
-    )
 
 
 def images_and_captions(split: Any) -> tuple[Any, list[list[str]]]:

@@ -16,7 +16,8 @@ Backends:
   also the token "!", so a dedicated pad id (= its vocab size) is appended instead.
 
 Every backend encodes to ``bos + tokens + eos`` and decodes by skipping a leading bos, stopping at
-the first eos and dropping special tokens. ``save(dir)`` writes ``dir/caption_tokenizer.json``
+the first eos and dropping special tokens. `WordTokens` turns a word-level tokenizer into an open_clip-style one (fixed context, for
+the reward students' text towers). ``save(dir)`` writes ``dir/caption_tokenizer.json``
 (backend and special ids) plus ``dir/tokenizer.json`` (word, and hf fast tokenizers through
 ``save_pretrained``); ``from_dir(dir)`` restores any of them.
 """
@@ -28,9 +29,10 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 
-__all__ = ["CaptionTokenizer", "PAD", "BOS", "EOS", "UNK", "SPECIAL_TOKENS"]
+__all__ = ["CaptionTokenizer", "PAD", "BOS", "EOS", "UNK", "SPECIAL_TOKENS", "WordTokens"]
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3 in a word-level tokenizer
@@ -282,3 +284,21 @@ def build_tokenizer(section: Any, train_captions: Iterable[str], save_dir: str |
     if save_dir is not None:
         tokenizer.save(save_dir)
     return tokenizer
+
+
+class WordTokens:
+    """open_clip-style tokenizer over a word-level :class:`CaptionTokenizer`: captions ->
+    LongTensor ``[N, context_length]`` = ``bos + words + eos``, padded with ``pad_id`` (a long
+    caption is cut with eos kept last; an empty one is just ``bos eos``)."""
+
+    def __init__(self, vocab: CaptionTokenizer, context_length: int):
+        self.vocab, self.context_length = vocab, int(context_length)
+
+    def __call__(self, texts: Sequence[str] | str) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        v, n = self.vocab, self.context_length
+        out = np.full((len(texts), n), v.pad_id, dtype=np.int64)
+        for row, words in enumerate(v.tokenize_batch(texts)):
+            words = words[:n - 2]
+            out[row, 0], out[row, 1:len(words) + 1], out[row, len(words) + 1] = v.bos_id, words, v.eos_id
+        return torch.from_numpy(out)

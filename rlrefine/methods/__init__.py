@@ -5,6 +5,6 @@
 """
 
 from rlrefine.methods.base import METHODS, LayerInputs, Method, MethodConfig, SamplingConfig, register_method
-from rlrefine.methods import dico, scst  # noqa: F401  (each registers its method)
+from rlrefine.methods import dico, grpo, scst  # noqa: F401  (each registers its method)
 
 __all__ = ["METHODS", "LayerInputs", "Method", "MethodConfig", "SamplingConfig", "register_method"]

@@ -38,16 +38,27 @@ ENCODER_ARCH_DIR = "encoder"
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits)[..., index], [..., V] x [...] -> [...].
+    """log_softmax(logits)[..., index], [..., V] x [...] -> [...], in float32 (float64 for float64 logits).
 
     TRL's memory-lean `trl.trainer.utils.selective_log_softmax` (fused kernel on GPU) when trl is
     already imported in the process; otherwise the same math here (log p = logit - logsumexp),
     because importing trl just for this costs several seconds of start-up on every command.
+
+    Always float32 for bf16 / fp16 logits (autocast): a caption's log-prob is a sum of ~30 of these,
+    about -300 at the real recipe's vocabulary, where bf16's spacing is 2.0, and DiCO's margin is the
+    difference of four such sums. TRL's fused kernel returns float32 from bf16 logits without an fp32
+    copy of them; its fallback (CPU, or no triton) computes the log-softmax in bf16, so there the
+    logits are upcast here first (tests/test_mixed_precision.py measures both).
     """
     trl_utils = sys.modules.get("trl.trainer.utils")
     fn = getattr(trl_utils, "selective_log_softmax", None)
     if fn is not None:
-        return fn(logits, index)
+        low_precision = logits.dtype not in (torch.float32, torch.float64)
+        if not low_precision or logits.device.type in ("cuda", "xpu"):
+            out = fn(logits, index)
+            if out.dtype in (torch.float32, torch.float64):  # the fused kernel ran (or the input was fp32)
+                return out
+        return fn(logits.float(), index)
     logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     return logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
@@ -254,7 +265,13 @@ class Readout(nn.Module):
         self.blocks = nn.ModuleList([DecoderBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.readout_layers)])
         self.ln_f = nn.LayerNorm(d)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # weight tying (nanoGPT)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """The output layer shares the token embedding's matrix (nanoGPT). Called again by whatever rebuilds the
+        parameters one module at a time (accelerate's FSDP2 `cpu_ram_efficient_loading` moves the model to the meta
+        device, which unties them, then calls ``tie_weights`` on the prepared model)."""
+        self.lm_head.weight = self.tok_emb.weight
 
     def git_mask(self, T: int, device) -> torch.Tensor:
         """[M+T, M+T] bool, True = may attend: every row sees the prefix, text rows see earlier text."""
@@ -332,6 +349,10 @@ class RefinementCaptioner(nn.Module):
             for name, p in blocks.named_parameters():
                 if name.endswith("proj.weight"):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(n_branches))
+
+    def tie_weights(self) -> None:
+        """Re-tie the readout's output layer to its token embedding (`Readout.tie_weights`)."""
+        self.readout.tie_weights()
 
     # -- pieces --------------------------------------------------------------------------------
     def z0(self, seeds: torch.Tensor) -> torch.Tensor:

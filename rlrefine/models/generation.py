@@ -28,13 +28,11 @@ tokens for greedy and beam search.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # pragma: no cover
-    from rlrefine.models.captioner import RefinementCaptioner
 
 METHODS = ("greedy", "beam", "sample")
 
@@ -108,7 +106,7 @@ def beam_step(logp: torch.Tensor, scores: torch.Tensor, finished: torch.Tensor, 
 
 
 @torch.no_grad()
-def generate(model: "RefinementCaptioner", pixels: torch.Tensor, z0_seed: torch.Tensor,
+def generate(model: torch.nn.Module, pixels: torch.Tensor, z0_seed: torch.Tensor,
              layers: Sequence[int] | torch.Tensor | None = None, method: str = "greedy", num_candidates: int = 1,
              max_len: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
              generator: torch.Generator | None = None, length_penalty: float = 0.0) -> GenerationOutput:
@@ -197,7 +195,7 @@ def _sort_beams(seqs, scores, lengths, length_penalty):
 
 # ----------------------------------------------------------------------------------- reference
 @torch.no_grad()
-def naive_generate(model: "RefinementCaptioner", pixels: torch.Tensor, z0_seed: torch.Tensor,
+def naive_generate(model: torch.nn.Module, pixels: torch.Tensor, z0_seed: torch.Tensor,
                    layers: Sequence[int] | torch.Tensor | None = None, method: str = "greedy",
                    num_candidates: int = 1, max_len: int | None = None, length_penalty: float = 0.0) -> GenerationOutput:
     """Reference decode (greedy or beam): one (image, layer) at a time, no KV cache, the full readout
@@ -249,3 +247,15 @@ def _naive_one(model, z, method, n, max_len, length_penalty):
         s, scores, lengths = _sort_beams(seqs[None], scores, lengths, length_penalty)
         seqs = s[0]
     return seqs, scores[0], lengths[0]
+
+
+def concat_candidates(a: GenerationOutput, b: GenerationOutput, pad_id: int) -> GenerationOutput:
+    """Two generations of the same images and layers side by side on the candidate axis ([B, L, n_a + n_b, T]),
+    the shorter token tensor padded with ``pad_id``."""
+    T = max(a.tokens.shape[-1], b.tokens.shape[-1])
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return F.pad(t, (0, T - t.shape[-1]), value=pad_id)
+
+    return GenerationOutput(torch.cat([pad(a.tokens), pad(b.tokens)], dim=2), torch.cat([a.logprobs, b.logprobs], dim=2),
+                            torch.cat([a.lengths, b.lengths], dim=2))

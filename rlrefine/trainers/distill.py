@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 import logging
 import random
 from functools import partial
@@ -37,9 +38,9 @@ import torch.nn.functional as F
 from rewards.clip_score import OpenCLIPReward
 from rewards.distill import DistillConfig, DistilledScore, WordTokens, narrow_resnet_state
 from rewards.evaluator import build_dual_encoder, save_dual_encoder
-from rewards.fidelity import (CANDIDATE, HARD, HELDOUT_FILE, REF, Pairs, compare_to_teacher, groups_of, ranking_report,
-                              save_pairs, score_pairs)
-from rlrefine.config import RecipeConfig
+from rewards.fidelity import (CANDIDATE, HARD, HELDOUT_FILE, REF, Pairs, compare_to_teacher, decision_agreement, groups_of,
+                              ranking_report, save_pairs, score_pairs)
+from rlrefine.config import RecipeConfig, RecipeError
 from rlrefine.data.split import image_rows, images_and_captions
 from rlrefine.losses import hard_negative_margin, listwise_kl
 from rewards.matching import build_matching_head, image_features, save_matching_head, text_features
@@ -77,6 +78,68 @@ def build_pairs(captions: list[list[str]], rows: Sequence[int], neighbours: torc
     return Pairs(torch.tensor(image), caption, torch.tensor(kind))
 
 
+@dataclass
+class PairData:
+    """The pairs a student learns from and is tested on (`prepare_pairs`)."""
+
+    images: Any  # the split's images (uint8 [N, H, W, 3] or paths)
+    captions: list[list[str]]  # [N] references per image
+    n: int  # images used: rows 0..n-1 (max_images)
+    image_emb: torch.Tensor  # [n, D] L2-normalised embeddings of the mining tower (CPU)
+    train_pairs: Pairs  # pairs of the training images (teacher scores not yet set)
+    held_pairs: Pairs  # pairs of the held-out images (the report's)
+    uses_refs: bool  # the teacher reads references (a Ref* reward)
+    train_rows: list[int]  # the training images (rows 0..n-1 not held out)
+
+
+def candidate_pairs(candidates: Sequence[tuple] | None) -> list[tuple[int, str]] | None:
+    """``(image, caption)`` pairs of candidates given as pairs or as ``(image, layer, caption)`` triples."""
+    return None if candidates is None else [(int(c[0]), c[-1]) for c in candidates]
+
+
+def prepare_pairs(teacher: Callable, split: Any, candidates: Sequence[tuple] | None, rng: random.Random, *,
+                  max_images: int | None, holdout_fraction: float, hard_neighbours: int, hard_per_neighbour: int,
+                  teacher_batch_size: int | None = None, embed_images: Callable | None = None) -> PairData:
+    """Hold out ``holdout_fraction`` of the first ``max_images`` images (``rng``) and build each side's pairs
+    (`build_pairs`): references, the caller's candidates (pairs or triples), and HELIP-style hard pairs, the
+    captions of each image's ``hard_neighbours`` nearest images in ``embed_images``' space (default: the teacher's)."""
+    images, captions = images_and_captions(split)
+    n = len(captions) if max_images is None else min(max_images, len(captions))
+    if teacher_batch_size is not None and hasattr(teacher, "batch_size"):
+        teacher.batch_size = teacher_batch_size
+    embed = embed_images or teacher.embed_images
+    with torch.no_grad():
+        emb = torch.cat([embed(image_rows(images, range(i, min(i + 256, n)))).float().cpu() for i in range(0, n, 256)])
+    sims = emb @ emb.T
+    sims.fill_diagonal_(float("-inf"))
+    neighbours = sims.topk(min(hard_neighbours, n - 1), dim=1).indices  # [n, k]
+    order = list(range(n))
+    rng.shuffle(order)
+    n_hold = max(1, int(round(holdout_fraction * n)))
+    held, train_rows = sorted(order[:n_hold]), sorted(order[n_hold:])
+    pairs = candidate_pairs(candidates)
+    train_pairs = build_pairs(captions, train_rows, neighbours, pairs, hard_per_neighbour, rng)
+    held_pairs = build_pairs(captions, held, neighbours, pairs, hard_per_neighbour, rng)
+    return PairData(images, captions, n, emb, train_pairs, held_pairs, bool(getattr(teacher, "uses_references", False)),
+                    train_rows)
+
+
+def held_decisions(student: Callable, teacher: Callable, images: Any, captions: list[list[str]], held_pairs: Pairs,
+                   candidates: Sequence[tuple] | None) -> dict[str, float]:
+    """Decision agreement on the held-out images (`rewards.fidelity.decision_agreement`): for each image and layer,
+    is the student's best of the captioner's candidates (the stage's: ``candidate_beams`` beams + one sample) the
+    teacher's? Needs ``(image, layer, caption)`` triples; empty without them."""
+    held = set(held_pairs.image.tolist())
+    triples = [c for c in candidates or () if len(c) == 3 and int(c[0]) in held]
+    if not triples:
+        return {}
+    d = decision_agreement(student, teacher, images, captions, triples)
+    out = {"decisions": float(d["decisions"]), "decision_agreement": d["argmax_agreement"],
+           "decision_regret": d["argmax_regret"], "decision_spearman": d["spearman_per_image"]}
+    out.update({f"decision_agreement/layer_{row['layer']}": row["argmax_agreement"] for row in d["by_layer"]})
+    return out
+
+
 class ScoredStudent(torch.nn.Module):
     """The student dual encoder and its score scale ``w`` and offset ``b``: s = w · cos + b; with a matching head
     (`rewards.matching`) s = w · cos + b + λ · (σ(ℓ) − 1), λ the teacher's."""
@@ -111,26 +174,14 @@ class DistillLoop(TrainingLoop):
     def setup(self, start_step: int) -> None:
         c, teacher, device = self.dcfg, self.teacher, self.acc.device
         torch.manual_seed(c.seed)
-        self.rng = rng = random.Random(c.seed)
-        self.images, self.captions = images_and_captions(self.split)
-        n = len(self.captions) if c.max_images is None else min(c.max_images, len(self.captions))
-        if c.teacher_batch_size is not None and hasattr(teacher, "batch_size"):
-            teacher.batch_size = c.teacher_batch_size
-        self.uses_refs = bool(getattr(teacher, "uses_references", False))
-        with torch.no_grad():  # HELIP-style mining: nearest images in the teacher's image-embedding space
-            t_emb = torch.cat([teacher.embed_images(image_rows(self.images, range(i, min(i + 256, n)))).float().cpu()
-                               for i in range(0, n, 256)])
-        sims = t_emb @ t_emb.T
-        sims.fill_diagonal_(float("-inf"))
-        neighbours = sims.topk(min(c.hard_neighbours, n - 1), dim=1).indices  # [n, k]
-        order = list(range(n))
-        rng.shuffle(order)
-        n_hold = max(1, int(round(c.holdout_fraction * n)))
-        held, train_rows = sorted(order[:n_hold]), sorted(order[n_hold:])
-        self.train_pairs = build_pairs(self.captions, train_rows, neighbours, self.candidates, c.hard_captions_per_neighbour, rng)
-        self.held_pairs = build_pairs(self.captions, held, neighbours, self.candidates, c.hard_captions_per_neighbour, rng)
-        self._teacher_targets(t_emb, n)
-        self._head_examples(train_rows)
+        self.rng = random.Random(c.seed)
+        data = prepare_pairs(teacher, self.split, self.candidates, self.rng, max_images=c.max_images,
+                             holdout_fraction=c.holdout_fraction, hard_neighbours=c.hard_neighbours,
+                             hard_per_neighbour=c.hard_captions_per_neighbour, teacher_batch_size=c.teacher_batch_size)
+        self.images, self.captions, self.uses_refs = data.images, data.captions, data.uses_refs
+        self.train_pairs, self.held_pairs = data.train_pairs, data.held_pairs
+        self._teacher_targets(data.image_emb, data.n)
+        self._head_examples(data.train_rows)
         self._build_student()
         init = ranking_report(self.student_scores(self.held_pairs), self.held_pairs.teacher, self.held_pairs.image, kendall=False)
         self.metrics: dict[str, float] = {f"init/{k}": v for k, v in init.items()}  # the untrained student's baseline
@@ -215,7 +266,7 @@ class DistillLoop(TrainingLoop):
             from rlrefine.data.tokenizer import CaptionTokenizer
 
             self.vocab = CaptionTokenizer.train([x for caps in self.captions for x in caps]
-                                                + [x for _, x in self.candidates or ()])
+                                                + [x for _, x in candidate_pairs(self.candidates) or ()])
         self.model_cfg = c.model_cfg(self.vocab)
         self.name, model, self.tokenizer, self.preprocess = build_dual_encoder(c.model_name, self.model_cfg, device)
         if self.vocab is not None:
@@ -335,6 +386,7 @@ class DistillLoop(TrainingLoop):
         metrics = dict(self.metrics)
         metrics.update(compare_to_teacher(scorer, self.teacher, self.images, self.captions, self.held_pairs,
                                           repeats=c.timing_repeats))
+        metrics.update(held_decisions(scorer, self.teacher, self.images, self.captions, self.held_pairs, self.candidates))
         metrics["train_pairs"] = float(len(self.train_pairs.caption))
         self.acc.log({f"distill/heldout_{k}": v for k, v in metrics.items()}, step=self.settings.steps)
         save_dual_encoder(student.model, out_dir, "student", self.name, self.model_cfg, {**manifest, "metrics": metrics})
@@ -397,51 +449,73 @@ def captioner_candidates(cfg: RecipeConfig, split, index, beams: int, sampled: b
     return out
 
 
-def distill_stage(cfg: RecipeConfig, resume: bool = False) -> dict:
-    """`rlrefine distill-reward`: a compact student imitating the recipe's teacher reward -> <run_dir>/distill."""
+def distill_stage(cfg: RecipeConfig, resume: bool = False, name: str | None = None,
+                  on_step_end: Callable[..., None] | None = None) -> dict:
+    """`rlrefine distill-reward`: a compact student imitating the recipe's teacher reward -> <run_dir>/distill, or the
+    named student ``name`` (`distill.extra_students`) -> <run_dir>/distill_<name>. `distill.student_kind` picks the
+    student: `dual` (`DistillLoop`) or `text` (`rlrefine.trainers.distill_text.TextDistillLoop`). ``on_step_end``:
+    called after every optimizer step (the dry run's clock)."""
     from rewards.registry import build_reward
     from rlrefine.data.sources import load_splits
     from rlrefine.trainers.model_card import scalars_table, write_model_card
 
-    d = cfg.distill
+    if name is not None and name not in cfg.distill.extra_students:
+        raise RecipeError(f"--student {name}: distill.extra_students has no student of that name (it has: "
+                          f"{', '.join(cfg.distill.extra_students) or 'none'})")
+    d = cfg.distill if name is None else cfg.distill.extra(name)
+    section = "distill" if name is None else f"distill.extra_students.{name}"
     splits = load_splits(cfg.data)
-    teacher = build_reward(d.teacher, cfg.reward_context("distill.teacher", cfg.torch_device, splits["train"]))
+    teacher = build_reward(d.teacher, cfg.reward_context(f"{section}.teacher", cfg.torch_device, splits["train"]))
     candidates = None
     if d.candidate_images > 0 and (cfg.run_path / "pretrain" / "model").is_dir():
         split = splits["train"]
         index = np.flatnonzero(~np.asarray(split.is_label, dtype=bool))[:d.candidate_images]  # captioned images
-        candidates = [(i, c) for i, _, c in captioner_candidates(cfg, split, index, d.candidate_beams)]
+        candidates = captioner_candidates(cfg, split, index, d.candidate_beams)  # (image, layer, caption)
         log.info("distill: %d captioner candidate pairs from every layer", len(candidates))
     shapes = cfg.data.kind == "shapes"
     examples = None
-    if shapes and d.student.matching_head.steps:
+    if shapes and d.student_kind == "dual" and d.student.matching_head.steps:
         from rlrefine.data.shapes import DEFAULT_HELD_OUT, matching_examples
 
         scenes, size, fraction = splits["train"].scenes, cfg.data.shapes.image_size, d.student.matching_head.relation_fraction
         examples = lambda i, rng: matching_examples(scenes[i], size, rng, fraction, DEFAULT_HELD_OUT)  # noqa: E731
-    stage_dir = cfg.run_path / "distill"
-    settings = loop_settings(d.student, stage_dir, seed=cfg.seed, device=cfg.device, threads=cfg.threads)
-    loop = DistillLoop(d.student, teacher, splits["train"], settings, candidates, examples, recipe=cfg)
+    stage_dir = cfg.distill_dir(name)
+    if d.student_kind == "text":
+        from rlrefine.trainers.distill_text import TextDistillLoop, text_loop_settings
+
+        tower = None if d.image_tower is None else build_reward(
+            d.image_tower, cfg.reward_context(f"{section}.image_tower", cfg.torch_device, splits["train"]))
+        settings = text_loop_settings(d.text_student, stage_dir, seed=cfg.seed, device=cfg.device, threads=cfg.threads,
+                                      section=f"{section}.text_student")
+        loop: TrainingLoop = TextDistillLoop(d.text_student, teacher, splits["train"], settings, candidates,
+                                             image_tower=tower, recipe=cfg, on_step_end=on_step_end)
+    else:
+        settings = loop_settings(d.student, stage_dir, seed=cfg.seed, device=cfg.device, threads=cfg.threads)
+        loop = DistillLoop(d.student, teacher, splits["train"], settings, candidates, examples, recipe=cfg,
+                           on_step_end=on_step_end)
     report = loop.run(resume)
     if loop.acc.is_main_process and shapes:  # the teacher's swap test (train-evaluator's report), taken by the student
         from rewards.evaluator import swap_accuracy
         from rlrefine.data.shapes import complete_descriptions
 
         student = DistilledScore.from_dir(stage_dir, device=loop.acc.device)
-        for name, prefix, seed in (("val", "", cfg.seed + 2), ("test_novel", "test_novel/", cfg.seed + 3)):
-            split = splits[name]
+        for split_name, prefix, seed in (("val", "", cfg.seed + 2), ("test_novel", "test_novel/", cfg.seed + 3)):
+            split = splits[split_name]
             captions = complete_descriptions(split, cfg.data.shapes.image_size, seed=seed)
             report.update({f"{prefix}{k}": v for k, v in swap_accuracy(
                 student, images_and_captions(split)[0], captions, cfg.evaluator.attribute_groups,
                 cfg.evaluator.eval_max_images, cfg.seed).items()})
     if loop.acc.is_main_process:
         (stage_dir / "report.json").write_text(json.dumps(report, indent=1))
-        write_model_card(stage_dir, f"Distilled reward (student of the {d.teacher.kind} teacher)",
+        what = "text student (the image tower kept, a small text tower)" if d.student_kind == "text" else "student"
+        write_model_card(stage_dir, f"Distilled reward ({what} of the {d.teacher.kind} teacher)",
                          "A compact student that imitates the teacher reward (`rlrefine distill-reward`); load it with "
-                         "`rewards.DistilledScore.from_dir`. Held-out fidelity to the teacher below.", cfg, scalars_table(report))
-        log.info("distilled reward: spearman %.3f, kendall %.3f, argmax agreement %.3f, %.0f vs %.0f pairs/s (student vs "
-                 "teacher); swap accuracy colour %.3f, shape %.3f, relation %.3f",
-                 *(report.get(k, float("nan")) for k in ("spearman", "kendall", "argmax_agreement", "pairs_per_s_student",
-                                                          "pairs_per_s_teacher", "swap_acc/colour", "swap_acc/shape",
-                                                          "swap_acc/relation")))
+                         "`rewards.DistilledScore.from_dir` or as `{kind: distilled}`. Held-out fidelity to the teacher "
+                         "below.", cfg, scalars_table(report))
+        log.info("distilled reward (%s): spearman %.3f, argmax agreement %.3f, decision agreement %.3f, %.1fx the teacher's "
+                 "speed", stage_dir.name, *(report.get(k, float("nan")) for k in ("spearman", "argmax_agreement",
+                                                                                   "decision_agreement", "speedup")))
+        if "swap_acc/relation" in report:
+            log.info("distilled reward (%s): swap accuracy colour %.3f, shape %.3f, relation %.3f", stage_dir.name,
+                     *(report[k] for k in ("swap_acc/colour", "swap_acc/shape", "swap_acc/relation")))
     return report

@@ -59,6 +59,10 @@ class SequenceScorer(torch.nn.Module):
         super().__init__()
         self.captioner = captioner
 
+    def tie_weights(self) -> None:
+        """accelerate's FSDP2 preparation re-ties weights through this (`RefinementCaptioner.tie_weights`)."""
+        self.captioner.tie_weights()
+
     def forward(self, pixels, z0_seed, layers, tokens, per_token: bool = False, entropy: bool = False):
         if per_token:
             return self.captioner.token_logprobs(pixels, z0_seed, layers, tokens, entropy=entropy)
@@ -256,7 +260,6 @@ class FinetuneLoop(TrainingLoop):
         min_ratio = 1.0 if f.lr_schedule == "constant" else 0.1  # a cosine to 1.0 is a constant after warm-up
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, f.warmup_steps, f.steps, min_ratio))
-        self.core = policy
         self.model = SequenceScorer(policy)
         self.stream = batch_stream(splits["train"], self.tokenizer, f.batch_size, cfg.seed + 1, start_step // self.mu,
                                    cfg.data.max_caption_len, 0.0, cfg.data.image_size, acc.process_index, acc.num_processes,
@@ -265,9 +268,15 @@ class FinetuneLoop(TrainingLoop):
         self.log_index = np.arange(min(4, len(splits["val"].captions)))
         self.generation: Generation | None = None
 
+    @property
+    def core(self) -> RefinementCaptioner:
+        """The policy with whole parameters (generation, validation, saving; `TrainingLoop.whole_model`)."""
+        return self.whole_model.captioner
+
     def _generate(self, step: int) -> Generation:
         """A new batch and its rollout (step 1–2), keyed by the generation index step // μ."""
         cfg, f, acc = self.cfg, self.cfg.finetune, self.acc
+        self.gather_model()  # under FSDP: the policy's current weights, whole, on every process
         batch = next(self.stream)
         images = batch.images.to(acc.device)
         pixels = self.core.encoder.preprocess(images)

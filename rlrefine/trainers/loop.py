@@ -27,18 +27,21 @@ skipped or changed, summed over processes) and skipped steps.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import accelerate
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, is_deepspeed_available, set_seed
 from tqdm.auto import tqdm
 
 from rlrefine.config import RecipeConfig, dump_recipe
@@ -47,8 +50,8 @@ from rlrefine.trainers.checkpoint import CheckpointManager
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoopSettings", "NonFiniteGuard", "NonFiniteLossError", "StepOutput", "TrainingLoop", "all_processes",
-           "log_hparams", "make_accelerator", "tensorboard_writer", "warmup_cosine"]
+__all__ = ["AcceleratorSetupError", "LoopSettings", "NonFiniteGuard", "NonFiniteLossError", "StepOutput", "TrainingLoop",
+           "all_processes", "log_hparams", "make_accelerator", "tensorboard_writer", "warmup_cosine"]
 
 
 # ------------------------------------------------------------------------------------ schedules
@@ -63,12 +66,19 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) ->
 
 
 # ---------------------------------------------------------------------------------- accelerator
+class AcceleratorSetupError(RuntimeError):
+    """The launch asks for a scale-out this machine or environment cannot give (a package that is not installed,
+    sharding without GPUs, processes that would each run alone); the message says what to change."""
+
+
 def make_accelerator(stage_dir: str | Path, seed: int, device: str = "auto", threads: int | None = None,
                      mixed_precision: str = "no") -> Accelerator:
     """An Accelerator that logs to TensorBoard under `<stage_dir>/tb`, with every RNG seeded from ``seed``;
-    ``device``: auto (CUDA when available), cpu or cuda; ``threads``: torch CPU threads (None: torch's choice)."""
+    ``device``: auto (CUDA when available), cpu or cuda; ``threads``: torch CPU threads (None: torch's choice).
+    Raises `AcceleratorSetupError` where the launch configuration cannot run as asked (`_check_launch`)."""
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
+    _check_deepspeed_installed()
     _import_distributed_nn_before_the_group()
     _allow_another_precision(mixed_precision)
     acc = Accelerator(
@@ -81,10 +91,42 @@ def make_accelerator(stage_dir: str | Path, seed: int, device: str = "auto", thr
         # prepared scheduler num_processes times per optimizer step).
         step_scheduler_with_optimizer=False,
     )
+    _check_launch(acc, device)
     set_seed(seed, device_specific=False)
     if threads is not None:
         torch.set_num_threads(threads)
     return acc
+
+
+def _check_deepspeed_installed() -> None:
+    """A DeepSpeed launch (recipes/accelerate/deepspeed_zero2.yaml sets ACCELERATE_USE_DEEPSPEED) needs the package."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not is_deepspeed_available():
+        raise AcceleratorSetupError(
+            "the accelerate config asks for DeepSpeed (distributed_type: DEEPSPEED, e.g. recipes/accelerate/"
+            "deepspeed_zero2.yaml), and the deepspeed package is not installed: pip install deepspeed (it is not a "
+            "dependency of rlrefine), or launch with recipes/accelerate/ddp.yaml or fsdp.yaml")
+
+
+def _check_launch(acc: Accelerator, device: str) -> None:
+    """Refuse what accelerate would otherwise do silently: run FSDP as plain data parallelism, or run each launched
+    process alone.
+
+    accelerate (1.16) makes an FSDP state only for GPU-like processes (`AcceleratorState`: FSDP is chosen inside
+    the MULTI_GPU / MULTI_XPU / ... branch); a CPU process launched from recipes/accelerate/fsdp.yaml gets
+    MULTI_CPU (DDP over gloo), and one that is not told it is on a CPU (``device: auto`` on a machine without a
+    GPU) gets no process group at all, so every process would train and write the whole run by itself."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and acc.num_processes == 1:
+        raise AcceleratorSetupError(
+            f"{launched} processes were launched but accelerate made a single-process run in each (device={device}, "
+            f"{'no GPU' if not torch.cuda.is_available() else 'GPUs present'}): every process would train and write "
+            "the whole run alone. On CPUs set device=cpu (gloo); on GPUs check CUDA_VISIBLE_DEVICES")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.distributed_type != DistributedType.FSDP:
+        raise AcceleratorSetupError(
+            f"the accelerate config asks for FSDP (distributed_type: FSDP), but accelerate {accelerate.__version__} "
+            f"made a {acc.distributed_type.value} run here: it shards only on GPUs (and other accelerators), so on "
+            f"{acc.device.type} FSDP would silently be plain data parallelism. Launch with recipes/accelerate/ddp.yaml "
+            "on CPUs (accelerate launch --multi_gpu --num_processes N ... device=cpu)")
 
 
 def _allow_another_precision(mixed_precision: str) -> None:
@@ -239,7 +281,8 @@ class TrainingLoop:
     def __init__(self, settings: LoopSettings, on_step_end: Callable[..., None] | None = None,
                  recipe: RecipeConfig | None = None, on_log: Callable[[dict[str, float], int], None] | None = None):
         """``recipe``: written beside the outputs (recipe.yaml) for provenance; ``on_step_end(step=, model=,
-        loss=, accelerator=, ...)``: called on every process after each optimizer step (tests, debugging);
+        loss=, accelerator=, ...)``: called on every process after each optimizer step (tests, debugging; under FSDP
+        ``model``'s parameters are this process's shards);
         ``on_log(scalars, step)``: called with every logged set of scalars (on the main process)."""
         self.settings, self.on_step_end, self.recipe, self.on_log = settings, on_step_end, recipe, on_log
         self.stage_dir = Path(settings.stage_dir)
@@ -247,6 +290,7 @@ class TrainingLoop:
         self.stream_issues = DataIssues()  # counted while reading batches (this process's slice)
         self.state: dict[str, Any] = {"nonfinite_total": 0}
         self.writer = None
+        self._whole: torch.nn.Module | None = None  # under FSDP: a plain copy of the model (`whole_model`)
 
     # -- what a stage provides ------------------------------------------------------------------
     def setup(self, start_step: int) -> None:
@@ -276,6 +320,26 @@ class TrainingLoop:
         """Save the trained model (main process) and return the stage's report."""
         raise NotImplementedError
 
+    # -- the model with whole parameters --------------------------------------------------------
+    @property
+    def whole_model(self) -> torch.nn.Module:
+        """The trained module with whole parameters, for what runs outside its prepared forward (generation,
+        validation, saving): the accelerate-unwrapped model itself, or under FSDP, whose unwrapped model holds only
+        this process's shards, a plain copy whose weights `gather_model` refreshes (one more copy of the weights
+        on every process: the price of generating and evaluating without collectives)."""
+        if self._whole is not None:
+            return self._whole
+        return self.acc.unwrap_model(self.model) if hasattr(self, "acc") else self.model
+
+    def gather_model(self) -> None:
+        """Under FSDP, copy the full weights into `whole_model`: a collective, so every process calls it (the loop
+        does before `validate` and `finish`; a stage before generating). Without sharding, nothing."""
+        if self._whole is None:
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        self._whole.load_state_dict(get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True)))
+
     # -- the loop -------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
         """Set up, train (resuming from the newest checkpoint when asked), save; returns the report."""
@@ -285,6 +349,8 @@ class TrainingLoop:
         latest = self.ckpt.latest() if resume else None
         start_step = self.ckpt.step_of(latest) if latest is not None else 0
         self.setup(start_step)
+        if acc.distributed_type == DistributedType.FSDP:  # FSDP shards the module in place: keep a whole copy
+            self._whole = copy.deepcopy(self.model).to(acc.device)
         self.model, self.optimizer, self.scheduler = acc.prepare(self.model, self.optimizer, self.scheduler)
         if latest is not None:
             self.state, extra = self.ckpt.load(latest)
@@ -314,8 +380,10 @@ class TrainingLoop:
                                  **out.hook)
             if step % s.log_every == 0 or step == s.steps - 1:
                 self._log(step, out, grad_norm, bar, (step + 1 - start_step) / max(time.time() - t0, 1e-9))
-            if acc.is_main_process and ((s.eval_every and (step + 1) % s.eval_every == 0) or step == s.steps - 1):
-                self.validate(step)
+            if (s.eval_every and (step + 1) % s.eval_every == 0) or step == s.steps - 1:
+                self.gather_model()
+                if acc.is_main_process:
+                    self.validate(step)
             if (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
                 self.save_checkpoint(step + 1)
             if self.stop_requested(step):
@@ -324,6 +392,7 @@ class TrainingLoop:
         self._sum_stream_issues()
         log.info("%s: data issues: %s; non-finite steps skipped: %d", s.section, self.issues.summary(),
                  self.state.get("nonfinite_total", 0))
+        self.gather_model()
         report = {}
         if acc.is_main_process:
             report = {"steps": s.steps, "train_seconds": round(time.time() - t0, 1), **self.finish(time.time() - t0),

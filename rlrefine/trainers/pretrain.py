@@ -145,7 +145,7 @@ class PretrainLoop(TrainingLoop):
 
     @property
     def core(self) -> RefinementCaptioner:
-        return self.acc.unwrap_model(self.model)
+        return self.whole_model
 
     def train_step(self, step: int) -> StepOutput:
         acc, p = self.acc, self.cfg.pretrain

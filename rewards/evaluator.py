@@ -82,6 +82,7 @@ class EvaluatorConfig:
     hard_negative_weight: float = 1.0  # weight of the hard-negative cross-entropy
     preference_pairs: int = 0  # draws per image per step of caption pairs (better, worse) to order (shapes: complete > correct partial > the partial plus one misnamed object)
     preference_weight: float = 1.0  # weight of the pairwise logistic loss on those pairs
+    preference_relations: bool = False  # shapes: the pairs also put two objects' true relation above the same two joined by "and", so that stating where things are pays (the matching head punishes a false relation); docs/shapes_world.md
     preference_steps: int = 0  # > 0: the pairs are taught in this many extra steps that train the text tower only (the image tower, which a captioner may reuse as its encoder, stays as contrastive training left it); 0: throughout
     attribute_groups: dict[str, tuple[str, ...]] = field(
         default_factory=shapes_attribute_groups)  # swap words within each group (default: shapes)

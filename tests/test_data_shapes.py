@@ -388,3 +388,21 @@ def test_matching_examples_pair_true_captions_with_false_ones(splits):
         assert [p for p, _ in ex.places] == [f"{o.colour} {o.shape}" for o in scene.objects]
         for (_, (x, y)), o in zip(ex.places, scene.objects):  # centres in [-1, 1], y down
             assert abs(x - (o.x / 31.5 - 1)) < 1e-9 and abs(y - (o.y / 31.5 - 1)) < 1e-9
+
+
+def test_relation_pairs_put_a_true_relation_above_the_same_objects_joined_by_and(splits):
+    """The evaluator's optional pairs (`evaluator.preference_relations`): the better caption states a relation
+    that holds, the worse names the same two objects and no relation; off, the pairs are as before."""
+    import random
+
+    from rlrefine.data.shapes import caption_holds, ordered_descriptions, parse_caption
+
+    multi = [s for s in splits["train"].scenes if len(s.objects) > 1][:30]
+    for k, scene in enumerate(multi):
+        plain = ordered_descriptions(scene, SMALL.image_size, random.Random(k))
+        pairs = ordered_descriptions(scene, SMALL.image_size, random.Random(k), relations=True)
+        assert pairs[:len(plain)] == plain and len(pairs) == len(plain) + 1
+        better, worse = pairs[-1]
+        b, w = parse_caption(better), parse_caption(worse)
+        assert caption_holds(better, scene) and len(b.relations) == 1 and not w.relations
+        assert sorted(b.mentions) == sorted(w.mentions) and len(set(b.mentions)) == 2

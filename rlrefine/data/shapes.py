@@ -459,16 +459,28 @@ def misnamed_pair(scene: Scene, image_size: int, rnd: random.Random,
 
 
 def ordered_descriptions(scene: Scene, image_size: int, rnd: random.Random,
-                         exclude: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+                         exclude: Sequence[tuple[str, str]] = (), relations: bool = False) -> list[tuple[str, str]]:
     """Caption pairs ``(better, worse)`` of one image in the order a hallucination-aware evaluator keeps:
     the complete description above a correct partial one (multi-object images), and the partial one
-    above the same plus a misnamed object (`misnamed_pair`)."""
+    above the same plus a misnamed object (`misnamed_pair`). With ``relations``, also (multi-object images)
+    two objects with their true relation above the same two joined by "and" (`relation_and_pair`)."""
     correct, misnamed = misnamed_pair(scene, image_size, rnd, exclude)
     pairs = [(correct, misnamed)]
     if len(scene.objects) > 1:
         order = [scene.objects[i] for i in salience_order(scene.objects, image_size)]
         pairs.insert(0, (_salient_caption(order, len(order), image_size, rnd), correct))
+        if relations:
+            pairs.append(relation_and_pair(scene, rnd))
     return pairs
+
+
+def relation_and_pair(scene: Scene, rnd: random.Random) -> tuple[str, str]:
+    """Two random objects of a multi-object ``scene`` in random order: ("a large red circle above a large blue
+    square", "a large red circle and a large blue square"), the relation true; sizes named in both or in neither."""
+    x, y = rnd.sample(scene.objects, 2)
+    if rnd.random() < 0.5:
+        return _template_two(0, x, y), _template_two(4, x, y)
+    return _template_two(2, x, y), f"{_np(x)} and {_np(y)}"
 
 
 # ------------------------------------------------------------------------ true and false statements

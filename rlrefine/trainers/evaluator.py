@@ -395,7 +395,9 @@ def train_evaluator_stage(cfg: RecipeConfig, resume: bool = False) -> dict:
         from rlrefine.data.shapes import DEFAULT_HELD_OUT, ordered_descriptions
 
         size = cfg.data.shapes.image_size
-        pairs = lambda i, rng: ordered_descriptions(train.scenes[i], size, rng, exclude=DEFAULT_HELD_OUT)  # noqa: E731
+        relations = cfg.evaluator.preference_relations
+        pairs = lambda i, rng: ordered_descriptions(train.scenes[i], size, rng, exclude=DEFAULT_HELD_OUT,  # noqa: E731
+                                                    relations=relations)
     if shapes and cfg.evaluator.matching_head.steps:
         from rlrefine.data.shapes import DEFAULT_HELD_OUT, matching_examples
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .loading import load_open_clip, model_config_of, register_model_config
 from .protocol import caption_image_index
+from .matching import gated_score, image_features, load_matching_head, text_features
 from .registry import register_reward
 
 __all__ = [
@@ -84,7 +85,9 @@ class OpenCLIPReward:
 
     ``score = max(w * cos(E_img, E_txt(text_prefix + caption)) + bias, 0)`` (``clamp=True``;
     ``bias`` is 0 for CLIP-S/PAC-S, a learned offset for the distilled student), optionally
-    harmonically mixed with the reference similarity (``uses_references``).
+    harmonically mixed with the reference similarity (``uses_references``). With a ``matching_head``
+    (`rewards.matching`, a learned evaluator or student that has one) the score inside the clamp is
+    ``w * cos + bias + head_weight * (sigmoid(l) - 1)``, l the head's match logit.
 
     Batched: images and texts are encoded ``batch_size`` at a time; within one call every distinct
     text (candidate or reference) is encoded once and image rows are encoded once however many
@@ -97,11 +100,15 @@ class OpenCLIPReward:
 
     def __init__(self, model: torch.nn.Module, preprocess, tokenizer, *, w: float | None = None,
                  text_prefix: str | None = None, batch_size: int = 128, clamp: bool = True,
-                 bias: float = 0.0, name: str | None = None, architecture: dict | None = None):
+                 bias: float = 0.0, name: str | None = None, architecture: dict | None = None,
+                 matching_head: torch.nn.Module | None = None, head_weight: float = 0.0, head_stage: int = 3):
         self.model = model.eval()
         # the open_clip config of ``model`` (set by `from_pretrained`): what a student that keeps this
         # reward's image tower saves to rebuild it (`rewards.text_student`)
         self.architecture = architecture
+        # a cross-attention head over both towers (rewards.matching): score = w·cos + b + λ·(σ(ℓ) − 1)
+        self.matching_head = None if matching_head is None else matching_head.eval()
+        self.head_weight, self.head_stage = float(head_weight), int(head_stage)
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.w = float(self.default_w if w is None else w)
@@ -158,7 +165,8 @@ class OpenCLIPReward:
 
     # -- scoring ----------------------------------------------------------------------------
     def score_embeddings(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """Row-aligned image/text embeddings -> scores ``[B]`` (the reward's own w, bias, clamp)."""
+        """Row-aligned image/text embeddings -> scores ``[B]`` (the reward's own w, bias, clamp; the dual encoder
+        alone: a matching head, when there is one, needs the towers' grids and tokens, see `match_logits`)."""
         cos = (F.normalize(image_emb.float(), dim=-1) * F.normalize(text_emb.float(), dim=-1)).sum(-1)
         score = self.w * cos + self.bias
         return score.clamp(min=0.0) if self.clamp else score
@@ -177,6 +185,12 @@ class OpenCLIPReward:
         image_index = caption_image_index(n_images, len(captions), image_index)
         if not captions:
             return torch.zeros(0, device=self.device)
+        if self.matching_head is not None:
+            if self.uses_references:
+                raise ValueError(f"{self.name}: a matching head scores without references")
+            cos, logit = self.match_logits(images, captions, image_index)
+            score = gated_score(cos, logit, self.w, self.bias, self.head_weight)
+            return (score.clamp(min=0.0) if self.clamp else score).float()
         texts = list(captions)
         ref_owner: list[int] = []
         if self.uses_references:
@@ -198,6 +212,43 @@ class OpenCLIPReward:
                                           torch.tensor(ref_owner, device=self.device), image_index)
             scores = harmonic_mean(scores, ref_sim)
         return scores.float()
+
+
+    @torch.no_grad()
+    def match_logits(self, images: Any, captions: Sequence[str],
+                     image_index: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos [N], matching-head logit ℓ [N]) of each caption with its image row, each image and each distinct
+        caption through its tower once (the pooled embedding and the grid / tokens the head reads come from the
+        same pass)."""
+        head, device = self.matching_head, self.device
+        if head is None:
+            raise ValueError(f"{self.name} has no matching head")
+        image_index = torch.as_tensor(image_index, dtype=torch.long).flatten().to(device)
+        pixels = self.preprocess(images, device=device)  # [B, 3, S, S]
+        img_emb, img_tok = [], []
+        for i in range(0, pixels.shape[0], self.batch_size):
+            pooled, grid = image_features(self.model.visual, pixels[i:i + self.batch_size], self.head_stage)
+            img_emb.append(pooled)
+            img_tok.append(head.embed_image(grid))
+        img_emb, img_tok = F.normalize(torch.cat(img_emb).float(), dim=-1), torch.cat(img_tok)  # [B, D], [B, G, d]
+        full = [self.text_prefix + t for t in captions]
+        unique = list(dict.fromkeys(full))
+        position = {t: i for i, t in enumerate(unique)}
+        where = torch.tensor([position[t] for t in full], device=device)  # [N] caption -> its unique row
+        txt_emb, txt_tok, txt_mask = [], [], []
+        for i in range(0, len(unique), self.batch_size):
+            pooled, tokens, mask = text_features(self.model, self.tokenizer(unique[i:i + self.batch_size]).to(device))
+            txt_emb.append(pooled)
+            txt_tok.append(head.embed_text(tokens))
+            txt_mask.append(mask)
+        length = max(t.shape[1] for t in txt_tok)  # chunks are cut to their own longest caption
+        txt_tok = torch.cat([F.pad(t, (0, 0, 0, length - t.shape[1])) for t in txt_tok])  # [U, L, d]
+        txt_mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in txt_mask])  # [U, L]
+        txt_emb = F.normalize(torch.cat(txt_emb).float(), dim=-1)
+        cos = (img_emb[image_index] * txt_emb[where]).sum(-1)
+        logits = [head.match(txt_tok[where[i:i + 1024]], txt_mask[where[i:i + 1024]], img_tok, image_index[i:i + 1024])
+                  for i in range(0, len(full), 1024)]
+        return cos, torch.cat(logits).float()
 
 
 class CLIPScore(OpenCLIPReward):
@@ -254,6 +305,10 @@ class LearnedScore(OpenCLIPReward):
         name = register_unique(meta["model_name"], meta["model_cfg"])
         kwargs = dict(w=meta.get("w"), text_prefix=meta.get("text_prefix", ""),
                       clamp=meta.get("clamp", True), bias=meta.get("bias", 0.0))
+        if "matching_head" in meta:  # the evaluator's or student's cross-attention head (rewards.matching)
+            entry = meta["matching_head"]
+            kwargs.update(matching_head=load_matching_head(out_dir, entry, device), head_weight=entry["score_weight"],
+                          head_stage=entry["image_stage"])
         kwargs.update(overrides)
         return cls.from_pretrained(name, out_dir / meta["weights"], device=device, **kwargs)
 

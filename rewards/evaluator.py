@@ -37,11 +37,12 @@ from rlrefine.data.split import image_rows, images_and_captions
 
 from .clip_score import register_unique
 from .loading import BatchedPreprocess
+from .matching import MatchingHeadConfig
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EvaluatorConfig", "build_dual_encoder", "embed_all_images", "embed_texts", "evaluate_dual_encoder",
-           "save_dual_encoder", "shapes_attribute_groups", "swap_attribute"]
+           "save_dual_encoder", "shapes_attribute_groups", "swap_accuracy", "swap_attribute", "swap_pairs"]
 
 def shapes_attribute_groups() -> dict[str, tuple[str, ...]]:
     """Attribute vocabulary of the shapes data; swaps stay in a group. Colours and shapes, and
@@ -81,9 +82,11 @@ class EvaluatorConfig:
     hard_negative_weight: float = 1.0  # weight of the hard-negative cross-entropy
     preference_pairs: int = 0  # draws per image per step of caption pairs (better, worse) to order (shapes: complete > correct partial > the partial plus one misnamed object)
     preference_weight: float = 1.0  # weight of the pairwise logistic loss on those pairs
+    preference_relations: bool = False  # shapes: the pairs also put two objects' true relation above the same two joined by "and", so that stating where things are pays (the matching head punishes a false relation); docs/shapes_world.md
     preference_steps: int = 0  # > 0: the pairs are taught in this many extra steps that train the text tower only (the image tower, which a captioner may reuse as its encoder, stays as contrastive training left it); 0: throughout
     attribute_groups: dict[str, tuple[str, ...]] = field(
         default_factory=shapes_attribute_groups)  # swap words within each group (default: shapes)
+    matching_head: MatchingHeadConfig = field(default_factory=MatchingHeadConfig)  # a cross-attention head over the frozen towers, trained last (steps 0: none), that reads what pooling loses: relations, positions (rewards.matching)
     score_w: float = 2.5  # w of the saved LearnedScore (CLIP-S convention)
     text_prefix: str = ""  # the evaluator is trained and scored on bare captions
     eval_every: int = 500  # steps between held-out evaluations (0: only at the end)
@@ -186,30 +189,14 @@ def evaluate_dual_encoder(model, tokenizer, preprocess, split: Any,
     images, captions = images_and_captions(split)
     n = min(len(captions), max_images)
     img = embed_all_images(model, preprocess, image_rows(images, range(n)), device)  # [n, D]
-    rng = random.Random(seed)
-    true_txt, swap_txt, owner, gname = [], [], [], []
-    for i in range(n):
-        for ref in captions[i]:
-            swapped = swap_attribute(ref, groups, rng)
-            if swapped is None or swapped[0] in captions[i]:
-                continue
-            true_txt.append(text_prefix + ref)
-            swap_txt.append(text_prefix + swapped[0])
-            owner.append(i)
-            gname.append(swapped[1])
+    owner, true_txt, swap_txt, gname = swap_pairs(captions[:n], groups, seed)
     metrics: dict[str, float] = {}
     if owner:
-        t = embed_texts(model, tokenizer, true_txt + swap_txt, device)
+        t = embed_texts(model, tokenizer, [text_prefix + x for x in true_txt + swap_txt], device)
         own = torch.tensor(owner, device=img.device)
         cos_true = (img[own] * t[:len(owner)]).sum(-1)
         cos_swap = (img[own] * t[len(owner):]).sum(-1)
-        wins = (cos_true > cos_swap).float()
-        metrics["swap_acc"] = float(wins.mean())
-        kinds = sorted(set(gname) | {g.split(":")[0] for g in gname})
-        for name in kinds:
-            sel = torch.tensor([g == name or g.split(":")[0] == name for g in gname], device=wins.device)
-            metrics[f"swap_acc/{name}"] = float(wins[sel].mean())
-        metrics["swap_pairs"] = float(len(owner))
+        metrics.update(_swap_report(cos_true > cos_swap, gname))
     first = [text_prefix + caps[0] for caps in captions[:n]]
     t = embed_texts(model, tokenizer, first, device)  # [n, D]
     sims = img @ t.T  # [n images, n texts]
@@ -220,6 +207,49 @@ def evaluate_dual_encoder(model, tokenizer, preprocess, split: Any,
     metrics["r1_t2i"] = float(np.mean([first[j] in ref_sets[i] for j, i in enumerate(top_i)]))
     model.train(was_training)
     return metrics
+
+
+def swap_pairs(captions: Sequence[Sequence[str]], groups: Mapping[str, Sequence[str]],
+               seed: int = 0) -> tuple[list[int], list[str], list[str], list[str]]:
+    """The held-out swap test of ``captions`` (one list per image): for every caption with an attribute word, the
+    caption with one swapped (`swap_attribute`, drawn from ``random.Random(seed)``) unless that is another caption
+    of the image. Returns (image row, true caption, swapped caption, group) lists."""
+    rng = random.Random(seed)
+    owner, true_txt, swap_txt, gname = [], [], [], []
+    for i, caps in enumerate(captions):
+        for ref in caps:
+            swapped = swap_attribute(ref, groups, rng)
+            if swapped is None or swapped[0] in caps:
+                continue
+            owner.append(i)
+            true_txt.append(ref)
+            swap_txt.append(swapped[0])
+            gname.append(swapped[1])
+    return owner, true_txt, swap_txt, gname
+
+
+def _swap_report(wins: torch.Tensor, gname: Sequence[str]) -> dict[str, float]:
+    """``swap_acc`` and ``swap_acc/<group>`` (a ``kind:variant`` group also under ``kind``) of bool ``wins`` [P]."""
+    wins = wins.float()
+    out = {"swap_acc": float(wins.mean())}
+    for name in sorted(set(gname) | {g.split(":")[0] for g in gname}):
+        sel = torch.tensor([g == name or g.split(":")[0] == name for g in gname], device=wins.device)
+        out[f"swap_acc/{name}"] = float(wins[sel].mean())
+    out["swap_pairs"] = float(len(gname))
+    return out
+
+
+@torch.no_grad()
+def swap_accuracy(reward: Any, images: Any, captions: Sequence[Sequence[str]], groups: Mapping[str, Sequence[str]],
+                  max_images: int = 500, seed: int = 0) -> dict[str, float]:
+    """`evaluate_dual_encoder`'s swap test (the same pairs for the same ``seed``) scored by any protocol ``reward``
+    (its whole score: a matching head included): how often the true caption scores strictly above its swap."""
+    n = min(len(captions), max_images)
+    owner, true_txt, swap_txt, gname = swap_pairs(captions[:n], groups, seed)
+    if not owner:
+        return {}
+    scores = reward(image_rows(images, range(n)), true_txt + swap_txt, image_index=torch.tensor(owner + owner)).float().cpu()
+    return _swap_report(scores[:len(owner)] > scores[len(owner):], gname)
 
 
 def build_dual_encoder(model_name: str, model_cfg: dict, device: str | torch.device = "cpu"):

@@ -39,8 +39,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from rewards.distill import DistillConfig
+from rewards.distill import DistillConfig, StudentHeadConfig
 from rewards.evaluator import EvaluatorConfig
+from rewards.matching import MatchingHeadConfig
 from rewards.registry import OPTIONAL_FIELDS, REWARDS, RewardContext, validate_section
 from rewards.text_student import TextStudentConfig
 from rlrefine.data.sources import DATA_KINDS
@@ -50,6 +51,8 @@ from rlrefine.methods import METHODS
 # unknown keys in them are errors like everywhere else.
 EvaluatorConfig.__pydantic_config__ = ConfigDict(extra="forbid")
 DistillConfig.__pydantic_config__ = ConfigDict(extra="forbid")
+MatchingHeadConfig.__pydantic_config__ = ConfigDict(extra="forbid")
+StudentHeadConfig.__pydantic_config__ = ConfigDict(extra="forbid")
 TextStudentConfig.__pydantic_config__ = ConfigDict(extra="forbid")
 
 LayerWeighting = Literal["linear", "log", "uniform", "final"]
@@ -620,7 +623,7 @@ class RecipeConfig(Section):
         s > 0 of it writes to `finetune_<name>_seed<s>`."""
         overrides = self.compare.variants[name]
         if not isinstance(overrides, dict):
-            raise ValueError(f"compare.{name} must be a mapping of finetune keys (or compare.seeds an integer), got {overrides!r}")
+            raise ValueError(f"compare.{name} must be a mapping of finetune keys, or null to leave it out (compare.seeds: an integer), got {overrides!r}")
         base = self.finetune.model_dump()
         new_reward = overrides.get("reward")
         if isinstance(new_reward, dict) and new_reward.get("kind", base["reward"]["kind"]) != base["reward"]["kind"]:

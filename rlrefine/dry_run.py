@@ -125,19 +125,22 @@ def dry_run_config(cfg: RecipeConfig, steps: int = DRY_RUN_STEPS, images: int = 
         d["compare"][name] = variant
     d["evaluator"].update(steps=steps, eval_every=0, eval_max_images=images, batch_size=cap(d["evaluator"]["batch_size"]),
                           preference_steps=min(d["evaluator"]["preference_steps"], steps))
+    head = d["evaluator"]["matching_head"]
+    head.update(steps=min(head["steps"], steps), batch_size=cap(head["batch_size"]))
     d["distill"] = _short_distill(d["distill"], steps, images, cap)
     for name, overrides in d["distill"]["extra_students"].items():  # a named student: its own sizes, shortened too
         full = cfg.distill.extra(name).model_dump()
         short = _short_distill(full, steps, images, cap)
         d["distill"]["extra_students"][name] = {
             **overrides, "candidate_images": short["candidate_images"],
-            "student": {**overrides.get("student", {}), **{k: short["student"][k] for k in _SHORT_STUDENT}},
+            "student": {**overrides.get("student", {}), **{k: short["student"][k] for k in _SHORT_STUDENT + _SHORT_HEAD}},
             "text_student": {**overrides.get("text_student", {}), **{k: short["text_student"][k] for k in _SHORT_STUDENT}}}
     d["evaluate"]["num_images"] = images
     return RecipeConfig.model_validate(d)
 
 
 _SHORT_STUDENT = ("steps", "max_images", "images_per_step", "timing_repeats")
+_SHORT_HEAD = ("head_example_images", "matching_head")  # the image student's matching head and its examples
 
 
 def _short_distill(d: dict, steps: int, images: int, cap: Callable[[int], int]) -> dict:
@@ -147,6 +150,9 @@ def _short_distill(d: dict, steps: int, images: int, cap: Callable[[int], int]) 
     for key in ("student", "text_student"):
         d[key] = {**d[key], "steps": steps, "max_images": images, "images_per_step": cap(d[key]["images_per_step"]),
                   "timing_repeats": 1}
+    head = d["student"]["matching_head"]  # the image student's own matching head (rewards.matching), if on
+    d["student"] = {**d["student"], "head_example_images": min(d["student"]["head_example_images"], images),
+                    "matching_head": {**head, "steps": min(head["steps"], steps), "batch_size": cap(head["batch_size"])}}
     return d
 
 

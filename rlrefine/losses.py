@@ -19,6 +19,7 @@ Layer indexing (docs/design.md): layer 0 is z_0 (noise), layers 1..K are refinem
 * :func:`per_token_kl`             k3 per-token KL estimator (as TRL's GRPO trainer)
 * :func:`listwise_kl`              listwise distillation of a teacher's per-image ranking
 * :func:`hard_negative_margin`     best positive above the hard negatives, by a margin
+* :func:`matching_losses`          a matching head's balanced match cross-entropy and true-above-false pairwise loss
 * :func:`group_advantages`         GRPO's group-relative advantages (r − mean_group) / (std + 1e-4)
 * :func:`grpo_loss`                GRPO's clipped token-level objective with a k3 KL term (as TRL)
 """
@@ -434,6 +435,26 @@ def hard_negative_margin(student: Tensor, teacher: Tensor, kinds: Tensor, margin
     hard = (kinds == hard_kind) & (teacher < t_pos) & has_pos[:, None]
     hinge = F.relu(margin - (s_pos - student.masked_fill(~hard, 0.0)))
     return (hinge * hard).sum() / hard.sum().clamp(min=1)
+
+
+def matching_losses(logits: Tensor, target: Tensor, true_of: Tensor) -> tuple[Tensor, Tensor]:
+    """A matching head's two losses over T captions in groups (a true caption, its false variants).
+
+    ``logits`` [T] the head's ℓ; ``target`` [T] 1 / 0 (or a teacher's σ(ℓ_t)); ``true_of`` [T] long: for a false
+    caption the position of its group's true caption, −1 for a true one. With 𝒯 the true and ℱ the false captions:
+
+        match    = Σ_{i∈𝒯} BCE(ℓ_i, y_i) / (2|𝒯|) + Σ_{j∈ℱ} BCE(ℓ_j, y_j) / (2|ℱ|)    (true and false weigh the same)
+        pairwise = mean_{j∈ℱ} softplus(ℓ_j − ℓ_{true_of[j]})
+
+    Returns (match, pairwise); pairwise is 0 without false captions.
+    """
+    is_true = true_of < 0
+    weight = torch.where(is_true, 0.5 / is_true.sum().clamp(min=1), 0.5 / (~is_true).sum().clamp(min=1))
+    match = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), weight=weight, reduction="sum")
+    false = (~is_true).nonzero().squeeze(1)
+    if false.numel() == 0:
+        return match, logits.new_zeros(())
+    return match, F.softplus(logits[false] - logits[true_of[false]]).mean()
 
 
 # --------------------------------------------------------------------------------------------

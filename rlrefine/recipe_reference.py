@@ -44,7 +44,16 @@ def _doc_first_paragraph(cls) -> str:
 
 
 def _dataclass_comments(cls) -> dict[str, str]:
-    """Trailing `# comments` of a dataclass's field lines (or of their continuation lines)."""
+    """Trailing `# comments` of a dataclass's field lines (or of their continuation lines); a subclass's own
+    comments win over those of the classes it inherits fields from."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            out.update(_own_comments(klass))
+    return out
+
+
+def _own_comments(cls) -> dict[str, str]:
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):

@@ -207,6 +207,12 @@ def test_compare_takes_seeds_beside_named_variants():
         load_recipe(RECIPES / "tiny.yaml", ["compare.extra.lambda_gradd=1.0"])
 
 
+def test_a_variant_set_to_null_is_left_out_of_the_run():
+    cfg = load_recipe(RECIPES / "tiny.yaml", ["compare.scst=null", "compare.grpo=null", "compare.mix={dico: {generation: mix}}"])
+    assert "scst" not in cfg.compare.variants and "grpo" not in cfg.finetune_runs()
+    assert list(cfg.compare.variants)[-1] == "mix" and cfg.variant("mix").dico.generation == "mix"
+
+
 def test_a_variant_with_another_reward_kind_does_not_inherit_the_base_rewards_keys():
     cfg = load_recipe(RECIPES / "tiny.yaml", ["finetune.reward={kind: sum, terms: [{weight: 1, reward: {kind: distilled}}]}",
                                               "compare.teacher.reward.kind=learned"])

@@ -325,3 +325,84 @@ def test_ordered_descriptions_rank_complete_over_partial_over_misnamed(splits):
             assert len(pairs) == 2 and mentions[0][0] == truth and mentions[0][1] < truth
             assert pairs[0][1] == pairs[1][0]
         assert len(mentions[-1][1] - truth) == 1
+
+
+def test_false_statements_differ_in_one_place_and_are_false(splits):
+    """Every true caption's variants: grammatical, one changed spot (two for an exchange), and false for the image:
+    an inverted position word, two objects traded so a stated relation breaks, a colour or shape pair not there."""
+    import random
+
+    from rlrefine.data.shapes import caption_holds, false_statements, relation_description
+
+    rng = random.Random(2)
+    seen = set()
+    for scene, refs in zip(splits["val"].scenes, complete_descriptions(splits["val"], 64)):
+        truth = {o.combo for o in scene.objects}
+        for true in [*refs, relation_description(scene, 64, rng)]:
+            assert caption_holds(true, scene), true
+            for kind, false in false_statements(true, scene, rng, exclude=DEFAULT_HELD_OUT).items():
+                seen.add(kind)
+                assert is_grammatical(false), (kind, false)
+                changed = [(a, b) for a, b in zip(true.split(), false.split()) if a != b]
+                mentions = set(parse_caption(false).mentions)
+                if kind == "relation":  # always false: relations are on the dominant axis, regions 0.3 apart
+                    assert len(changed) == 1 and changed[0][1] in ("above", "below", "over", "under", "left", "right",
+                                                                   "top", "bottom"), (true, false)
+                elif kind == "exchange":
+                    assert mentions <= truth and not caption_holds(false, scene), (true, false)
+                else:  # one object renamed to a pair that is not there
+                    before = set(parse_caption(true).mentions)
+                    assert len(before - mentions) == 1 and len(mentions - before) == 1, (true, false)
+                    wrong = mentions - truth
+                    assert len(wrong) == 1 and not wrong & set(DEFAULT_HELD_OUT), (true, false)
+    assert seen == {"relation", "exchange", "colour", "shape"}
+
+
+def test_relation_description_states_a_true_relation_or_region():
+    import random
+
+    from rlrefine.data.shapes import caption_holds, relation_description
+
+    a, b = SceneObject("circle", "red", "large", 20, 10, 8), SceneObject("square", "blue", "small", 22, 50, 6)
+    scene, rng = Scene.from_objects([a, b]), random.Random(0)
+    captions = {relation_description(scene, 64, rng) for _ in range(40)}
+    assert all(caption_holds(c, scene) and parse_caption(c).relations for c in captions)
+    assert any("red circle above" in c or "red circle over" in c for c in captions)
+    assert any("blue square below" in c or "blue square under" in c for c in captions)
+    lone = Scene.from_objects([SceneObject("cross", "green", "small", 10, 10, 6)])
+    assert all(c.endswith("in the top left") for c in {relation_description(lone, 64, rng) for _ in range(20)})
+
+
+def test_matching_examples_pair_true_captions_with_false_ones(splits):
+    import random
+
+    from rlrefine.data.shapes import caption_holds, matching_examples
+
+    rng = random.Random(3)
+    for scene in splits["val"].scenes[:20]:
+        ex = matching_examples(scene, 64, rng, relation_fraction=1.0, exclude=DEFAULT_HELD_OUT)
+        assert len(ex.groups) == 2
+        for true, falses in ex.groups:
+            assert caption_holds(true, scene) and falses and all(f != true for f in falses)
+        assert len(set(parse_caption(ex.groups[1][1][0]).mentions) - {o.combo for o in scene.objects}) == 1  # misnamed
+        assert [p for p, _ in ex.places] == [f"{o.colour} {o.shape}" for o in scene.objects]
+        for (_, (x, y)), o in zip(ex.places, scene.objects):  # centres in [-1, 1], y down
+            assert abs(x - (o.x / 31.5 - 1)) < 1e-9 and abs(y - (o.y / 31.5 - 1)) < 1e-9
+
+
+def test_relation_pairs_put_a_true_relation_above_the_same_objects_joined_by_and(splits):
+    """The evaluator's optional pairs (`evaluator.preference_relations`): the better caption states a relation
+    that holds, the worse names the same two objects and no relation; off, the pairs are as before."""
+    import random
+
+    from rlrefine.data.shapes import caption_holds, ordered_descriptions, parse_caption
+
+    multi = [s for s in splits["train"].scenes if len(s.objects) > 1][:30]
+    for k, scene in enumerate(multi):
+        plain = ordered_descriptions(scene, SMALL.image_size, random.Random(k))
+        pairs = ordered_descriptions(scene, SMALL.image_size, random.Random(k), relations=True)
+        assert pairs[:len(plain)] == plain and len(pairs) == len(plain) + 1
+        better, worse = pairs[-1]
+        b, w = parse_caption(better), parse_caption(worse)
+        assert caption_holds(better, scene) and len(b.relations) == 1 and not w.relations
+        assert sorted(b.mentions) == sorted(w.mentions) and len(set(b.mentions)) == 2

@@ -406,3 +406,22 @@ def test_group_advantages_equal_trls_nanstd():
     expected = (r - mean) / (nanstd(r.view(-1, 4), dim=1).repeat_interleave(4) + 1e-4)
     torch.testing.assert_close(group_advantages(r, 4), expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(group_advantages(r, 4, "batch"), (r - mean) / (nanstd(r) + 1e-4), atol=1e-6, rtol=0)
+
+
+def test_matching_losses_by_hand():
+    """Two groups: (true 0, false 1, false 2) and (true 3, false 4); true and false captions weigh half each."""
+    import math
+
+    from rlrefine.losses import matching_losses
+
+    logits = torch.tensor([2.0, 0.0, -1.0, 1.0, 3.0])
+    target = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0])
+    true_of = torch.tensor([-1, 0, 0, -1, 3])
+    bce = lambda l, y: -(y * math.log(1 / (1 + math.exp(-l))) + (1 - y) * math.log(1 - 1 / (1 + math.exp(-l))))  # noqa: E731
+    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731
+    match, pairwise = matching_losses(logits, target, true_of)
+    want_match = (bce(2, 1) + bce(1, 1)) / 4 + (bce(0, 0) + bce(-1, 0) + bce(3, 0)) / 6
+    want_pair = (softplus(0 - 2) + softplus(-1 - 2) + softplus(3 - 1)) / 3
+    assert match.item() == pytest.approx(want_match, rel=1e-6) and pairwise.item() == pytest.approx(want_pair, rel=1e-6)
+    only_true = matching_losses(logits[:1], target[:1], torch.tensor([-1]))
+    assert only_true[1].item() == 0.0 and only_true[0].item() == pytest.approx(bce(2, 1) / 2, rel=1e-6)

@@ -60,6 +60,12 @@ __all__ = [
     "MENTION_PROBABILITY",
     "misnamed_pair",
     "ordered_descriptions",
+    "FALSE_STATEMENT_KINDS",
+    "caption_holds",
+    "false_statements",
+    "MatchingExamples",
+    "matching_examples",
+    "relation_description",
     "REFERENCE_STYLES",
     "complete_descriptions",
     "generate_shapes",
@@ -453,17 +459,169 @@ def misnamed_pair(scene: Scene, image_size: int, rnd: random.Random,
 
 
 def ordered_descriptions(scene: Scene, image_size: int, rnd: random.Random,
-                         exclude: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+                         exclude: Sequence[tuple[str, str]] = (), relations: bool = False) -> list[tuple[str, str]]:
     """Caption pairs ``(better, worse)`` of one image in the order a hallucination-aware evaluator keeps:
     the complete description above a correct partial one (multi-object images), and the partial one
-    above the same plus a misnamed object (`misnamed_pair`)."""
+    above the same plus a misnamed object (`misnamed_pair`). With ``relations``, also (multi-object images)
+    two objects with their true relation above the same two joined by "and" (`relation_and_pair`)."""
     correct, misnamed = misnamed_pair(scene, image_size, rnd, exclude)
     pairs = [(correct, misnamed)]
     if len(scene.objects) > 1:
         order = [scene.objects[i] for i in salience_order(scene.objects, image_size)]
         pairs.insert(0, (_salient_caption(order, len(order), image_size, rnd), correct))
+        if relations:
+            pairs.append(relation_and_pair(scene, rnd))
     return pairs
 
+
+def relation_and_pair(scene: Scene, rnd: random.Random) -> tuple[str, str]:
+    """Two random objects of a multi-object ``scene`` in random order: ("a large red circle above a large blue
+    square", "a large red circle and a large blue square"), the relation true; sizes named in both or in neither."""
+    x, y = rnd.sample(scene.objects, 2)
+    if rnd.random() < 0.5:
+        return _template_two(0, x, y), _template_two(4, x, y)
+    return _template_two(2, x, y), f"{_np(x)} and {_np(y)}"
+
+
+# ------------------------------------------------------------------------ true and false statements
+FALSE_STATEMENT_KINDS: tuple[str, ...] = ("relation", "exchange", "colour", "shape")
+# Position words and their opposites: relations ("above", "over", "left of", "to the left of") and regions ("in the
+# top left", "at the bottom"); every region is at least 0.3 of the image side from its opposite, so an inverted
+# word is always false.
+_OPPOSITE = {"above": "below", "below": "above", "over": "under", "under": "over", "left": "right", "right": "left",
+             "top": "bottom", "bottom": "top"}
+
+
+def caption_holds(caption: str, scene: Scene) -> bool:
+    """True when every (colour, shape) ``caption`` names is in ``scene`` and every relation it states between two of
+    them holds there (`relation`). Sizes and regions are not checked."""
+    parsed = parse_caption(caption)
+    if any(scene.index_of(*m) is None for m in parsed.mentions):
+        return False
+    for a, rel, b in parsed.relations:
+        i, j = scene.index_of(*a), scene.index_of(*b)
+        if i == j or relation(scene.objects[i], scene.objects[j]) != rel:
+            return False
+    return True
+
+
+def relation_description(scene: Scene, image_size: int, rnd: random.Random) -> str:
+    """A true caption of ``scene`` that says where things are: two or three of its objects (random, in random
+    order) in a template that states their relation ("there is a red circle over a blue square"); for a
+    one-object scene, a template that states its region ("one red circle in the top left")."""
+    objects = scene.objects
+    if len(objects) == 1:
+        return _captions_one(objects[0], image_size)[rnd.choice((2, 4, 7))]
+    if len(objects) == 3 and rnd.random() < 0.5:
+        return _template_three(rnd.choice((0, 3, 4)), *rnd.sample(objects, 3))
+    return _template_two(rnd.choice((0, 1, 2)), *rnd.sample(objects, 2))
+
+
+def _mentions(words: Sequence[str]) -> list[tuple[int, int]]:
+    """(colour word index, shape word index) of every object a template caption names, in order."""
+    out, i = [], 0
+    while i < len(words):
+        if words[i] in COLOURS:
+            k = i + 1
+            while k < len(words) and k - i <= 2 and words[k] in SIZES:
+                k += 1
+            if k < len(words) and words[k] in SHAPES:
+                out.append((i, k))
+                i = k + 1
+                continue
+        i += 1
+    return out
+
+
+def _with_articles(words: list[str]) -> str:
+    """The caption with every "a" / "an" agreeing with the word after it (a changed colour may start with a vowel)."""
+    for i in range(len(words) - 1):
+        if words[i] in ("a", "an"):
+            words[i] = "an" if words[i + 1][0] in "aeiou" else "a"
+    return " ".join(words)
+
+
+def false_statements(caption: str, scene: Scene, rnd: random.Random,
+                     exclude: Sequence[tuple[str, str]] = ()) -> dict[str, str]:
+    """Captions that differ from a true template ``caption`` of ``scene`` in one place and are false for it, by kind
+    (`FALSE_STATEMENT_KINDS`); a kind the caption has no false variant of is left out.
+
+    * ``relation``: one position word inverted (above ↔ below, over ↔ under, left ↔ right, top ↔ bottom);
+    * ``exchange``: two named objects trade places ("a red circle above a blue square" → "a blue square above a red
+      circle"), kept only where that makes the caption false (`caption_holds`): a stated relation then no longer holds;
+    * ``colour`` / ``shape``: one named object's colour / shape changed (wherever the caption names it) so that the pair
+      is neither in the scene nor in ``exclude`` (e.g. the held-out pairs).
+    """
+    words = caption.split()
+    out: dict[str, str] = {}
+    spots = [i for i, w in enumerate(words) if w in _OPPOSITE]
+    if spots:
+        i = rnd.choice(spots)
+        out["relation"] = " ".join(words[:i] + [_OPPOSITE[words[i]]] + words[i + 1:])
+    mentions = _mentions(words)
+    named = [m for m in mentions if m[0] == 0 or words[m[0] - 1] != "the"]  # not "... below the blue square"
+    if len(named) > 1:
+        (c1, s1), (c2, s2) = rnd.sample(named, 2)
+        a, b = (words[c1], words[s1]), (words[c2], words[s2])
+        new = list(words)
+        for c, s in mentions:  # every mention of the two, "... below the blue square" too
+            new[c], new[s] = {a: b, b: a}.get((words[c], words[s]), (words[c], words[s]))
+        text = _with_articles(new)
+        if not caption_holds(text, scene):
+            out["exchange"] = text
+    taken = {o.combo for o in scene.objects} | set(exclude)
+    if named:
+        c, s = rnd.choice(named)
+        old = (words[c], words[s])
+        for kind, options in (("colour", [(x, old[1]) for x in COLOURS]), ("shape", [(old[0], x) for x in SHAPES])):
+            options = [p for p in options if p not in taken]
+            if options:
+                pick = rnd.choice(options)
+                new = list(words)
+                for c2, s2 in mentions:  # the object and "... below the <it>" alike
+                    if (words[c2], words[s2]) == old:
+                        new[c2], new[s2] = pick
+                out[kind] = _with_articles(new)
+    return out
+
+
+
+@dataclass
+class MatchingExamples:
+    """What a matching head (`rewards.matching`) learns from one image."""
+
+    groups: list[tuple[str, list[str]]]  # (a true caption, captions that are false for the image)
+    places: list[tuple[str, tuple[float, float]]]  # (a phrase naming one object, its centre (x, y) in [-1, 1], y down)
+
+
+def matching_examples(scene: Scene, image_size: int, rnd: random.Random, relation_fraction: float = 0.5,
+                      exclude: Sequence[tuple[str, str]] = ()) -> MatchingExamples:
+    """What a matching head learns to tell apart on one image (`MatchingExamples`):
+
+    * a description that states where things are (`relation_description`) with probability ``relation_fraction``,
+      else one that names every object (the ``complete`` templates), with its `false_statements` (of a renamed
+      colour and a renamed shape, one);
+    * a correct partial description, as people write them, with the same plus one misnamed object (`misnamed_pair`)
+      and its inverted-relation and exchanged-objects statements: a true caption that leaves objects out is still true;
+    * where each object is ("red circle" and its centre): the grounding that teaches the head to look at the object
+      a phrase names before it compares positions."""
+    if rnd.random() < relation_fraction:
+        true = relation_description(scene, image_size, rnd)
+    elif len(scene.objects) == 1:
+        true = rnd.choice(_captions_one(scene.objects[0], image_size))
+    else:  # every object, a random template and order (most of them state a relation too)
+        template = _template_two if len(scene.objects) == 2 else _template_three
+        true = template(rnd.randrange(NUM_REFERENCES), *rnd.sample(scene.objects, len(scene.objects)))
+    false = false_statements(true, scene, rnd, exclude)
+    if "colour" in false and "shape" in false:  # one renamed object is enough: the dual encoder tells those apart (~0.99)
+        del false[rnd.choice(("colour", "shape"))]
+    groups = [(true, list(false.values()))]
+    partial, misnamed = misnamed_pair(scene, image_size, rnd, exclude)
+    false = false_statements(partial, scene, rnd, exclude)
+    groups.append((partial, [misnamed, *(false[k] for k in ("relation", "exchange") if k in false)]))
+    half = (image_size - 1) / 2
+    places = [(f"{o.colour} {o.shape}", ((o.x - half) / half, (o.y - half) / half)) for o in scene.objects]
+    return MatchingExamples(groups, places)
 
 # ------------------------------------------------------------------------------------ grammar
 def _grammar() -> tuple["re.Pattern[str]", ...]:

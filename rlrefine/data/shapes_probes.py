@@ -10,7 +10,9 @@ descriptions, misnamed objects). A reward is any callable of the reward protocol
   and not hallucinate, on held-out images: ``complete_over_partial`` (an image's complete description
   above every reference that leaves an object out: the gap fine-tuning can exploit) and
   ``partial_over_misnamed`` (a correct partial description above the same plus one misnamed object; at
-  0.5 the reward pays as much for a wrong object as it costs).
+  0.5 the reward pays as much for a wrong object as it costs); and ``relation_over_and`` (two objects with
+  their true relation above the same two joined by "and": below 0.5 a reward gives nothing for saying where
+  things are, and fine-tuning against it does not learn to).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlrefine.data.shapes import DEFAULT_HELD_OUT, misnamed_pair, parse_caption
+from rlrefine.data.shapes import DEFAULT_HELD_OUT, misnamed_pair, parse_caption, relation_and_pair
 from rlrefine.data.split import CaptionSplit
 
 __all__ = ["preference_rate", "teacher_preferences"]
@@ -59,5 +61,9 @@ def teacher_preferences(reward: Callable, split: CaptionSplit, descriptions: lis
     rows = [i for i in range(n) if not split.is_label[i]]
     pairs = [misnamed_pair(split.scenes[i], image_size, rng, exclude=DEFAULT_HELD_OUT) for i in rows]
     misnamed = preference_rate(reward, images[rows], [b for b, _ in pairs], [[w] for _, w in pairs])
+    multi = [i for i in rows if len(split.scenes[i].objects) > 1]
+    related = [relation_and_pair(split.scenes[i], rng) for i in multi]
+    relation = preference_rate(reward, images[multi], [b for b, _ in related], [[w] for _, w in related])
     return {"complete_over_partial": result["rate"], "complete_over_partial_images": result["images"],
-            "partial_over_misnamed": misnamed["rate"], "partial_over_misnamed_images": misnamed["images"]}
+            "partial_over_misnamed": misnamed["rate"], "partial_over_misnamed_images": misnamed["images"],
+            "relation_over_and": relation["rate"], "relation_over_and_images": relation["images"]}

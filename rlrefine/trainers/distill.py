@@ -41,7 +41,8 @@ from rewards.fidelity import (CANDIDATE, HARD, HELDOUT_FILE, REF, Pairs, compare
                               ranking_report, save_pairs, score_pairs)
 from rlrefine.data.split import image_rows, images_and_captions
 from rlrefine.losses import hard_negative_margin, listwise_kl
-from rlrefine.trainers.evaluator import clip_param_groups
+from rewards.matching import build_matching_head, image_features, save_matching_head, text_features
+from rlrefine.trainers.evaluator import MatchingExampleFn, clip_param_groups, matching_batch, matching_head_loss
 from rlrefine.trainers.loop import LoopSettings, StepOutput, TrainingLoop, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class PairData:
     train_pairs: Pairs  # pairs of the training images (teacher scores not yet set)
     held_pairs: Pairs  # pairs of the held-out images (the report's)
     uses_refs: bool  # the teacher reads references (a Ref* reward)
+    train_rows: list[int]  # the training images (rows 0..n-1 not held out)
 
 
 def candidate_pairs(candidates: Sequence[tuple] | None) -> list[tuple[int, str]] | None:
@@ -117,7 +119,8 @@ def prepare_pairs(teacher: Callable, split: Any, candidates: Sequence[tuple] | N
     pairs = candidate_pairs(candidates)
     train_pairs = build_pairs(captions, train_rows, neighbours, pairs, hard_per_neighbour, rng)
     held_pairs = build_pairs(captions, held, neighbours, pairs, hard_per_neighbour, rng)
-    return PairData(images, captions, n, emb, train_pairs, held_pairs, bool(getattr(teacher, "uses_references", False)))
+    return PairData(images, captions, n, emb, train_pairs, held_pairs, bool(getattr(teacher, "uses_references", False)),
+                    train_rows)
 
 
 def held_decisions(student: Callable, teacher: Callable, images: Any, captions: list[list[str]], held_pairs: Pairs,
@@ -152,22 +155,34 @@ def student_optimizer(tower: torch.nn.Module, scale: list[torch.nn.Parameter], c
 
 
 class ScoredStudent(torch.nn.Module):
-    """The student dual encoder and its score scale ``w`` and offset ``b``: s = w · cos + b."""
+    """The student dual encoder and its score scale ``w`` and offset ``b``: s = w · cos + b; with a matching head
+    (`rewards.matching`) s = w · cos + b + λ · (σ(ℓ) − 1), λ the teacher's."""
 
-    def __init__(self, model: torch.nn.Module, w: float):
+    def __init__(self, model: torch.nn.Module, w: float, head: torch.nn.Module | None = None):
         super().__init__()
         self.model = model
         self.w = torch.nn.Parameter(torch.tensor(w))
         self.b = torch.nn.Parameter(torch.tensor(0.0))
+        self.head = head
 
 
 class DistillLoop(TrainingLoop):
     """The student's training (module docstring); ``finish`` saves it and writes the held-out report."""
 
     def __init__(self, dcfg: DistillConfig, teacher: Callable, split: Any, settings: LoopSettings,
-                 candidates: Sequence[tuple[int, str]] | None = None, **loop_kwargs: Any):
+                 candidates: Sequence[tuple[int, str]] | None = None, matching_examples: MatchingExampleFn | None = None,
+                 **loop_kwargs: Any):
+        h = dcfg.matching_head
+        if h.steps and matching_examples is None:
+            raise ValueError(f"distill.student.matching_head.steps is {h.steps} but this data gives no true and false captions "
+                             "to match (the shapes data does); set distill.student.matching_head.steps=0")
+        if h.steps and getattr(teacher, "matching_head", None) is None:
+            raise ValueError(f"distill.student.matching_head.steps is {h.steps} but the teacher ({type(teacher).__name__}) has no "
+                             "matching head to imitate: train one (evaluator.matching_head.steps > 0) or set "
+                             "distill.student.matching_head.steps=0")
         super().__init__(settings, **loop_kwargs)
         self.dcfg, self.teacher, self.split, self.candidates = dcfg, teacher, split, candidates
+        self.example_fn = matching_examples
 
     # -- setup: pairs, teacher scores, the student ------------------------------------------------
     def setup(self, start_step: int) -> None:
@@ -180,10 +195,25 @@ class DistillLoop(TrainingLoop):
         self.images, self.captions, self.uses_refs = data.images, data.captions, data.uses_refs
         self.train_pairs, self.held_pairs = data.train_pairs, data.held_pairs
         self._teacher_targets(data.image_emb, data.n)
+        self._head_examples(data.train_rows)
         self._build_student()
         self.metrics: dict[str, float] = untrained_metrics(self.student_scores(self.held_pairs), self.held_pairs)
         self.groups = list(groups_of(self.train_pairs.image).items())
-        self.optimizer, self.scheduler = student_optimizer(self.student.model, [self.student.w, self.student.b], c)
+        params = clip_param_groups(self.student.model, c.weight_decay)
+        params.append({"params": [self.student.w, self.student.b], "weight_decay": 0.0})
+        lambdas = [lambda s: warmup_cosine(s, c.warmup_steps, c.steps) if s < c.steps else 0.0] * len(params)
+        if self.student.head is not None:  # LR 0 (and no gradient) until the head's phase, where the towers get none
+            h = c.matching_head
+            head_groups = clip_param_groups(self.student.head, h.weight_decay)
+            for g in head_groups:
+                g["lr"] = h.lr
+            params += head_groups
+            lambdas += [lambda s: 0.0 if s < c.steps else warmup_cosine(s - c.steps, h.warmup_steps, h.steps)] * len(head_groups)
+            if start_step > c.steps:
+                for p in (self.student.model, self.student.w, self.student.b):
+                    p.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.98), eps=1e-6)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambdas)
         self.teacher_all, self.kind_all = self.train_pairs.teacher.to(device), self.train_pairs.kind.to(device)
         texts = [c.text_prefix + x for x in self.train_pairs.caption]  # tokenized once, not at every step
         self.train_tokens = torch.cat([self.tokenizer(texts[i:i + 4096]) for i in range(0, len(texts), 4096)]).to(device)
@@ -202,7 +232,11 @@ class DistillLoop(TrainingLoop):
             with torch.no_grad():
                 self.t_txt = torch.cat([teacher.embed_texts(self.train_pairs.caption[i:i + 4096]).float().cpu()
                                         for i in range(0, len(self.train_pairs.caption), 4096)])
-        if self.t_txt is not None and not self.uses_refs and type(teacher).__call__ is OpenCLIPReward.__call__:
+        # with a head of its own the student's towers imitate the teacher's dual encoder (w·cos) and its head the
+        # teacher's head; without one they imitate the teacher's whole score
+        towers_only = getattr(teacher, "matching_head", None) is None or c.matching_head.steps > 0
+        if (self.t_txt is not None and not self.uses_refs and type(teacher).__call__ is OpenCLIPReward.__call__
+                and towers_only):
             # that __call__ is score_embeddings on these same embeddings; calling it would encode every
             # training image and caption again (about 15 s of the tiny recipe's 5-minute stage)
             self.train_pairs.teacher = teacher.score_embeddings(t_emb[self.train_pairs.image], self.t_txt).float().cpu()
@@ -218,6 +252,25 @@ class DistillLoop(TrainingLoop):
                 with torch.no_grad():
                     self.t_extra = torch.cat([teacher.embed_images(image_rows(self.images, self.extra[i:i + 256])).float().cpu()
                                               for i in range(0, len(self.extra), 256)]).to(device)
+
+    def _head_examples(self, train_rows: Sequence[int]) -> None:
+        """The matching head's examples (true and false captions, grounding phrases) of the first
+        ``head_example_images`` training images, each caption's teacher verdict σ(ℓ_t) computed once."""
+        c, teacher = self.dcfg, self.teacher
+        self.examples: list[tuple[int, Any, list[float]]] = []  # (image row, its examples, teacher σ per caption)
+        if not c.matching_head.steps:
+            return
+        rows = list(train_rows)[:c.head_example_images]
+        rng = random.Random(c.seed + 1)  # not the towers' RNG: with or without a head they train the same
+        drawn = [self.example_fn(i, rng) for i in rows]
+        batch = matching_batch(drawn)
+        _, logits = teacher.match_logits(image_rows(self.images, rows), batch.texts, torch.tensor(batch.owner))
+        verdict = torch.sigmoid(logits).cpu().tolist()
+        at = 0
+        for i, ex in zip(rows, drawn):
+            n = sum(1 + len(falses) for _, falses in ex.groups)
+            self.examples.append((i, ex, verdict[at:at + n]))
+            at += n
 
     def _build_student(self) -> None:
         c, device = self.dcfg, self.acc.device
@@ -241,7 +294,10 @@ class DistillLoop(TrainingLoop):
         # the saved weights are contiguous again (save_dual_encoder), and scoring is unchanged
         model.visual.to(memory_format=torch.channels_last)
         self.nhwc = partial(torch.Tensor.contiguous, memory_format=torch.channels_last)
-        self.student = ScoredStudent(model, float(getattr(self.teacher, "w", 2.5))).to(device)
+        head = None
+        if c.matching_head.steps:
+            head = build_matching_head(model, c.matching_head, c.image_size)
+        self.student = ScoredStudent(model, float(getattr(self.teacher, "w", 2.5)), head).to(device)
 
     @torch.no_grad()
     def student_scores(self, pairs: Pairs) -> torch.Tensor:
@@ -261,8 +317,29 @@ class DistillLoop(TrainingLoop):
         return (s.clamp(min=0) if c.clamp else s).float().cpu()
 
     # -- the step ---------------------------------------------------------------------------------
+    def _head_step(self, step: int) -> StepOutput:
+        """One step of the student's matching head on its frozen towers: `matching_head_loss` with the teacher's
+        verdicts σ(ℓ_t) as the targets of the match cross-entropy."""
+        c, h, device, rng, student = self.dcfg, self.dcfg.matching_head, self.acc.device, self.rng, self.student
+        if step == c.steps:
+            for p in (student.model, student.w, student.b):
+                p.requires_grad_(False)
+            self.optimizer.optimizer.state.clear()
+        student.model.eval()
+        chosen = rng.sample(self.examples, min(h.batch_size, len(self.examples)))
+        batch = matching_batch([ex for _, ex, _ in chosen], c.text_prefix)
+        batch.label = [v for _, _, verdict in chosen for v in verdict]
+        pix = self.nhwc(self.preprocess(image_rows(self.images, [i for i, _, _ in chosen]), device=device))
+        with torch.no_grad():
+            _, grid = image_features(student.model.visual, pix, h.image_stage)
+            _, tokens, mask = text_features(student.model, self.tokenizer(batch.texts + batch.phrases).to(device))
+        loss, scalars = matching_head_loss(student.head, batch, tokens, mask, grid, h.pairwise_weight, h.locate_weight)
+        return StepOutput(loss, lambda: scalars)
+
     def train_step(self, step: int) -> StepOutput:
         c, device, rng, student = self.dcfg, self.acc.device, self.rng, self.student
+        if student.head is not None and step >= c.steps:
+            return self._head_step(step)
         chosen = rng.sample(self.groups, min(c.images_per_step, len(self.groups)))
         rows = [r for r, _ in chosen]
         lists = [rng.sample(idx, min(len(idx), c.max_pairs_per_image)) for _, idx in chosen]
@@ -310,6 +387,9 @@ class DistillLoop(TrainingLoop):
         student.model.eval()
         manifest = {"w": student.w.item(), "bias": student.b.item(), "text_prefix": c.text_prefix, "clamp": c.clamp,
                     "tokenizer": c.tokenizer, "teacher": repr(self.teacher), "config": dataclasses.asdict(c)}
+        if student.head is not None:
+            manifest["matching_head"] = save_matching_head(student.head, out_dir, self.teacher.head_weight,
+                                                           c.matching_head.image_stage)
         if self.vocab is not None:
             self.vocab.save(out_dir)
         save_dual_encoder(student.model, out_dir, "student", self.name, self.model_cfg, manifest)
@@ -336,21 +416,25 @@ def held_out_report(loop: Any, scorer: Callable, timing_repeats: int) -> dict[st
 
 
 def loop_settings(dcfg: DistillConfig, stage_dir: Path, **fields: Any) -> LoopSettings:
-    return LoopSettings(stage_dir=stage_dir, section="distill.student", steps=dcfg.steps, log_every=dcfg.log_every,
+    return LoopSettings(stage_dir=stage_dir, section="distill.student", steps=dcfg.steps + dcfg.matching_head.steps,
+                        log_every=dcfg.log_every,
                         checkpoint_every=dcfg.checkpoint_every, advice=f"Lower distill.student.lr (now {dcfg.lr})",
                         hparams=dataclasses.asdict(dcfg), **fields)
 
 
 def distill_reward(cfg: DistillConfig, teacher: Callable, split: Any, out_dir: str | Path,
                    candidates: Sequence[tuple[int, str]] | None = None, resume: bool = False,
-                   on_log: Callable[[dict[str, float], int], None] | None = None, device: str = "auto") -> dict:
+                   on_log: Callable[[dict[str, float], int], None] | None = None, device: str = "auto",
+                   matching_examples: MatchingExampleFn | None = None) -> dict:
     """Distil ``teacher`` (any protocol reward with ``embed_images``; a ``Ref*`` teacher gets each image's
     references) into a compact student saved to ``out_dir``; returns the held-out report (``spearman``,
     ``kendall``, ``spearman_per_image``, ``argmax_agreement``, ``init/...`` for the untrained student,
     ``pairs_per_s_student`` / ``pairs_per_s_teacher``, ``speedup``, ...).
 
     ``split``: CaptionSplit-like (``images`` uint8 [N,H,W,3] or paths, ``captions``); ``candidates``:
-    optional ``(image_idx, caption)`` pairs, e.g. the captioner's candidates from every layer.
+    optional ``(image_idx, caption)`` pairs, e.g. the captioner's candidates from every layer;
+    ``matching_examples(i, rng)``: what the student's matching head (``cfg.matching_head.steps`` > 0) learns from
+    training image i (`rlrefine.data.shapes.MatchingExamples`), with the teacher's verdicts as targets.
     """
     settings = loop_settings(cfg, Path(out_dir), seed=cfg.seed, device=device)
-    return DistillLoop(cfg, teacher, split, settings, candidates, on_log=on_log).run(resume)
+    return DistillLoop(cfg, teacher, split, settings, candidates, matching_examples, on_log=on_log).run(resume)

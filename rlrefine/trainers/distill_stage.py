@@ -13,7 +13,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from rewards.distill import DistilledScore
 from rlrefine.config import RecipeConfig, RecipeError
+from rlrefine.data.split import images_and_captions
 from rlrefine.trainers.distill import DistillLoop, loop_settings
 from rlrefine.trainers.distill_text import TextDistillLoop, text_loop_settings
 from rlrefine.trainers.loop import TrainingLoop
@@ -76,6 +78,13 @@ def distill_stage(cfg: RecipeConfig, resume: bool = False, name: str | None = No
         index = np.flatnonzero(~np.asarray(split.is_label, dtype=bool))[:d.candidate_images]  # captioned images
         candidates = captioner_candidates(cfg, split, index, d.candidate_beams)  # (image, layer, caption)
         log.info("distill: %d captioner candidate pairs from every layer", len(candidates))
+    shapes = cfg.data.kind == "shapes"
+    examples = None
+    if shapes and d.student_kind == "dual" and d.student.matching_head.steps:
+        from rlrefine.data.shapes import DEFAULT_HELD_OUT, matching_examples
+
+        scenes, size, fraction = splits["train"].scenes, cfg.data.shapes.image_size, d.student.matching_head.relation_fraction
+        examples = lambda i, rng: matching_examples(scenes[i], size, rng, fraction, DEFAULT_HELD_OUT)  # noqa: E731
     stage_dir = cfg.distill_dir(name)
     if d.student_kind == "text":
         tower = None if d.image_tower is None else build_reward(
@@ -86,8 +95,20 @@ def distill_stage(cfg: RecipeConfig, resume: bool = False, name: str | None = No
                                              image_tower=tower, recipe=cfg, on_step_end=on_step_end)
     else:
         settings = loop_settings(d.student, stage_dir, seed=cfg.seed, device=cfg.device, threads=cfg.threads)
-        loop = DistillLoop(d.student, teacher, splits["train"], settings, candidates, recipe=cfg, on_step_end=on_step_end)
+        loop = DistillLoop(d.student, teacher, splits["train"], settings, candidates, examples, recipe=cfg,
+                           on_step_end=on_step_end)
     report = loop.run(resume)
+    if loop.acc.is_main_process and shapes:  # the teacher's swap test (train-evaluator's report), taken by the student
+        from rewards.evaluator import swap_accuracy
+        from rlrefine.data.shapes import complete_descriptions
+
+        student = DistilledScore.from_dir(stage_dir, device=loop.acc.device)
+        for split_name, prefix, seed in (("val", "", cfg.seed + 2), ("test_novel", "test_novel/", cfg.seed + 3)):
+            split = splits[split_name]
+            captions = complete_descriptions(split, cfg.data.shapes.image_size, seed=seed)
+            report.update({f"{prefix}{k}": v for k, v in swap_accuracy(
+                student, images_and_captions(split)[0], captions, cfg.evaluator.attribute_groups,
+                cfg.evaluator.eval_max_images, cfg.seed).items()})
     if loop.acc.is_main_process:
         (stage_dir / "report.json").write_text(json.dumps(report, indent=1))
         what = "text student (the image tower kept, a small text tower)" if d.student_kind == "text" else "student"
@@ -98,4 +119,7 @@ def distill_stage(cfg: RecipeConfig, resume: bool = False, name: str | None = No
         log.info("distilled reward (%s): spearman %.3f, argmax agreement %.3f, decision agreement %.3f, %.1fx the teacher's "
                  "speed", stage_dir.name, *(report.get(k, float("nan")) for k in ("spearman", "argmax_agreement",
                                                                                    "decision_agreement", "speedup")))
+        if "swap_acc/relation" in report:
+            log.info("distilled reward (%s): swap accuracy colour %.3f, shape %.3f, relation %.3f", stage_dir.name,
+                     *(report[k] for k in ("swap_acc/colour", "swap_acc/shape", "swap_acc/relation")))
     return report

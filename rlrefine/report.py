@@ -224,6 +224,7 @@ def candidate_diagnostic(cfg: RecipeConfig, splits: dict | None = None) -> dict:
     splits = splits if splits is not None else load_splits(cfg.data)
     xe_dir = cfg.run_path / "pretrain" / "model"
     result: dict = {}
+    start: dict[str, dict] = {}  # the XE model's coverage, per way of drawing candidates
     for name, section in cfg.finetune_variants().items():
         result[name] = {}
         for split_name in dict.fromkeys([cfg.evaluate.split, "test_novel"]):
@@ -232,9 +233,14 @@ def candidate_diagnostic(cfg: RecipeConfig, splits: dict | None = None) -> dict:
             split = splits[split_name]
             index = np.flatnonzero(~np.asarray(split.is_label, dtype=bool))[:cfg.evaluate.num_images]
             scenes = [split.scenes[i] for i in index]
-            result[name][split_name] = {
-                when: candidate_coverage(method_candidates(cfg, section, model_dir, split, index), scenes, DEFAULT_HELD_OUT)
-                for when, model_dir in (("start", xe_dir), ("end", cfg.run_path / section.output / "model"))}
+            # variants that draw alike (dico, dico_teacher, ... : the same beams) share the XE model's candidates
+            draws = json.dumps([section.method, section.method_config.model_dump(mode="json"), section.num_candidates,
+                                section.max_len, split_name])
+            if draws not in start:
+                start[draws] = candidate_coverage(method_candidates(cfg, section, xe_dir, split, index), scenes,
+                                                  DEFAULT_HELD_OUT)
+            end = method_candidates(cfg, section, cfg.run_path / section.output / "model", split, index)
+            result[name][split_name] = {"start": start[draws], "end": candidate_coverage(end, scenes, DEFAULT_HELD_OUT)}
     return result
 
 

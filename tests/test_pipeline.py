@@ -27,8 +27,9 @@ MICRO = [
 
 # SCST against CIDEr-D beside DiCO: the override the README documents.
 SCST_CIDER = "compare.scst_cider={method: scst, reward: {kind: cider}}"
-# A variant set to null is left out: the micro run skips the recipe's no-shaping ablation (4 fewer evaluations).
-NO_ABLATION = "compare.dico_no_shaping=null"
+# The teacher-reward ablation the recipe leaves out of its default: it draws as dico does, so the candidate
+# diagnostic shares their start.
+TEACHER = "compare.dico_teacher={reward: {kind: learned}}"
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def run_dir(tmp_path_factory):
         warnings.simplefilter("default")  # as a plain `python` run shows them (deprecations hidden)
         for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
             warnings.filterwarnings("ignore", category=category)
-        code = main(["run", str(RECIPE), f"run_dir={out}", "threads=1", "compare.seeds=2", *MICRO, SCST_CIDER, NO_ABLATION])
+        code = main(["run", str(RECIPE), f"run_dir={out}", "threads=1", "compare.seeds=2", *MICRO, SCST_CIDER, TEACHER])
     (out / "console.txt").write_text(console.getvalue())
     (out / "warnings.json").write_text(json.dumps([f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught]))
     assert code == 0, console.getvalue()[-3000:]
@@ -174,7 +175,7 @@ def test_distill_benchmark_rescores_the_held_out_pairs(run_dir, capsys):
 def test_run_skips_done_stages(run_dir, caplog):
     before = (run_dir / "pretrain" / "model" / "model.safetensors").stat().st_mtime_ns
     caplog.set_level("INFO")
-    assert main(["run", str(RECIPE), f"run_dir={run_dir}", "threads=1", "compare.seeds=2", *MICRO, SCST_CIDER, NO_ABLATION]) == 0
+    assert main(["run", str(RECIPE), f"run_dir={run_dir}", "threads=1", "compare.seeds=2", *MICRO, SCST_CIDER, TEACHER]) == 0
     assert (run_dir / "pretrain" / "model" / "model.safetensors").stat().st_mtime_ns == before
     assert "skipped" in caplog.text
 
@@ -227,7 +228,7 @@ def test_report_reuses_evaluations_that_are_still_valid(run_dir, caplog):
     from rlrefine.config import load_recipe
     from rlrefine.report import cached_evaluation
 
-    cfg = load_recipe(RECIPE, [f"run_dir={run_dir}", "threads=1", "compare.seeds=2", *MICRO, SCST_CIDER, NO_ABLATION])
+    cfg = load_recipe(RECIPE, [f"run_dir={run_dir}", "threads=1", "compare.seeds=2", *MICRO, SCST_CIDER, TEACHER])
     model, out = run_dir / "finetune_dico" / "model", run_dir / "report" / "dico"
     assert cached_evaluation(cfg, model, out, "test")["model"] == str(model)
     assert cached_evaluation(cfg, model, out, "test_novel") is None  # another split

@@ -12,6 +12,7 @@ The data section is read by attribute (duck-typed), so this layer imports nothin
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 from rlrefine.data.split import CaptionSplit, DataIssues, sanitize_split
@@ -20,14 +21,25 @@ __all__ = ["DATA_KINDS", "load_splits"]
 
 
 def _shapes(data: Any, issues: DataIssues) -> dict[str, CaptionSplit]:
+    s = data.shapes
+    return dict(_rendered_shapes(s.image_size, s.num_train, s.num_val, s.num_test, s.num_test_novel, s.max_objects, s.seed,
+                                 s.label_fraction, s.references))
+
+
+@functools.lru_cache(maxsize=1)
+def _rendered_shapes(image_size: int, num_train: int, num_val: int, num_test: int, num_test_novel: int,
+                     max_objects: int, seed: int, label_fraction: float, references: str) -> dict[str, CaptionSplit]:
+    """`generate_shapes`, rendered once per process and world: `rlrefine run` reads the same splits in every stage
+    (≈ 5 s each at the default size). The images are made read-only, since every stage shares them."""
     from rlrefine.data.shapes import ShapesConfig, generate_shapes
 
-    s = data.shapes
-    return generate_shapes(ShapesConfig(
-        image_size=s.image_size, num_train=s.num_train, num_val=s.num_val, num_test=s.num_test,
-        num_test_novel=s.num_test_novel, max_objects=s.max_objects, seed=s.seed, label_fraction=s.label_fraction,
-        references=s.references,
+    splits = generate_shapes(ShapesConfig(
+        image_size=image_size, num_train=num_train, num_val=num_val, num_test=num_test, num_test_novel=num_test_novel,
+        max_objects=max_objects, seed=seed, label_fraction=label_fraction, references=references,
     ))
+    for split in splits.values():
+        split.images.setflags(write=False)
+    return splits
 
 
 def _coco(data: Any, issues: DataIssues) -> dict[str, CaptionSplit]:

@@ -251,6 +251,10 @@ class EncoderSection(Section):
     allow_gelu_for_openai_weights: bool = Field(False, description="load an OpenAI archive or a {'state_dict': ...} (PAC-S "
                                                 "layout) checkpoint into a GELU architecture anyway (refused by default: "
                                                 "those weights need the -quickgelu architecture)")
+    grid_stage: int | None = Field(None, ge=1, le=4, description="ResNet towers (evaluator, open_clip ModifiedResNet): also "
+                                   "the cells of this stage's feature map as tokens (3: a 4x4 grid, 2: 8x8 at 64 px), through "
+                                   "a learned linear and position embedding trained with the captioner even when the tower "
+                                   "is frozen; the attention pool's 2x2 grid is too coarse to tell where things are")
 
     @model_validator(mode="after")
     def _backend_fields(self) -> "EncoderSection":

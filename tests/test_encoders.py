@@ -160,6 +160,46 @@ def test_open_clip_resnet_tower_gives_pooled_plus_dense_tokens(tmp_path):
         assert not torch.allclose(V[:, 1], V[:, 2])  # the cells differ: spatial detail survives
 
 
+def test_resnet_grid_stage_adds_trained_cell_tokens(tmp_path):
+    """`grid_stage` appends the cells of a finer stage (4x4 after stage 3 at 64 px) through a learned linear and
+    position embedding: hand-computed here, trainable while the frozen tower gets no gradient, saved and reloaded
+    with the captioner; a ViT tower is refused with a message."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+           "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 16, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**cfg).eval()
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "open_clip_model.safetensors")
+    enc_cfg = EncoderConfig(kind="open_clip", checkpoint=f"local-dir:{tmp_path}", frozen=True, grid_stage=3)
+    captioner = RefinementCaptioner(CaptionerConfig(encoder=enc_cfg, vocab_size=20, max_len=8))
+    enc, px = captioner.encoder, torch.randn(2, 3, 64, 64)
+    V = enc.encode(px)
+    v = model.visual
+    with torch.no_grad():
+        cells = v.layer3(v.layer2(v.layer1(v.stem(px)))).flatten(2).transpose(1, 2)  # [2, 16, C]
+        plain = build_encoder(EncoderConfig(kind="open_clip", checkpoint=f"local-dir:{tmp_path}", frozen=True)).encode(px)
+    assert V.shape == (2, 1 + 4 + 16, 16)
+    torch.testing.assert_close(V[:, :5].detach(), plain)
+    torch.testing.assert_close(V[:, 5:].detach(), (cells @ enc.grid_proj.weight.T + enc.grid_proj.bias + enc.grid_pos).detach())
+    V.square().sum().backward()
+    trained = {n for n, p in enc.named_parameters() if p.grad is not None}
+    assert trained == {"grid_pos", "grid_proj.weight", "grid_proj.bias"}
+    captioner.save_pretrained(tmp_path / "captioner")
+    again = RefinementCaptioner.from_pretrained(tmp_path / "captioner")
+    with torch.no_grad():
+        torch.testing.assert_close(again.encoder.encode(px), V.detach())
+    vit = tmp_path / "vit"
+    vit.mkdir()
+    vit_cfg = dict(cfg, vision_cfg={"image_size": 32, "layers": 1, "width": 16, "patch_size": 8, "head_width": 8})
+    (vit / "open_clip_config.json").write_text(json.dumps({"model_cfg": vit_cfg}))
+    save_file({k: t.contiguous() for k, t in open_clip.CLIP(**vit_cfg).state_dict().items()}, vit / "open_clip_model.safetensors")
+    with pytest.raises(ValueError, match="grid_stage .* needs an open_clip ResNet tower"):
+        build_encoder(EncoderConfig(kind="open_clip", checkpoint=f"local-dir:{vit}", grid_stage=3))
+
+
 def test_open_clip_missing_paths(tmp_path):
     missing = tmp_path / "nope.pt"
     with pytest.raises(FileNotFoundError, match=str(missing)):

@@ -67,6 +67,11 @@ class EncoderConfig:
         "local-dir:/folder" with open_clip_config.json + weights. hf: a model directory
         (config.json + weights, optionally preprocessor_config.json). Never a hub name or tag.
     frozen: keep the backbone fixed (eval mode, no gradients).
+    grid_stage: open_clip ResNet towers only (the embedded default's evaluator tower). None: the tokens are the
+        pooled one and the attention pool's grid (2x2 at 64 px). s in 1..4: also the cells of stage s's feature
+        map (stage 3: 4x4, stage 2: 8x8 at 64 px), each through a learned linear to the token width plus a
+        learned position embedding. These are trained with the captioner even when the backbone is frozen:
+        the attention pool's 2x2 grid is too coarse for the captioner to tell where things are.
     allow_gelu_for_openai_weights: open_clip only; load an OpenAI archive or a {"state_dict": ...}
         (PAC-S layout) checkpoint into a GELU architecture anyway (refused by default, see
         `rlrefine.models.clip_checkpoint`).
@@ -83,6 +88,7 @@ class EncoderConfig:
     checkpoint: str | None = None
     frozen: bool = False
     allow_gelu_for_openai_weights: bool = False
+    grid_stage: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -374,8 +380,10 @@ class OpenCLIPVisual(ImageEncoder):
     """
 
     def __init__(self, model_name: str | None, checkpoint: str | None, frozen: bool = False,
-                 architecture_dir: str | os.PathLike | None = None, allow_gelu_for_openai_weights: bool = False):
+                 architecture_dir: str | os.PathLike | None = None, allow_gelu_for_openai_weights: bool = False,
+                 grid_stage: int | None = None):
         super().__init__(frozen)
+        self.grid_stage = grid_stage
         import open_clip
 
         from rlrefine.models.clip_checkpoint import check_activation, create_bare_model, load_state_checked, read_checkpoint
@@ -427,6 +435,31 @@ class OpenCLIPVisual(ImageEncoder):
             self.visual.output_tokens = True
         self.out_dim = self._probe_out_dim()
         self._freeze()
+        if grid_stage is not None:
+            self._add_grid_tokens(grid_stage)
+
+    def _add_grid_tokens(self, stage: int) -> None:
+        """The learned map from stage ``stage``'s cells to tokens (`EncoderConfig.grid_stage`), trainable even when
+        the backbone is frozen."""
+        if not (hasattr(self.visual, "attnpool") and hasattr(self.visual, "layer4")):
+            raise ValueError(f"model.encoder.grid_stage ({stage}) needs an open_clip ResNet tower (ModifiedResNet, "
+                             f"as the embedded default's evaluator); this tower is {type(self.visual).__name__}: "
+                             "leave grid_stage unset")
+        if not 1 <= stage <= 4:
+            raise ValueError(f"model.encoder.grid_stage must be 1..4 (a ResNet stage), got {stage}")
+        with torch.no_grad():
+            x = torch.zeros(1, 3, *self.image_size, device=self._device(), dtype=next(self.parameters()).dtype)
+            cells = resnet_stage(self.visual, x, stage)
+        self.grid_proj = nn.Linear(cells.shape[1], self.out_dim)
+        self.grid_pos = nn.Parameter(torch.randn(cells.shape[2] * cells.shape[3], self.out_dim) * 0.02)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.grid_stage is None:
+            return super().encode(pixels)
+        with torch.no_grad() if self.frozen else contextlib.nullcontext():
+            tokens, cells = resnet_tokens(self.visual, pixels, self.grid_stage)
+        cells = cells.flatten(2).transpose(1, 2)  # [B, HW, C]
+        return torch.cat([tokens, self.grid_proj(cells.to(self.grid_proj.weight.dtype)) + self.grid_pos], dim=1)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         if hasattr(self.visual, "attnpool") and hasattr(self.visual, "layer4"):
@@ -448,16 +481,29 @@ class OpenCLIPVisual(ImageEncoder):
         (d / "open_clip_config.json").write_text(json.dumps(self._arch, indent=2))
 
 
-def resnet_tokens(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+def resnet_stage(visual: nn.Module, pixels: torch.Tensor, stage: int) -> torch.Tensor:
+    """The feature map [B, C, H, W] after stage ``stage`` (1..4) of an open_clip ``ModifiedResNet`` tower."""
+    x = visual.stem(pixels) if hasattr(visual, "stem") else pixels
+    for layer in (visual.layer1, visual.layer2, visual.layer3, visual.layer4)[:stage]:
+        x = layer(x)
+    return x
+
+
+def resnet_tokens(visual: nn.Module, pixels: torch.Tensor, grid_stage: int | None = None):
     """Token sequence of an open_clip ``ModifiedResNet`` tower: [pooled; dense] in the joint space.
 
     The tower itself returns only the attention-pooled vector, which squeezes a whole scene into
     one token. The dense tokens are the attention pool's value path applied at every grid cell
     (``c_proj(v_proj(x + pos))``, MaskCLIP's dense CLIP features), so they live in the same space
     as the pooled token: [B, 1 + H*W, embed_dim], pooled first exactly as ``visual(pixels)``.
+    With ``grid_stage``, returns ``(tokens, cells)``: also the feature map after that stage [B, C, H', W'].
     """
     x = visual.stem(pixels) if hasattr(visual, "stem") else pixels
-    x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+    cells = None
+    for s, layer in enumerate((visual.layer1, visual.layer2, visual.layer3, visual.layer4), start=1):
+        x = layer(x)
+        if s == grid_stage:
+            cells = x
     pool = visual.attnpool
     pooled = pool(x)
     grid = x.flatten(2).transpose(1, 2)  # [B, HW, C]
@@ -466,7 +512,8 @@ def resnet_tokens(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"ResNet tower grid {grid.shape[1]} cells but {pos.shape[0]} positional embeddings: "
                          f"images must have the tower's image_size")
     dense = pool.c_proj(pool.v_proj(grid + pos))
-    return torch.cat([pooled[:, None], dense], dim=1)
+    tokens = torch.cat([pooled[:, None], dense], dim=1)
+    return tokens if grid_stage is None else (tokens, cells)
 
 
 def _jsonable(d: dict) -> dict:
@@ -576,7 +623,7 @@ def build_encoder(cfg: EncoderConfig, architecture_dir: str | os.PathLike | None
                        stem_channels=cfg.stem_channels)
     if cfg.kind == "open_clip":
         return OpenCLIPVisual(cfg.model_name, cfg.checkpoint, frozen=cfg.frozen, architecture_dir=architecture_dir,
-                              allow_gelu_for_openai_weights=cfg.allow_gelu_for_openai_weights)
+                              allow_gelu_for_openai_weights=cfg.allow_gelu_for_openai_weights, grid_stage=cfg.grid_stage)
     if cfg.kind == "hf":
         return HFVision(cfg.checkpoint, frozen=cfg.frozen, architecture_dir=architecture_dir)
     raise ValueError(f"unknown encoder kind {cfg.kind!r}; allowed: tiny_vit, open_clip, hf")

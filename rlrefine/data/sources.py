@@ -30,16 +30,13 @@ def _shapes(data: Any, issues: DataIssues) -> dict[str, CaptionSplit]:
 def _rendered_shapes(image_size: int, num_train: int, num_val: int, num_test: int, num_test_novel: int,
                      max_objects: int, seed: int, label_fraction: float, references: str) -> dict[str, CaptionSplit]:
     """`generate_shapes`, rendered once per process and world: `rlrefine run` reads the same splits in every stage
-    (≈ 5 s each at the default size). The images are made read-only, since every stage shares them."""
+    (≈ 5 s each at the default size). Every stage shares these arrays: none writes into them."""
     from rlrefine.data.shapes import ShapesConfig, generate_shapes
 
-    splits = generate_shapes(ShapesConfig(
+    return generate_shapes(ShapesConfig(
         image_size=image_size, num_train=num_train, num_val=num_val, num_test=num_test, num_test_novel=num_test_novel,
         max_objects=max_objects, seed=seed, label_fraction=label_fraction, references=references,
     ))
-    for split in splits.values():
-        split.images.setflags(write=False)
-    return splits
 
 
 def _coco(data: Any, issues: DataIssues) -> dict[str, CaptionSplit]:

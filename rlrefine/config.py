@@ -275,6 +275,8 @@ class ModelSection(Section):
     readout_layers: int = Field(2, ge=1, description="transformer layers of the shared readout (decoder)")
     mlp_ratio: int = Field(4, ge=1, description="MLP hidden size as a multiple of d_model")
     z0_std: float = Field(1.0, gt=0.0, description="σ of the start noise z_0 ~ N(0, σ²I)")
+    image_token_pos: bool = Field(False, description="add a learned embedding per image-token position to the tokens the "
+                                  "refinement blocks attend to, so slots can address grid cells by where they are")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout in the refinement blocks and readout")
 
 

@@ -12,11 +12,14 @@ loop's fields, per-layer CE and grounded accuracy on val/test, data issues).
 
 from __future__ import annotations
 
+import os
+
 import logging
 from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from rlrefine.config import RecipeConfig
 from rlrefine.data.batches import batch_stream, drop_unreadable, eval_z0_seeds, load_images
@@ -162,6 +165,22 @@ class PretrainLoop(TrainingLoop):
             loss_xe, ce_layers = xe_loss(out.logits.float(), targets, self.weights, self.tokenizer.pad_id)
             loss_grad, d_mean = latent_graduality_loss(out.latents.float(), self.sched)
             loss = loss_xe + p.lambda_grad * loss_grad
+            alpha = float(os.environ.get("RLREFINE_POS_WEIGHT", "0"))
+            if alpha:  # experiment (issue 23): extra CE on the position words at layer K
+                if not hasattr(self, "pos_ids"):
+                    words = ["top", "bottom", "left", "right", "middle", "above", "below", "over", "under"]
+                    self.pos_ids = torch.tensor([int(self.tokenizer.encode_batch([w], 5)[0][1]) for w in words],
+                                                device=tokens.device)
+                tK = targets[:, -1] if targets.dim() == 3 else targets
+                lK = out.logits[:, -1].float()
+                m = torch.isin(tK, self.pos_ids)
+                if m.any():
+                    loss = loss + alpha * F.cross_entropy(lK[m], tK[m])
+                beta_row = float(os.environ.get("RLREFINE_ROW_WEIGHT", "0"))
+                rows = m.any(-1)
+                if beta_row and rows.any():  # every token of the captions that state a position
+                    keep = (tK != self.tokenizer.pad_id) & rows[:, None]
+                    loss = loss + beta_row * F.cross_entropy(lK[keep], tK[keep])
 
         def scalars() -> dict:
             return {"train/xe": loss_xe.detach(), "train/latent_graduality": loss_grad.detach(),

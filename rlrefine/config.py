@@ -275,6 +275,9 @@ class ModelSection(Section):
     readout_layers: int = Field(2, ge=1, description="transformer layers of the shared readout (decoder)")
     mlp_ratio: int = Field(4, ge=1, description="MLP hidden size as a multiple of d_model")
     z0_std: float = Field(1.0, gt=0.0, description="σ of the start noise z_0 ~ N(0, σ²I)")
+    image_token_pos: bool = Field(False, description="add a learned embedding per image-token position to the tokens the "
+                                  "refinement blocks attend to, so that slots can find grid cells by where they are "
+                                  "(shapes: needed for captions that say where things are, docs/shapes_world.md)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout in the refinement blocks and readout")
 
 
@@ -296,6 +299,13 @@ class PretrainSection(Section):
     lambda_grad: float = Field(0.1, ge=0.0, description="weight of the latent graduality regulariser")
     coarse_to_fine: bool = Field(False, description="layer k learns the first 1 − s(k) of each caption's tokens (then eos), "
                                  "layer K the whole caption (optional coarse-to-fine targets, docs/design.md)")
+    emphasis_words: list[str] = Field(default_factory=list, description="words whose final-layer cross entropy is "
+                                      "weighted up (`rlrefine.losses.word_emphasis_loss`), e.g. the position words "
+                                      "[top, bottom, left, right, middle, above, below, over, under]; each must be "
+                                      "one token of the caption vocabulary")
+    emphasis_weight: float = Field(0.0, ge=0.0, description="weight of the extra cross entropy on emphasis_words themselves")
+    emphasis_caption_weight: float = Field(0.0, ge=0.0, description="weight of the extra cross entropy on every token "
+                                           "of the captions that hold one of emphasis_words")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision: no, bf16 or fp16")
     log_every: int = Field(50, ge=1, description="steps between TensorBoard scalars")
     eval_every: int = Field(500, ge=1, description="steps between val evaluations (and per-layer captions in TensorBoard)")
@@ -303,6 +313,13 @@ class PretrainSection(Section):
     num_log_images: int = Field(4, ge=0, description="fixed val images whose per-layer captions go to TensorBoard")
     num_eval_images: int = Field(500, ge=1, description="images used for the test-split report at the end")
     max_nonfinite_steps: int = Field(10, ge=1, description="stop after this many non-finite losses in a row")
+
+    @model_validator(mode="after")
+    def _emphasis_has_words(self) -> "PretrainSection":
+        if (self.emphasis_weight or self.emphasis_caption_weight) and not self.emphasis_words:
+            raise ValueError("pretrain.emphasis_weight / emphasis_caption_weight weigh up pretrain.emphasis_words, which "
+                             "is empty: list the words (e.g. [above, below, left, right]) or set the weights to 0")
+        return self
 
 
 class RewardSection(Section):

@@ -11,6 +11,7 @@ Layer indexing (docs/design.md): layer 0 is z_0 (noise), layers 1..K are refinem
 * :func:`shape_rewards`            re-exported from :mod:`rewards.shaping` (the graduality shaping)
 * :func:`embedding_progress`       re-exported from :mod:`rewards.shaping` (progress on text embeddings)
 * :func:`xe_loss`                  teacher-forced cross entropy over layers, Σ w_k CE_k / Σ w_k
+* :func:`word_emphasis_loss`       extra CE on chosen words (e.g. position words) and the captions holding them
 * :func:`latent_distances`         d_k = ‖z_k − z_K‖ / ‖z_0 − z_K‖
 * :func:`latent_graduality_loss`   mean_k (d_k − s(k))² over the interior layers
 * :func:`dico_loss`                DiCO (Moratelli et al., BMVC 2024) winner-vs-weighted-losers loss
@@ -38,6 +39,7 @@ __all__ = [
     "schedule",
     "shape_rewards",
     "xe_loss",
+    "word_emphasis_loss",
     "coarse_to_fine_targets",
     "latent_distances",
     "latent_graduality_loss",
@@ -132,6 +134,31 @@ def xe_loss(logits: Tensor, targets: Tensor, weights: Tensor, pad_id: int) -> tu
     per_layer_ce = (token_ce * mask).sum(dim=(0, 2)) / mask.sum(dim=(0, 2)).clamp_min(1.0)  # [L]
     loss = (w * per_layer_ce).sum() / w.sum()
     return loss, per_layer_ce.detach()
+
+
+def word_emphasis_loss(logits: Tensor, targets: Tensor, word_ids: Tensor, pad_id: int, word_weight: float,
+                       caption_weight: float) -> Tensor:
+    """Extra cross entropy on chosen words, added to `xe_loss` (one layer: the readout's final-layer predictions).
+
+    A word that decides whether a caption is true but is one token among many ("above", "left") carries little of
+    the token-mean XE, and a readout can settle on its marginal. This term weighs it up. With ``logits`` [B, T, V],
+    ``targets`` [B, T] (shifted as for `xe_loss`) and ``word_ids`` the chosen words' ids:
+
+        E = {(b, t): y_bt ∈ word_ids},  R = {(b, t): y_bt ≠ pad and some y_bt' ∈ word_ids}
+        loss = word_weight · mean_{(b,t) ∈ E} CE_bt + caption_weight · mean_{(b,t) ∈ R} CE_bt
+
+    i.e. the chosen words themselves, and every token of the captions that contain one. An empty set adds 0 (a
+    batch with no chosen word costs nothing)."""
+    if logits.dim() != 3 or targets.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be [B, T, V] and targets [B, T]; got {tuple(logits.shape)} and {tuple(targets.shape)}")
+    token_ce = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=pad_id, reduction="none")  # [B, T]
+    chosen = torch.isin(targets, word_ids.to(targets.device))
+    rows = chosen.any(dim=1, keepdim=True) & (targets != pad_id)
+    loss = token_ce.new_zeros(())
+    for weight, mask in ((word_weight, chosen), (caption_weight, rows)):
+        if weight and mask.any():
+            loss = loss + weight * token_ce[mask].mean()
+    return loss
 
 
 def coarse_to_fine_targets(targets: Tensor, fractions: Tensor, eos_id: int, pad_id: int) -> Tensor:

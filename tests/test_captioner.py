@@ -208,3 +208,28 @@ def test_overfits_synthetic_colour_images():
     assert loss.item() < 0.05
     gen = model.generate(px, torch.tensor([11, 12, 13, 14]), [K], method="greedy", max_len=8)
     assert torch.equal(gen.tokens[:, 0, 0], captions)
+
+
+def test_image_token_pos_lets_slots_tell_cells_apart(tmp_path):
+    """Cross-attention without positions reads the image tokens as a set: the same tokens in another order give the
+    same z_K. With `image_token_pos` each token carries where it is, so the reordering changes z_K; the embedding is
+    saved and loaded with the model."""
+    torch.manual_seed(0)
+    px, seeds = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.tensor([1, 2])
+    plain, placed = tiny_model(), tiny_model(image_token_pos=True)
+    tokens = plain.encoder.encode(px)  # [2, N, C]
+    assert plain.image_pos is None and placed.image_pos.shape == (tokens.shape[1], 16)
+
+    def final(model, order):
+        model.encoder.encode = lambda pixels: tokens[:, order]  # the encoder's tokens, reordered
+        with torch.no_grad():
+            return model.refine(model.encode_image(px), seeds)[:, -1]
+
+    order, flipped = list(range(tokens.shape[1])), list(reversed(range(tokens.shape[1])))
+    torch.testing.assert_close(final(plain, flipped), final(plain, order))
+    assert (final(placed, flipped) - final(placed, order)).abs().max() > 1e-3
+    del placed.encoder.encode
+    placed.save_pretrained(tmp_path / "ckpt")
+    loaded = RefinementCaptioner.from_pretrained(tmp_path / "ckpt").to(torch.float64).eval()
+    assert loaded.config.image_token_pos and torch.equal(loaded.image_pos, placed.image_pos)
+    torch.testing.assert_close(final(loaded, flipped), final(placed, flipped))

@@ -381,9 +381,14 @@ def test_matching_examples_pair_true_captions_with_false_ones(splits):
     rng = random.Random(3)
     for scene in splits["val"].scenes[:20]:
         ex = matching_examples(scene, 64, rng, relation_fraction=1.0, exclude=DEFAULT_HELD_OUT)
-        assert len(ex.groups) == 2
+        assert len(ex.groups) == (3 if len(scene.objects) > 1 else 2)
         for true, falses in ex.groups:
             assert caption_holds(true, scene) and falses and all(f != true for f in falses)
+        if len(scene.objects) > 1:  # "x and y" against "x <a false relation> y"
+            joined, (wrong,) = ex.groups[2]
+            assert " and " in joined and parse_caption(wrong).relations and not parse_caption(joined).relations
+            assert not caption_holds(wrong, scene)
+            assert parse_caption(wrong).mentions == parse_caption(joined).mentions
         assert len(set(parse_caption(ex.groups[1][1][0]).mentions) - {o.combo for o in scene.objects}) == 1  # misnamed
         assert [p for p, _ in ex.places] == [f"{o.colour} {o.shape}" for o in scene.objects]
         for (_, (x, y)), o in zip(ex.places, scene.objects):  # centres in [-1, 1], y down
@@ -406,3 +411,35 @@ def test_relation_pairs_put_a_true_relation_above_the_same_objects_joined_by_and
         b, w = parse_caption(better), parse_caption(worse)
         assert caption_holds(better, scene) and len(b.relations) == 1 and not w.relations
         assert sorted(b.mentions) == sorted(w.mentions) and len(set(b.mentions)) == 2
+
+
+def test_teacher_preferences_tell_a_reward_that_checks_relations_from_one_that_pays_for_any(splits):
+    """Two rewards that know the scenes: one pays for a relation only when the caption holds, the other for every
+    relation stated. Both put a true relation above "and"; only the first puts "and" above a false relation."""
+    import torch
+
+    from rlrefine.data.shapes import caption_holds, complete_descriptions
+    from rlrefine.data.shapes_probes import teacher_preferences
+
+    val = splits["train"]
+
+    class Indexed:  # the split with each "image" its row number, so that a reward can look up the scene
+        images, is_label, captions, scenes = np.arange(len(val)), val.is_label, val.captions, val.scenes
+
+        def __len__(self):
+            return len(val)
+
+    indexed = Indexed()
+    descriptions = complete_descriptions(val, 64, seed=1)
+
+    def rate(pays_any):
+        def reward(images, captions):
+            stated = [len(parse_caption(c).relations) + 0.1 * len(parse_caption(c).mentions) for c in captions]
+            holds = [caption_holds(c, val.scenes[int(i)]) for i, c in zip(images, captions)]
+            return torch.tensor([s if (h or pays_any) else -1.0 for s, h in zip(stated, holds)])
+        return teacher_preferences(reward, indexed, descriptions, 64, max_images=120, seed=0)
+
+    checks, blind = rate(False), rate(True)
+    assert checks["relation_over_and_images"] == checks["and_over_false_relation_images"] > 10
+    assert checks["relation_over_and"] == 1.0 and checks["and_over_false_relation"] == 1.0
+    assert blind["relation_over_and"] == 1.0 and blind["and_over_false_relation"] == 0.0

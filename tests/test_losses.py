@@ -425,3 +425,21 @@ def test_matching_losses_by_hand():
     assert match.item() == pytest.approx(want_match, rel=1e-6) and pairwise.item() == pytest.approx(want_pair, rel=1e-6)
     only_true = matching_losses(logits[:1], target[:1], torch.tensor([-1]))
     assert only_true[1].item() == 0.0 and only_true[0].item() == pytest.approx(bce(2, 1) / 2, rel=1e-6)
+
+
+def test_word_emphasis_loss_by_hand():
+    """Caption 0 holds a chosen word (id 5) at t=1, caption 1 none; pad (0) is ignored."""
+    from rlrefine.losses import word_emphasis_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 7)
+    targets = torch.tensor([[4, 5, 0], [4, 6, 2]])
+    ce = lambda b, t: -F.log_softmax(logits[b, t], -1)[targets[b, t]].item()  # noqa: E731
+    got = word_emphasis_loss(logits, targets, torch.tensor([5, 3]), pad_id=0, word_weight=2.0, caption_weight=0.5)
+    assert got.item() == pytest.approx(2.0 * ce(0, 1) + 0.5 * (ce(0, 0) + ce(0, 1)) / 2, rel=1e-6)
+    none = word_emphasis_loss(logits, targets, torch.tensor([3]), pad_id=0, word_weight=2.0, caption_weight=0.5)
+    assert none.item() == 0.0  # no chosen word in the batch: nothing added
+    # the gradient reaches only the captions that hold a chosen word
+    leaf = logits.clone().requires_grad_(True)
+    word_emphasis_loss(leaf, targets, torch.tensor([5]), 0, 1.0, 1.0).backward()
+    assert leaf.grad[1].abs().sum() == 0 and leaf.grad[0, 2].abs().sum() == 0 and leaf.grad[0, :2].abs().sum() > 0

@@ -256,3 +256,28 @@ def test_tensorboard_has_one_run_per_stage_with_its_hyperparameters(run_dir):
         acc.Reload()
         assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams"), stage
         assert "train/loss" in acc.Tags()["scalars"], stage
+
+
+def test_position_aware_pretraining_keys(tmp_path, capsys):
+    """`model.image_token_pos` and the emphasis words train and save (the emphasis term is logged); a word that is
+    not in the vocabulary, or a weight with no words, is a recipe error that says what to do."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    words = "pretrain.emphasis_words=[above, below, left, right]"
+    keys = ["model.image_token_pos=true", words, "pretrain.emphasis_weight=1.0", "pretrain.emphasis_caption_weight=1.0",
+            "pretrain.log_every=1"]
+    assert main(["pretrain", "--config", str(RECIPE), f"run_dir={tmp_path}", "threads=1", *MICRO, *keys]) == 0
+    from rlrefine.models import RefinementCaptioner
+
+    model = RefinementCaptioner.from_pretrained(tmp_path / "pretrain" / "model")
+    assert model.config.image_token_pos and model.image_pos is not None
+    events = EventAccumulator(str(next((tmp_path / "pretrain" / "tb").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    emphasis = [e.value for e in events.Scalars("train/emphasis")]
+    assert len(emphasis) == 4 and all(v > 0 for v in emphasis)
+    capsys.readouterr()
+    bad = ["pretrain.emphasis_words=[above, sideways]", "pretrain.emphasis_weight=1.0"]
+    assert main(["pretrain", "--config", str(RECIPE), f"run_dir={tmp_path / 'bad'}", "threads=1", *MICRO, *bad]) == 2
+    assert "'sideways' is not one token of the caption vocabulary" in capsys.readouterr().err
+    assert main(["pretrain", "--config", str(RECIPE), f"run_dir={tmp_path / 'bad'}", *MICRO, "pretrain.emphasis_weight=1"]) == 2
+    assert "pretrain.emphasis_words, which is empty" in capsys.readouterr().err

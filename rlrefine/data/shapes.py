@@ -603,6 +603,9 @@ def matching_examples(scene: Scene, image_size: int, rnd: random.Random, relatio
       colour and a renamed shape, one);
     * a correct partial description, as people write them, with the same plus one misnamed object (`misnamed_pair`)
       and its inverted-relation and exchanged-objects statements: a true caption that leaves objects out is still true;
+    * on a multi-object image, two objects joined by "and" with the same two in a false relation ("a red circle and a
+      blue square" against "a red circle below a blue square"): saying less is true, saying where wrongly is false, so
+      a reward that pays for stating a relation (``preference_relations``) can be kept from paying for a false one;
     * where each object is ("red circle" and its centre): the grounding that teaches the head to look at the object
       a phrase names before it compares positions."""
     if rnd.random() < relation_fraction:
@@ -619,6 +622,9 @@ def matching_examples(scene: Scene, image_size: int, rnd: random.Random, relatio
     partial, misnamed = misnamed_pair(scene, image_size, rnd, exclude)
     false = false_statements(partial, scene, rnd, exclude)
     groups.append((partial, [misnamed, *(false[k] for k in ("relation", "exchange") if k in false)]))
+    if len(scene.objects) > 1:  # two objects joined by "and" are true, the same two with a false relation are not
+        related, joined = relation_and_pair(scene, rnd)
+        groups.append((joined, [false_statements(related, scene, rnd)["relation"]]))
     half = (image_size - 1) / 2
     places = [(f"{o.colour} {o.shape}", ((o.x - half) / half, (o.y - half) / half)) for o in scene.objects]
     return MatchingExamples(groups, places)

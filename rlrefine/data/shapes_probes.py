@@ -12,7 +12,9 @@ descriptions, misnamed objects). A reward is any callable of the reward protocol
   ``partial_over_misnamed`` (a correct partial description above the same plus one misnamed object; at
   0.5 the reward pays as much for a wrong object as it costs); and ``relation_over_and`` (two objects with
   their true relation above the same two joined by "and": below 0.5 a reward gives nothing for saying where
-  things are, and fine-tuning against it does not learn to).
+  things are, and fine-tuning against it does not learn to); and ``and_over_false_relation`` (the same two joined by
+  "and" above them in an inverted, false relation: below 0.5 a reward pays for stating any relation, true or not, and
+  fine-tuning against it states relations without making them true).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlrefine.data.shapes import DEFAULT_HELD_OUT, misnamed_pair, parse_caption, relation_and_pair
+from rlrefine.data.shapes import DEFAULT_HELD_OUT, false_statements, misnamed_pair, parse_caption, relation_and_pair
 from rlrefine.data.split import CaptionSplit
 
 __all__ = ["preference_rate", "teacher_preferences"]
@@ -64,6 +66,9 @@ def teacher_preferences(reward: Callable, split: CaptionSplit, descriptions: lis
     multi = [i for i in rows if len(split.scenes[i].objects) > 1]
     related = [relation_and_pair(split.scenes[i], rng) for i in multi]
     relation = preference_rate(reward, images[multi], [b for b, _ in related], [[w] for _, w in related])
+    wrong = [false_statements(b, split.scenes[i], rng)["relation"] for i, (b, _) in zip(multi, related)]
+    hedge = preference_rate(reward, images[multi], [w for _, w in related], [[f] for f in wrong])
     return {"complete_over_partial": result["rate"], "complete_over_partial_images": result["images"],
             "partial_over_misnamed": misnamed["rate"], "partial_over_misnamed_images": misnamed["images"],
-            "relation_over_and": relation["rate"], "relation_over_and_images": relation["images"]}
+            "relation_over_and": relation["rate"], "relation_over_and_images": relation["images"],
+            "and_over_false_relation": hedge["rate"], "and_over_false_relation_images": hedge["images"]}

@@ -77,6 +77,7 @@ class CaptionerConfig:
     vocab_size: int = 1000
     max_len: int = 24  # longest token sequence, bos and eos included (text position embeddings)
     z0_std: float = 1.0  # sigma of z_0 ~ N(0, sigma^2 I)
+    image_token_pos: bool = False  # a learned embedding per image-token position, added to V
     dropout: float = 0.0
     pad_id: int = 0
     bos_id: int = 1
@@ -335,6 +336,11 @@ class RefinementCaptioner(nn.Module):
         self.encoder: ImageEncoder = build_encoder(cfg.encoder, architecture_dir=encoder_architecture_dir)
         self.image_proj = nn.Linear(self.encoder.out_dim, d)
         self.image_norm = nn.LayerNorm(d)
+        self.image_pos = None  # [N, d]: where each image token is, so that slots can address cells by position
+        if cfg.image_token_pos:
+            with torch.no_grad():
+                n = self.encoder.encode(torch.zeros(1, 3, *self.encoder.image_size)).shape[1]
+            self.image_pos = nn.Parameter(torch.randn(n, d))  # comparable to the layer-normed tokens it is added to
         self.refine_blocks = nn.ModuleList([RefineBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(K)])
         self.slot_pos = nn.Parameter(torch.zeros(cfg.num_slots, d))  # slot identities for the refinement blocks
         self.readout = Readout(cfg)
@@ -368,8 +374,8 @@ class RefinementCaptioner(nn.Module):
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels [B,3,H,W] -> V [B, N, d] (encoder tokens, projected and normalised)."""
-        V = self.encoder.encode(pixels)
-        return self.image_norm(self.image_proj(V.to(self.image_proj.weight.dtype)))
+        V = self.image_norm(self.image_proj(self.encoder.encode(pixels).to(self.image_proj.weight.dtype)))
+        return V if self.image_pos is None else V + self.image_pos
 
     def refine(self, V: torch.Tensor, z0_seed: torch.Tensor) -> torch.Tensor:
         """Z [B, K+1, M, d] with Z[:, 0] = z_0(seed) and Z[:, k] = z_{k-1} + RefineBlock_k(z_{k-1}, V)."""

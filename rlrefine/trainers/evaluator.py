@@ -430,8 +430,9 @@ def train_evaluator_stage(cfg: RecipeConfig, resume: bool = False) -> dict:
                      "(`rlrefine train-evaluator`); load it with `rewards.LearnedScore.from_dir`.", cfg, scalars_table(report))
     log.info("evaluator: swap accuracy %.3f (colour %.3f, shape %.3f, relation %.3f; test_novel relation %.3f), R@1 i2t "
              "%.3f, complete description above every partial reference %.3f, partial description above a misnamed "
-             "object %.3f",
+             "object %.3f, true relation above \"and\" %.3f, \"and\" above a false relation %.3f",
              *(report.get(k, float("nan")) for k in ("swap_acc", "swap_acc/colour", "swap_acc/shape", "swap_acc/relation",
                                                       "test_novel/swap_acc/relation", "r1_i2t", "complete_over_partial",
-                                                      "partial_over_misnamed")))
+                                                      "partial_over_misnamed", "relation_over_and",
+                                                      "and_over_false_relation")))
     return report

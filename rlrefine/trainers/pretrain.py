@@ -4,7 +4,9 @@
 
 Every layer k = 1..K is trained to caption the image from its own text encoding z_k; the layer
 weights w_k give the early layers less say, and the latent graduality term asks each block to do its
-scheduled share of the way from z_0 to z_K. AdamW with linear warm-up then cosine decay, on the
+scheduled share of the way from z_0 to z_K. Optionally (``pretrain.emphasis_words``) chosen words, and the
+captions that hold them, get extra cross entropy at layer K (`rlrefine.losses.word_emphasis_loss`): the shapes
+world's position words, which a token mean leaves to the marginal. AdamW with linear warm-up then cosine decay, on the
 shared `TrainingLoop` (accelerate, checkpoints and --resume, the non-finite guard, TensorBoard under
 `<run_dir>/pretrain/tb`). Outputs: the captioner `<run_dir>/pretrain/model` and `report.json` (the
 loop's fields, per-layer CE and grounded accuracy on val/test, data issues).
@@ -18,11 +20,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from rlrefine.config import RecipeConfig
+from rlrefine.config import RecipeConfig, RecipeError
 from rlrefine.data.batches import batch_stream, drop_unreadable, eval_z0_seeds, load_images
 from rlrefine.data.sources import load_splits
 from rlrefine.data.tokenizer import build_tokenizer
-from rlrefine.losses import coarse_to_fine_targets, latent_graduality_loss, layer_weights, schedule, xe_loss
+from rlrefine.losses import (coarse_to_fine_targets, latent_graduality_loss, layer_weights, schedule, word_emphasis_loss,
+                             xe_loss)
 from rlrefine.models import CaptionerConfig, RefinementCaptioner
 from rlrefine.trainers.loop import LoopSettings, StepOutput, TrainingLoop, warmup_cosine
 from rlrefine.trainers.model_card import render_model_card
@@ -99,6 +102,18 @@ def encoder_overrides(cfg: RecipeConfig) -> dict:
     return {"kind": "open_clip", "checkpoint": f"local-dir:{folder}"}
 
 
+def emphasis_ids(tokenizer, words: list[str]) -> torch.Tensor:
+    """The token ids of ``pretrain.emphasis_words``; a word that is not exactly one known token is a recipe error."""
+    ids = []
+    for word in words:
+        got = tokenizer.tokenize(word)
+        if len(got) != 1 or got[0] == tokenizer.unk_id:
+            raise RecipeError(f"pretrain.emphasis_words: {word!r} is not one token of the caption vocabulary (it "
+                              f"tokenizes to {got}); list words that occur in the training captions")
+        ids.append(got[0])
+    return torch.tensor(ids, dtype=torch.long)
+
+
 class PretrainLoop(TrainingLoop):
     """XE pretraining on the shared loop (module docstring)."""
 
@@ -137,6 +152,7 @@ class PretrainLoop(TrainingLoop):
         self.weights = layer_weights(p.layer_weights, K).to(acc.device)
         self.sched = schedule(p.schedule, K, p.schedule_eps).to(acc.device)
         self.layers = list(range(1, K + 1))
+        self.emphasis_ids = emphasis_ids(self.tokenizer, p.emphasis_words).to(acc.device)
         self.log_index = np.arange(min(p.num_log_images, len(splits["val"].captions)))
         self.stream = batch_stream(splits["train"], self.tokenizer, p.batch_size, cfg.seed, start_step,
                                    cfg.data.max_caption_len, cfg.data.label_weight, cfg.data.image_size, acc.process_index,
@@ -162,9 +178,16 @@ class PretrainLoop(TrainingLoop):
             loss_xe, ce_layers = xe_loss(out.logits.float(), targets, self.weights, self.tokenizer.pad_id)
             loss_grad, d_mean = latent_graduality_loss(out.latents.float(), self.sched)
             loss = loss_xe + p.lambda_grad * loss_grad
+            loss_emph = loss.new_zeros(())
+            if len(self.emphasis_ids):
+                final = targets[:, -1] if targets.dim() == 3 else targets  # layer K's targets
+                loss_emph = word_emphasis_loss(out.logits[:, -1], final, self.emphasis_ids, self.tokenizer.pad_id,
+                                               p.emphasis_weight, p.emphasis_caption_weight)
+                loss = loss + loss_emph
 
         def scalars() -> dict:
             return {"train/xe": loss_xe.detach(), "train/latent_graduality": loss_grad.detach(),
+                    **({"train/emphasis": loss_emph.detach()} if len(self.emphasis_ids) else {}),
                     **{f"train/ce_layer_{k}": ce_layers[k - 1] for k in self.layers},
                     **{f"train/latent_distance_layer_{k}": d_mean[k] for k in range(self.K + 1)}}
 

@@ -443,3 +443,32 @@ def test_teacher_preferences_tell_a_reward_that_checks_relations_from_one_that_p
     assert checks["relation_over_and_images"] == checks["and_over_false_relation_images"] > 10
     assert checks["relation_over_and"] == 1.0 and checks["and_over_false_relation"] == 1.0
     assert blind["relation_over_and"] == 1.0 and blind["and_over_false_relation"] == 0.0
+
+
+def test_position_preferences_of_a_captioner_that_knows_where_things_are_and_one_that_does_not(splits):
+    """`position_preferences` with log-probabilities that know the truth (1 for a caption that holds, 0 else, regions
+    checked by their words), that prefer the inverted word, and that ignore position words."""
+    import torch
+
+    from rlrefine.data.shapes import _region, caption_holds
+    from rlrefine.data.shapes_probes import position_preferences
+
+    split = splits["train"]
+
+    def truth(i, c):
+        scene = split.scenes[i]
+        if len(scene.objects) == 1:
+            return float(c.endswith(_region(scene.objects[0], 64)))
+        return float(caption_holds(c, scene) and bool(parse_caption(c).relations))
+
+    def knows(index, captions):
+        return torch.tensor([[truth(i, c) for c in cs] for i, cs in zip(index, captions)])
+
+    known = position_preferences(knows, split, 64, max_images=150, seed=0)
+    assert known["relation_true_over_inverted_images"] > 20 and known["region_true_over_opposite_images"] > 10
+    assert known["relation_true_over_inverted"] == known["relation_true_over_and"] == known["region_true_over_opposite"] == 1.0
+    assert known["relation_true_over_inverted_gap"] == 1.0
+    backwards = position_preferences(lambda i, c: -knows(i, c), split, 64, max_images=150, seed=0)
+    assert backwards["relation_true_over_inverted"] == backwards["region_true_over_opposite"] == 0.0
+    blind = position_preferences(lambda i, c: torch.zeros(len(i), len(c[0])), split, 64, max_images=150, seed=0)
+    assert blind["relation_true_over_inverted"] == 0.0 and blind["relation_true_over_inverted_gap"] == 0.0  # ties are not wins

@@ -275,6 +275,9 @@ def test_position_aware_pretraining_keys(tmp_path, capsys):
     events.Reload()
     emphasis = [e.value for e in events.Scalars("train/emphasis")]
     assert len(emphasis) == 4 and all(v > 0 for v in emphasis)
+    # every shapes XE report says whether the captioner knows where things are (rlrefine.data.shapes_probes)
+    position = json.loads((tmp_path / "pretrain" / "report.json").read_text())["test"]["position"]
+    assert position["relation_true_over_inverted_images"] > 0 and 0.0 <= position["relation_true_over_inverted"] <= 1.0
     capsys.readouterr()
     bad = ["pretrain.emphasis_words=[above, sideways]", "pretrain.emphasis_weight=1.0"]
     assert main(["pretrain", "--config", str(RECIPE), f"run_dir={tmp_path / 'bad'}", "threads=1", *MICRO, *bad]) == 2

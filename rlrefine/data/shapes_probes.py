@@ -1,4 +1,4 @@
-"""Probes of what a reward knows about the shapes world, beyond what its references say.
+"""Probes of what a reward or a captioner knows about the shapes world, beyond what its references say.
 
 Where it sits: beside `rlrefine.data.shapes`, which it asks for the ground truth (scenes, complete
 descriptions, misnamed objects). A reward is any callable of the reward protocol
@@ -15,6 +15,10 @@ descriptions, misnamed objects). A reward is any callable of the reward protocol
   things are, and fine-tuning against it does not learn to); and ``and_over_false_relation`` (the same two joined by
   "and" above them in an inverted, false relation: below 0.5 a reward pays for stating any relation, true or not, and
   fine-tuning against it states relations without making them true).
+* `position_preferences`: whether a captioner knows where things are: its teacher-forced log-probability of a true
+  statement against the same statement with its position word inverted, for two objects' relation and for one
+  object's region. At 0.5 it places things by chance, and no reward can teach fine-tuning to pick true relations
+  among candidates it draws by chance (docs/shapes_world.md, "The captioner does not learn where things are").
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from __future__ import annotations
 import random
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
-from rlrefine.data.shapes import DEFAULT_HELD_OUT, false_statements, misnamed_pair, parse_caption, relation_and_pair
+from rlrefine.data.shapes import (DEFAULT_HELD_OUT, false_statements, misnamed_pair, parse_caption, relation_and_pair,
+                                  relation_description)
 from rlrefine.data.split import CaptionSplit
 
-__all__ = ["preference_rate", "teacher_preferences"]
+__all__ = ["position_preferences", "preference_rate", "teacher_preferences"]
 
 
 @torch.no_grad()
@@ -72,3 +78,44 @@ def teacher_preferences(reward: Callable, split: CaptionSplit, descriptions: lis
             "partial_over_misnamed": misnamed["rate"], "partial_over_misnamed_images": misnamed["images"],
             "relation_over_and": relation["rate"], "relation_over_and_images": relation["images"],
             "and_over_false_relation": hedge["rate"], "and_over_false_relation_images": hedge["images"]}
+
+
+@torch.no_grad()
+def position_preferences(logprob: Callable[[np.ndarray, list[list[str]]], torch.Tensor], split: CaptionSplit,
+                         image_size: int, max_images: int, seed: int) -> dict[str, float]:
+    """Does a captioner know where things are? ``logprob(index, captions)`` gives a model's log-probability of
+    ``captions[j][m]`` for image ``index[j]`` of ``split`` ([len(index), m]). Over the first ``max_images``
+    captioned images of a shapes ``split``:
+
+    * ``relation_true_over_inverted``: two random objects of a multi-object image in their true relation ("a red
+      circle above a blue square") scored above the same with the relation inverted ("... below ..."); chance 0.5;
+    * ``relation_true_over_and``: the true relation above the same two joined by "and" (does it say where at all);
+    * ``region_true_over_opposite``: one object's true region ("one red circle in the top left") above the opposite
+      one ("... in the bottom right"), on one-object images whose region has an opposite;
+
+    each with its mean log-probability gap in nats (``..._gap``) and the images counted (``..._images``)."""
+    rng = random.Random(seed)
+    rows = [i for i in range(len(split)) if not split.is_label[i]][:max_images]
+    related, regions = [], []
+    for i in rows:
+        scene = split.scenes[i]
+        if len(scene.objects) > 1:
+            true, joined = relation_and_pair(scene, rng)
+            related.append((i, [true, false_statements(true, scene, rng)["relation"], joined]))
+        else:
+            true = relation_description(scene, image_size, rng)
+            wrong = false_statements(true, scene, rng).get("relation")  # "in the middle" has no opposite
+            if wrong is not None:
+                regions.append((i, [true, wrong]))
+    scored = {key: logprob(np.array([i for i, _ in items]), [c for _, c in items]).float().cpu() if items else None
+              for key, items in (("related", related), ("regions", regions))}
+    out: dict[str, float] = {}
+    for name, key, other in (("relation_true_over_inverted", "related", 1), ("relation_true_over_and", "related", 2),
+                             ("region_true_over_opposite", "regions", 1)):
+        lp = scored[key]
+        if lp is None:
+            out.update({name: float("nan"), f"{name}_gap": float("nan"), f"{name}_images": 0.0})
+            continue
+        gap = lp[:, 0] - lp[:, other]
+        out.update({name: float((gap > 0).float().mean()), f"{name}_gap": float(gap.mean()), f"{name}_images": float(len(lp))})
+    return out

@@ -87,7 +87,27 @@ def evaluate_split(model, split, tokenizer, cfg: RecipeConfig, n: int) -> dict:
         report["object_accuracy_per_layer"] = [round(g["object_accuracy"], 4) for g in per_layer]
         report["grounding_final"] = per_layer[-1]
         report["examples"] = [{"refs": split.captions[i][:2], "layers": c} for i, c in zip(index[:3], caps[:3])]
+        from rlrefine.data.shapes_probes import position_preferences
+
+        report["position"] = position_preferences(
+            lambda idx, captions: layer_logprobs(model, split, tokenizer, idx, captions, K, cfg.data.image_size,
+                                                 cfg.data.max_caption_len), split, cfg.data.image_size, n, cfg.seed)
     return report
+
+
+@torch.no_grad()
+def layer_logprobs(model: RefinementCaptioner, split, tokenizer, index: np.ndarray, captions: list[list[str]], layer: int,
+                   image_size: int, max_len: int, batch_size: int = 128) -> torch.Tensor:
+    """Teacher-forced log-probability of ``captions[j][m]`` for image ``index[j]`` at ``layer`` -> [len(index), m]."""
+    device, m = next(model.parameters()).device, len(captions[0])
+    out = []
+    for start in range(0, len(index), batch_size):
+        idx = index[start:start + batch_size]
+        tokens = tokenizer.encode_batch([c for cs in captions[start:start + batch_size] for c in cs], max_len)
+        pixels = model.encoder.preprocess(load_images(split, idx, image_size).to(device))
+        out.append(model.sequence_logprobs(pixels, eval_z0_seeds(idx).to(device), [layer],
+                                           tokens.view(len(idx), 1, m, -1).to(device))[:, 0].cpu())
+    return torch.cat(out)
 
 
 def encoder_overrides(cfg: RecipeConfig) -> dict:
@@ -218,6 +238,12 @@ class PretrainLoop(TrainingLoop):
         for name in ("val", "test", "test_novel"):
             if name in self.splits:
                 report[name] = evaluate_split(core, self.splits[name], self.tokenizer, cfg, cfg.pretrain.num_eval_images)
+        where = report.get("test", {}).get("position")
+        if where:
+            log.info("pretrain: does the captioner know where things are (test, layer K, chance 0.5)? true relation above "
+                     "inverted %.3f of %d images, true region above the opposite %.3f of %d",
+                     where["relation_true_over_inverted"], where["relation_true_over_inverted_images"],
+                     where["region_true_over_opposite"], where["region_true_over_opposite_images"])
         return report
 
 

@@ -306,6 +306,10 @@ class PretrainSection(Section):
     emphasis_weight: float = Field(0.0, ge=0.0, description="weight of the extra cross entropy on emphasis_words themselves")
     emphasis_caption_weight: float = Field(0.0, ge=0.0, description="weight of the extra cross entropy on every token "
                                            "of the captions that hold one of emphasis_words")
+    locate_weight: float = Field(0.0, ge=0.0, description="weight of the locate loss (`rlrefine.losses.locate_loss`): at "
+                                 "layer K, from the readout's state at each word that names an object, a linear head "
+                                 "(the captioner's `locate_head`) says where that object is; 0 = off. Shapes data only "
+                                 "(it needs each image's objects)")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision: no, bf16 or fp16")
     log_every: int = Field(50, ge=1, description="steps between TensorBoard scalars")
     eval_every: int = Field(500, ge=1, description="steps between val evaluations (and per-layer captions in TensorBoard)")

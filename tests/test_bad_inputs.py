@@ -84,6 +84,16 @@ def test_corrupt_image_error_stops_with_the_file_named(tmp_path):
     assert not (tmp_path / "run" / "pretrain" / "model").exists()
 
 
+def test_locate_loss_without_scenes_is_a_recipe_error(tmp_path):
+    """The locate loss needs each image's objects, which only the shapes world records."""
+    from rlrefine.config import RecipeError
+
+    cfg = load_recipe(None, [f"run_dir={tmp_path / 'run'}", *coco_dataset(tmp_path), *TINY_MODEL, "pretrain.steps=3",
+                             "pretrain.locate_weight=1.0"])
+    with pytest.raises(RecipeError, match=r"pretrain\.locate_weight.*data\.kind: shapes.*locate_weight=0"):
+        pretrain_mod.pretrain(cfg)
+
+
 def test_corrupt_image_skip_is_counted_and_the_rest_is_used(tmp_path, caplog):
     data = coco_dataset(tmp_path, bad={("train", 2)})
     steps = 3

@@ -233,3 +233,42 @@ def test_image_token_pos_lets_slots_tell_cells_apart(tmp_path):
     loaded = RefinementCaptioner.from_pretrained(tmp_path / "ckpt").to(torch.float64).eval()
     assert loaded.config.image_token_pos and torch.equal(loaded.image_pos, placed.image_pos)
     torch.testing.assert_close(final(loaded, flipped), final(placed, flipped))
+
+
+def test_locate_head_learns_where_the_named_object_is(tmp_path):
+    """The readout state at a word, through `locate_head`, learns where a bright square is (`locate_loss`, the XE
+    stage's locate term): the loss falls well below what one constant guess can reach. `return_hidden` leaves the
+    logits as they were, and the head is saved and loaded with the model."""
+    from rlrefine.losses import locate_loss
+
+    torch.manual_seed(0)
+    n, corners = 64, torch.tensor([[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]])
+    which = torch.arange(n) % 4
+    images = torch.zeros(n, 3, 16, 16)
+    for i, c in enumerate(which.tolist()):  # a 6x6 square in one quadrant, centred at that quadrant's centre
+        y, x = 8 * (c // 2) + 1, 8 * (c % 2) + 1
+        images[i, :, y:y + 6, x:x + 6] = 1.0
+    targets = corners[which][:, None].expand(n, 2, 2).clone()  # positions 0 (bos) and 1 (the word)
+    named = torch.tensor([[False, True]]).expand(n, 2)
+    tokens = torch.tensor([[1, 5, 2]]).expand(n, 3)
+    model = RefinementCaptioner(tiny_config(image_token_pos=True, locate_head=True))
+    K, seeds = model.config.num_refine_layers, torch.arange(n)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    baseline = ((targets[:, 1] - targets[:, 1].mean(0)) ** 2).sum(-1).mean().item()  # the best constant guess: 0.5
+    losses = []
+    for _ in range(150):
+        out = model(images, tokens, seeds, layers=[K], return_hidden=True)
+        loss = locate_loss(model.locate_head(out.hidden[:, -1]), targets, named)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * baseline, (losses[0], losses[-1], baseline)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(images[:4], tokens[:4], seeds[:4], return_hidden=True).logits,
+                                   model(images[:4], tokens[:4], seeds[:4]).logits)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = RefinementCaptioner.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.locate_head and torch.equal(loaded.locate_head.weight, model.locate_head.weight)
+    assert RefinementCaptioner(tiny_config()).locate_head is None  # off unless asked for: no extra weights

@@ -18,6 +18,7 @@ from rlrefine.data.shapes import (
     complete_descriptions,
     generate_shapes,
     is_grammatical,
+    mention_centres,
     parse_caption,
     relation,
     salience_order,
@@ -472,3 +473,41 @@ def test_position_preferences_of_a_captioner_that_knows_where_things_are_and_one
     assert backwards["relation_true_over_inverted"] == backwards["region_true_over_opposite"] == 0.0
     blind = position_preferences(lambda i, c: torch.zeros(len(i), len(c[0])), split, 64, max_images=150, seed=0)
     assert blind["relation_true_over_inverted"] == 0.0 and blind["relation_true_over_inverted_gap"] == 0.0  # ties are not wins
+
+
+def test_mention_centres_give_each_named_object_its_centre_at_its_shape_word():
+    """Targets of the readout's locate loss: the shape word's index and the object's centre in [-1, 1] (y down); a
+    named object the image lacks, and every other string, give nothing."""
+    red = SceneObject(shape="circle", colour="red", size="large", x=10, y=50, radius=6)
+    blue = SceneObject(shape="square", colour="blue", size="small", x=40, y=20, radius=4)
+    scene = Scene.from_objects([red, blue])
+    words = "<bos> a large red circle above a blue square and a green cross".split()
+    half = 63 / 2
+    got = mention_centres(words, scene, 64)
+    assert [i for i, _ in got] == [4, 8]
+    assert got[0][1] == pytest.approx(((10 - half) / half, (50 - half) / half))
+    assert got[1][1] == pytest.approx(((40 - half) / half, (20 - half) / half))
+    assert mention_centres("<bos> a picture <eos>".split(), scene, 64) == []
+
+
+def test_locate_targets_sit_where_the_readout_chooses_the_word_after_each_object():
+    """`locate_targets`: input position t holds token t, so the mask is True at the shape words (the states that
+    choose "above" and eos) and the targets are those objects' centres."""
+    from types import SimpleNamespace
+
+    from rlrefine.data.tokenizer import CaptionTokenizer
+    from rlrefine.trainers.pretrain import locate_targets
+
+    red = SceneObject(shape="circle", colour="red", size="large", x=10, y=50, radius=6)
+    blue = SceneObject(shape="square", colour="blue", size="small", x=40, y=20, radius=4)
+    caption = "a large red circle above a blue square"
+    tok = CaptionTokenizer.train([caption])
+    tokens = tok.encode_batch([caption, caption], max_len=12)  # bos a large red circle above a blue square eos
+    split = SimpleNamespace(scenes=[Scene.from_objects([red]), Scene.from_objects([red, blue])])
+    words = [tok.decode([i]) for i in range(tok.vocab_size)]
+    centres, mask = locate_targets(tokens, [1, 0], split, words, 64)
+    assert mask.shape == (2, 9) and mask[0].nonzero().flatten().tolist() == [4, 8]
+    assert mask[1].nonzero().flatten().tolist() == [4]  # image 0 has no blue square
+    half = 63 / 2
+    assert centres[0, 8].tolist() == pytest.approx([(40 - half) / half, (20 - half) / half])
+    assert centres[1, 4].tolist() == pytest.approx([(10 - half) / half, (50 - half) / half])

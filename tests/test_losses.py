@@ -443,3 +443,19 @@ def test_word_emphasis_loss_by_hand():
     leaf = logits.clone().requires_grad_(True)
     word_emphasis_loss(leaf, targets, torch.tensor([5]), 0, 1.0, 1.0).backward()
     assert leaf.grad[1].abs().sum() == 0 and leaf.grad[0, 2].abs().sum() == 0 and leaf.grad[0, :2].abs().sum() > 0
+
+
+def test_locate_loss_by_hand():
+    """Mean squared distance over the positions that name an object; none named adds 0 and keeps the graph."""
+    from rlrefine.losses import locate_loss
+
+    pred = torch.tensor([[[0.0, 0.0], [5.0, 5.0], [1.0, -1.0]]])
+    targets = torch.tensor([[[0.5, 0.0], [0.0, 0.0], [0.0, 1.0]]])
+    mask = torch.tensor([[True, False, True]])
+    assert locate_loss(pred, targets, mask).item() == pytest.approx((0.25 + (1.0 + 4.0)) / 2)
+    leaf = pred.clone().requires_grad_(True)
+    none = locate_loss(leaf, targets, torch.zeros(1, 3, dtype=torch.bool))
+    none.backward()
+    assert none.item() == 0.0 and leaf.grad.abs().sum() == 0
+    with pytest.raises(ValueError, match="mask"):
+        locate_loss(pred, targets, mask[:, :2])

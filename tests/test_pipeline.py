@@ -259,22 +259,26 @@ def test_tensorboard_has_one_run_per_stage_with_its_hyperparameters(run_dir):
 
 
 def test_position_aware_pretraining_keys(tmp_path, capsys):
-    """`model.image_token_pos` and the emphasis words train and save (the emphasis term is logged); a word that is
-    not in the vocabulary, or a weight with no words, is a recipe error that says what to do."""
+    """`model.image_token_pos`, the emphasis words and the locate loss train and save (the emphasis and locate terms
+    are logged); a word that is not in the vocabulary, a weight with no words, or the locate loss on data without
+    scenes is a recipe error that says what to do."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     words = "pretrain.emphasis_words=[above, below, left, right]"
     keys = ["model.image_token_pos=true", words, "pretrain.emphasis_weight=1.0", "pretrain.emphasis_caption_weight=1.0",
-            "pretrain.log_every=1"]
+            "pretrain.locate_weight=1.0", "pretrain.log_every=1"]
     assert main(["pretrain", "--config", str(RECIPE), f"run_dir={tmp_path}", "threads=1", *MICRO, *keys]) == 0
     from rlrefine.models import RefinementCaptioner
 
     model = RefinementCaptioner.from_pretrained(tmp_path / "pretrain" / "model")
     assert model.config.image_token_pos and model.image_pos is not None
+    assert model.config.locate_head and model.locate_head is not None  # pretrain.locate_weight > 0 gives the head
     events = EventAccumulator(str(next((tmp_path / "pretrain" / "tb").rglob("events.out.tfevents*")).parent))
     events.Reload()
     emphasis = [e.value for e in events.Scalars("train/emphasis")]
     assert len(emphasis) == 4 and all(v > 0 for v in emphasis)
+    locate = [e.value for e in events.Scalars("train/locate")]
+    assert len(locate) == 4 and all(v > 0 for v in locate)
     # every shapes XE report says whether the captioner knows where things are (rlrefine.data.shapes_probes)
     position = json.loads((tmp_path / "pretrain" / "report.json").read_text())["test"]["position"]
     assert position["relation_true_over_inverted_images"] > 0 and 0.0 <= position["relation_true_over_inverted"] <= 1.0

@@ -65,6 +65,7 @@ __all__ = [
     "false_statements",
     "MatchingExamples",
     "matching_examples",
+    "mention_centres",
     "relation_description",
     "REFERENCE_STYLES",
     "complete_descriptions",
@@ -530,6 +531,21 @@ def _mentions(words: Sequence[str]) -> list[tuple[int, int]]:
                 i = k + 1
                 continue
         i += 1
+    return out
+
+
+def mention_centres(words: Sequence[str], scene: Scene, image_size: int) -> list[tuple[int, tuple[float, float]]]:
+    """Where each object a caption names is: ``(index of its shape word in words, its centre (x, y) in [-1, 1], y
+    down)`` for every (colour, size..., shape) mention of an object in ``scene``, in order; a mention of an object the
+    scene lacks is left out. ``words`` may hold other strings (special tokens, punctuation): they are ignored. The
+    targets of the readout's locate loss (`rlrefine.losses.locate_loss`), in the matching head's coordinates."""
+    half = (image_size - 1) / 2
+    out = []
+    for colour_at, shape_at in _mentions(words):
+        j = scene.index_of(words[colour_at], words[shape_at])
+        if j is not None:
+            o = scene.objects[j]
+            out.append((shape_at, ((o.x - half) / half, (o.y - half) / half)))
     return out
 
 

@@ -78,6 +78,7 @@ class CaptionerConfig:
     max_len: int = 24  # longest token sequence, bos and eos included (text position embeddings)
     z0_std: float = 1.0  # sigma of z_0 ~ N(0, sigma^2 I)
     image_token_pos: bool = False  # a learned embedding per image-token position, added to V
+    locate_head: bool = False  # a linear head on the readout's state that says where a named object is (XE's locate loss)
     dropout: float = 0.0
     pad_id: int = 0
     bos_id: int = 1
@@ -93,16 +94,19 @@ class CaptionerConfig:
         return asdict(self)
 
     @classmethod
-    def from_section(cls, model: Any, tokenizer: Any, max_len: int, **encoder_overrides: Any) -> "CaptionerConfig":
+    def from_section(cls, model: Any, tokenizer: Any, max_len: int, locate_head: bool = False,
+                     **encoder_overrides: Any) -> "CaptionerConfig":
         """The architecture a recipe's `model` section describes (`rlrefine.config.ModelSection`, read by
         attribute): every field of this class and of `EncoderConfig` is taken from the section by its
         name, so the section and the saved config.json share one list of fields; the vocabulary and
-        special ids come from ``tokenizer``, ``max_len`` from the data. ``encoder_overrides`` replace
-        encoder fields (the trainer resolves ``kind: evaluator`` to an open_clip folder)."""
+        special ids come from ``tokenizer``, ``max_len`` from the data, ``locate_head`` from the XE stage
+        (``pretrain.locate_weight`` > 0). ``encoder_overrides`` replace encoder fields (the trainer resolves
+        ``kind: evaluator`` to an open_clip folder)."""
         encoder = {f.name: getattr(model.encoder, f.name) for f in fields(EncoderConfig)} | encoder_overrides
-        arch = {f.name: getattr(model, f.name) for f in fields(cls) if f.name not in ("encoder", *TOKENIZER_FIELDS)}
-        return cls(encoder=EncoderConfig(**encoder), **arch, vocab_size=tokenizer.vocab_size, max_len=max_len,
-                   pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+        arch = {f.name: getattr(model, f.name) for f in fields(cls)
+                if f.name not in ("encoder", "locate_head", *TOKENIZER_FIELDS)}
+        return cls(encoder=EncoderConfig(**encoder), **arch, locate_head=locate_head, vocab_size=tokenizer.vocab_size,
+                   max_len=max_len, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CaptionerConfig":
@@ -129,6 +133,7 @@ class TokenLogprobs(NamedTuple):
 class CaptionerOutput(NamedTuple):
     logits: torch.Tensor  # [B, L, T-1, V], position t predicts tokens[:, t+1]
     latents: torch.Tensor  # [B, K+1, M, d], Z[:, 0] = z_0
+    hidden: torch.Tensor | None = None  # [B, L, T-1, d], the readout's final state before lm_head, when asked
 
 
 # ----------------------------------------------------------------------------------- blocks
@@ -289,8 +294,9 @@ class Readout(nn.Module):
         pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         return self.tok_emb(tokens) + self.pos_emb(pos)
 
-    def forward(self, z: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing. z [N, M, d], tokens [N, T] -> logits [N, T, V] (position t predicts t+1)."""
+    def forward(self, z: torch.Tensor, tokens: torch.Tensor, return_hidden: bool = False):
+        """Teacher forcing. z [N, M, d], tokens [N, T] -> logits [N, T, V] (position t predicts t+1); with
+        ``return_hidden``, (logits, the final state before lm_head [N, T, d])."""
         T = tokens.shape[1]
         if T > self.max_len:
             raise ValueError(f"token sequence of length {T} exceeds max_len {self.max_len}")
@@ -298,7 +304,9 @@ class Readout(nn.Module):
         mask = self.git_mask(T, x.device)
         for blk in self.blocks:
             x = blk(x, mask)
-        return self.lm_head(self.ln_f(x[:, self.M:]))
+        hidden = self.ln_f(x[:, self.M:])
+        logits = self.lm_head(hidden)
+        return (logits, hidden) if return_hidden else logits
 
     # --- incremental decoding (generation.py) ---
     def prefill(self, z: torch.Tensor, tokens: torch.Tensor, capacity: int) -> tuple[torch.Tensor, KVCache]:
@@ -344,6 +352,9 @@ class RefinementCaptioner(nn.Module):
         self.refine_blocks = nn.ModuleList([RefineBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(K)])
         self.slot_pos = nn.Parameter(torch.zeros(cfg.num_slots, d))  # slot identities for the refinement blocks
         self.readout = Readout(cfg)
+        # from the readout's state at a word that names an object, where that object is (x, y) in [-1, 1]; trained by
+        # XE's locate loss (`rlrefine.losses.locate_loss`) and used by nothing else
+        self.locate_head = nn.Linear(d, 2) if cfg.locate_head else None
 
         # nanoGPT-style init for everything but the (possibly pretrained) encoder; residual
         # projections get std 0.02 / sqrt(number of residual branches they feed)
@@ -401,17 +412,21 @@ class RefinementCaptioner(nn.Module):
 
     # -- teacher forcing -----------------------------------------------------------------------
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, z0_seed: torch.Tensor,
-                layers: Sequence[int] | torch.Tensor | None = None) -> CaptionerOutput:
+                layers: Sequence[int] | torch.Tensor | None = None, return_hidden: bool = False) -> CaptionerOutput:
         """Teacher-forced logits at the selected layers (default: all, 0..K), in ONE readout call.
 
         pixels [B,3,H,W], tokens [B,T] (bos ... eos pad ...), z0_seed [B]
-        -> logits [B, L, T-1, V] (logits[:, l, t] predicts tokens[:, t+1]), latents Z [B, K+1, M, d].
+        -> logits [B, L, T-1, V] (logits[:, l, t] predicts tokens[:, t+1]), latents Z [B, K+1, M, d] and, with
+        ``return_hidden``, the readout's final state [B, L, T-1, d] (what `locate_head` reads).
         """
         Z = self.latents(pixels, z0_seed)
         idx = self._layers(layers).to(Z.device)
         B, L, T = Z.shape[0], idx.numel(), tokens.shape[1]
         prefix = Z.index_select(1, idx).flatten(0, 1)  # [B*L, M, d]
         inp = tokens[:, None, :-1].expand(B, L, T - 1).reshape(B * L, T - 1)
+        if return_hidden:
+            logits, hidden = self.readout(prefix, inp, return_hidden=True)  # [B*L, T-1, V], [B*L, T-1, d]
+            return CaptionerOutput(logits.view(B, L, T - 1, -1), Z, hidden.view(B, L, T - 1, -1))
         logits = self.readout(prefix, inp)  # [B*L, T-1, V]
         return CaptionerOutput(logits.view(B, L, T - 1, -1), Z)
 

@@ -6,7 +6,9 @@ Every layer k = 1..K is trained to caption the image from its own text encoding 
 weights w_k give the early layers less say, and the latent graduality term asks each block to do its
 scheduled share of the way from z_0 to z_K. Optionally (``pretrain.emphasis_words``) chosen words, and the
 captions that hold them, get extra cross entropy at layer K (`rlrefine.losses.word_emphasis_loss`): the shapes
-world's position words, which a token mean leaves to the marginal. AdamW with linear warm-up then cosine decay, on the
+world's position words, which a token mean leaves to the marginal. With ``pretrain.locate_weight`` (shapes data), the
+readout's state at layer K also says where each object a reference names is (`rlrefine.losses.locate_loss`, through
+the captioner's ``locate_head``), which XE alone does not teach it. AdamW with linear warm-up then cosine decay, on the
 shared `TrainingLoop` (accelerate, checkpoints and --resume, the non-finite guard, TensorBoard under
 `<run_dir>/pretrain/tb`). Outputs: the captioner `<run_dir>/pretrain/model` and `report.json` (the
 loop's fields, per-layer CE and grounded accuracy on val/test, data issues).
@@ -24,15 +26,15 @@ from rlrefine.config import RecipeConfig, RecipeError
 from rlrefine.data.batches import batch_stream, drop_unreadable, eval_z0_seeds, load_images
 from rlrefine.data.sources import load_splits
 from rlrefine.data.tokenizer import build_tokenizer
-from rlrefine.losses import (coarse_to_fine_targets, latent_graduality_loss, layer_weights, schedule, word_emphasis_loss,
-                             xe_loss)
+from rlrefine.losses import (coarse_to_fine_targets, latent_graduality_loss, layer_weights, locate_loss, schedule,
+                             word_emphasis_loss, xe_loss)
 from rlrefine.models import CaptionerConfig, RefinementCaptioner
 from rlrefine.trainers.loop import LoopSettings, StepOutput, TrainingLoop, warmup_cosine
 from rlrefine.trainers.model_card import render_model_card
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PretrainLoop", "evaluate_split", "greedy_captions", "per_layer_ce", "pretrain"]
+__all__ = ["PretrainLoop", "evaluate_split", "greedy_captions", "locate_targets", "per_layer_ce", "pretrain"]
 
 
 @torch.no_grad()
@@ -134,6 +136,22 @@ def emphasis_ids(tokenizer, words: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def locate_targets(tokens: torch.Tensor, index, split, words: list[str], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets of the locate loss for a batch: tokens [B, T] (bos ... eos pad) of captions of ``split``'s images
+    ``index`` -> (centres [B, T-1, 2], mask [B, T-1]). Input position t holds token t; where it is the shape word of a
+    mention of an object in the image (`rlrefine.data.shapes.mention_centres`), the target is that object's centre: the
+    readout state there is the one that chooses the next word ("above", "and", ...). ``words[i]`` is token i's text."""
+    from rlrefine.data.shapes import mention_centres
+
+    B, T = tokens.shape
+    centres, mask = torch.zeros(B, T - 1, 2), torch.zeros(B, T - 1, dtype=torch.bool)
+    for b, (row, i) in enumerate(zip(tokens[:, :-1].tolist(), np.asarray(index).tolist())):
+        for t, centre in mention_centres([words[tok] for tok in row], split.scenes[i], image_size):
+            centres[b, t] = torch.tensor(centre)
+            mask[b, t] = True
+    return centres, mask
+
+
 class PretrainLoop(TrainingLoop):
     """XE pretraining on the shared loop (module docstring)."""
 
@@ -156,8 +174,13 @@ class PretrainLoop(TrainingLoop):
                 splits[name] = drop_unreadable(splits[name], n, cfg.data.image_size, cfg.data.bad_image, self.issues, name)
         self.tokenizer = build_tokenizer(cfg.tokenizer, splits["train"].all_captions(),
                                          save_dir=self.stage_dir / "tokenizer" if acc.is_main_process else None)
+        if p.locate_weight and splits["train"].scenes is None:
+            raise RecipeError(f"pretrain.locate_weight ({p.locate_weight}) needs to know where each object of a training "
+                              f"image is, which only the shapes world records (data.kind: shapes); set "
+                              f"pretrain.locate_weight=0 for data.kind {cfg.data.kind!r}")
+        self.words = [self.tokenizer.decode([i]) for i in range(self.tokenizer.vocab_size)]
         model = RefinementCaptioner(CaptionerConfig.from_section(cfg.model, self.tokenizer, cfg.data.max_caption_len,
-                                                                 **encoder_overrides(cfg)))
+                                                                 locate_head=p.locate_weight > 0, **encoder_overrides(cfg)))
         self.K = K = model.config.num_refine_layers
         self.n_params = sum(t.numel() for t in model.parameters() if t.requires_grad)
         log.debug("captioner: %.2fM trainable parameters, K=%d", self.n_params / 1e6, K)
@@ -191,7 +214,7 @@ class PretrainLoop(TrainingLoop):
         pixels = self.core.encoder.preprocess(batch.images.to(acc.device))
         seeds = batch.z0_seeds.to(acc.device)
         with acc.autocast():
-            out = self.model(pixels, tokens, seeds, layers=self.layers)
+            out = self.model(pixels, tokens, seeds, layers=self.layers, return_hidden=bool(p.locate_weight))
             targets = tokens[:, 1:]
             if p.coarse_to_fine:
                 targets = coarse_to_fine_targets(targets, 1 - self.sched[1:], self.tokenizer.eos_id, self.tokenizer.pad_id)
@@ -204,10 +227,18 @@ class PretrainLoop(TrainingLoop):
                 loss_emph = word_emphasis_loss(out.logits[:, -1], final, self.emphasis_ids, self.tokenizer.pad_id,
                                                p.emphasis_weight, p.emphasis_caption_weight)
                 loss = loss + loss_emph
+            loss_locate = loss.new_zeros(())
+            if p.locate_weight:
+                centres, named = locate_targets(batch.tokens, batch.index, self.splits["train"], self.words,
+                                                self.cfg.data.image_size)
+                loss_locate = locate_loss(self.core.locate_head(out.hidden[:, -1]), centres.to(acc.device),
+                                          named.to(acc.device))
+                loss = loss + p.locate_weight * loss_locate
 
         def scalars() -> dict:
             return {"train/xe": loss_xe.detach(), "train/latent_graduality": loss_grad.detach(),
                     **({"train/emphasis": loss_emph.detach()} if len(self.emphasis_ids) else {}),
+                    **({"train/locate": loss_locate.detach()} if p.locate_weight else {}),
                     **{f"train/ce_layer_{k}": ce_layers[k - 1] for k in self.layers},
                     **{f"train/latent_distance_layer_{k}": d_mean[k] for k in range(self.K + 1)}}
 

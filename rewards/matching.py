@@ -68,6 +68,7 @@ class MatchingHeadConfig:
     warmup_steps: int = 50
     relation_fraction: float = 0.7  # share of each step's first true caption that states where things are (shapes: relations, regions); the rest name every object
     pairwise_weight: float = 3.0  # weight of softplus(l_false - l_true) within each true caption's group, beside the match cross-entropy (1: relations learnt in ~1.5x the steps)
+    axis_negatives: bool = False  # shapes: each stated relation is also shown moved to the other axis, as false ("above" where the objects lie mostly side by side; rlrefine.data.shapes.wrong_axis_statement); off keeps earlier heads' draws
     locate_weight: float = 1.0  # weight of the grounding loss: from a phrase naming one object, the head predicts where it is (MSE, coordinates in [-1, 1]); it teaches the cross-attention to find things
 
     def __post_init__(self) -> None:

@@ -511,3 +511,56 @@ def test_locate_targets_sit_where_the_readout_chooses_the_word_after_each_object
     half = 63 / 2
     assert centres[0, 8].tolist() == pytest.approx([(40 - half) / half, (20 - half) / half])
     assert centres[1, 4].tolist() == pytest.approx([(10 - half) / half, (50 - half) / half])
+
+
+def test_wrong_axis_statement_moves_the_relation_to_the_minor_axis_in_its_true_direction(splits):
+    """By hand: the circle is above the square and a little to its left, so "above" holds and "left of" (not "right
+    of") is the near miss; the "there is" style keeps its words. Over generated captions: one relation changes axis,
+    keeps the minor axis's true direction, and the caption becomes false."""
+    import random
+
+    from rlrefine.data.shapes import caption_holds, relation_and_pair, wrong_axis_statement
+
+    red = SceneObject(shape="circle", colour="red", size="large", x=20, y=10, radius=6)
+    blue = SceneObject(shape="square", colour="blue", size="small", x=30, y=50, radius=4)
+    scene = Scene.from_objects([red, blue])
+    assert wrong_axis_statement("a large red circle above a small blue square", scene) == \
+        "a large red circle left of a small blue square"
+    assert wrong_axis_statement("there is a blue square under a red circle", scene) == \
+        "there is a blue square to the right of a red circle"
+    assert wrong_axis_statement("a large red circle and a small blue square", scene) is None
+    rng, checked = random.Random(0), 0
+    for scene in splits["val"].scenes:
+        if scene is None or len(scene.objects) < 2:
+            continue
+        true, _ = relation_and_pair(scene, rng)
+        wrong = wrong_axis_statement(true, scene)
+        (a, rel, b), = parse_caption(true).relations
+        (_, new, _), = parse_caption(wrong).relations
+        x, y = scene.objects[scene.index_of(*a)], scene.objects[scene.index_of(*b)]
+        vertical = rel in ("above", "below")
+        assert (new in ("left of", "right of")) == vertical and not caption_holds(wrong, scene)
+        if (y.x != x.x) if vertical else (y.y != x.y):  # on a tie both directions are equally false
+            assert new == (("left of" if y.x > x.x else "right of") if vertical else ("above" if y.y > x.y else "below"))
+        checked += 1
+    assert checked > 10
+
+
+def test_axis_negatives_add_the_near_miss_and_leave_the_other_draws_alone(splits):
+    """`matching_examples(axis_negatives=True)` adds each stated relation moved to the other axis as one more false
+    caption; the draws are the same as without it (earlier heads stay reproducible)."""
+    import random
+
+    from rlrefine.data.shapes import matching_examples, wrong_axis_statement
+
+    scene = next(s for s in splits["train"].scenes if s is not None and len(s.objects) == 2)
+    plain = matching_examples(scene, 64, random.Random(5))
+    assert plain == matching_examples(scene, 64, random.Random(5), axis_negatives=False)
+    with_axis = matching_examples(scene, 64, random.Random(5), axis_negatives=True)
+    assert plain.places == with_axis.places and len(plain.groups) == len(with_axis.groups) == 3
+    for (true, false), (true2, false2) in zip(plain.groups[:2], with_axis.groups[:2]):  # the described groups
+        wrong = wrong_axis_statement(true, scene)
+        assert true == true2 and false2 == false + ([wrong] if wrong else [])
+    (joined, [inverted]), (joined2, negatives) = plain.groups[2], with_axis.groups[2]
+    assert joined2 == joined and negatives[0] == inverted and len(negatives) == 2  # "x and y": inverted, moved
+    assert " and " not in negatives[1] and negatives[1] != inverted

@@ -63,6 +63,7 @@ __all__ = [
     "FALSE_STATEMENT_KINDS",
     "caption_holds",
     "false_statements",
+    "wrong_axis_statement",
     "MatchingExamples",
     "matching_examples",
     "mention_centres",
@@ -601,6 +602,39 @@ def false_statements(caption: str, scene: Scene, rnd: random.Random,
     return out
 
 
+# A relation's words by style, and those of the same direction on the other axis: "above" -> "left of" (the short
+# templates), "over" -> "to the left of" (the "there is" templates)
+_OTHER_AXIS = {("above",): ("left", "of"), ("below",): ("left", "of"), ("left", "of"): ("above",), ("right", "of"): ("above",),
+               ("over",): ("to", "the", "left", "of"), ("under",): ("to", "the", "left", "of"),
+               ("to", "the", "left", "of"): ("over",), ("to", "the", "right", "of"): ("over",)}
+_FLIP = {"left": "right", "above": "below", "over": "under"}
+
+
+def wrong_axis_statement(caption: str, scene: Scene) -> str | None:
+    """The first relation a true template ``caption`` of ``scene`` states, moved to the other axis in the direction
+    the two objects do lie there ("a red circle above a blue square" -> "a red circle left of a blue square" when the
+    circle is above and a little left of the square), or None when the caption states no relation. False, because a
+    relation names the dominant axis (`relation`), yet nearly true: the error a captioner that knows where each object
+    is but not which offset is larger makes, and a reward has to tell apart from saying nothing."""
+    words = caption.split()
+    mentions = _mentions(words)
+    for (c1, s1), (c2, s2) in zip(mentions, mentions[1:]):
+        between = words[s1 + 1:c2]
+        for start in range(len(between)):
+            for span in _OTHER_AXIS:
+                if tuple(between[start:start + len(span)]) != span:
+                    continue
+                i, j = scene.index_of(words[c1], words[s1]), scene.index_of(words[c2], words[s2])
+                if i is None or j is None:
+                    return None
+                a, b = scene.objects[i], scene.objects[j]
+                new = list(_OTHER_AXIS[span])
+                if (span[-1] == "of" and b.y < a.y) or (span[-1] != "of" and b.x < a.x):  # a is below / right of b
+                    new = [_FLIP.get(w, w) for w in new]
+                at = s1 + 1 + start
+                return " ".join(words[:at] + new + words[at + len(span):])
+    return None
+
 
 @dataclass
 class MatchingExamples:
@@ -611,7 +645,7 @@ class MatchingExamples:
 
 
 def matching_examples(scene: Scene, image_size: int, rnd: random.Random, relation_fraction: float = 0.5,
-                      exclude: Sequence[tuple[str, str]] = ()) -> MatchingExamples:
+                      exclude: Sequence[tuple[str, str]] = (), axis_negatives: bool = False) -> MatchingExamples:
     """What a matching head learns to tell apart on one image (`MatchingExamples`):
 
     * a description that states where things are (`relation_description`) with probability ``relation_fraction``,
@@ -623,7 +657,11 @@ def matching_examples(scene: Scene, image_size: int, rnd: random.Random, relatio
       blue square" against "a red circle below a blue square"): saying less is true, saying where wrongly is false, so
       a reward that pays for stating a relation (``preference_relations``) can be kept from paying for a false one;
     * where each object is ("red circle" and its centre): the grounding that teaches the head to look at the object
-      a phrase names before it compares positions."""
+      a phrase names before it compares positions.
+
+    With ``axis_negatives``, every group whose true caption states a relation also holds that relation moved to the
+    other axis (`wrong_axis_statement`), so that the head does not pay for "above" when the objects lie mostly side by
+    side. Without it the draws are exactly those of earlier versions."""
     if rnd.random() < relation_fraction:
         true = relation_description(scene, image_size, rnd)
     elif len(scene.objects) == 1:
@@ -634,13 +672,14 @@ def matching_examples(scene: Scene, image_size: int, rnd: random.Random, relatio
     false = false_statements(true, scene, rnd, exclude)
     if "colour" in false and "shape" in false:  # one renamed object is enough: the dual encoder tells those apart (~0.99)
         del false[rnd.choice(("colour", "shape"))]
-    groups = [(true, list(false.values()))]
+    axis = (lambda caption: [w] if axis_negatives and (w := wrong_axis_statement(caption, scene)) else [])  # noqa: E731
+    groups = [(true, list(false.values()) + axis(true))]
     partial, misnamed = misnamed_pair(scene, image_size, rnd, exclude)
     false = false_statements(partial, scene, rnd, exclude)
-    groups.append((partial, [misnamed, *(false[k] for k in ("relation", "exchange") if k in false)]))
+    groups.append((partial, [misnamed, *(false[k] for k in ("relation", "exchange") if k in false), *axis(partial)]))
     if len(scene.objects) > 1:  # two objects joined by "and" are true, the same two with a false relation are not
         related, joined = relation_and_pair(scene, rnd)
-        groups.append((joined, [false_statements(related, scene, rnd)["relation"]]))
+        groups.append((joined, [false_statements(related, scene, rnd)["relation"], *axis(related)]))
     half = (image_size - 1) / 2
     places = [(f"{o.colour} {o.shape}", ((o.x - half) / half, (o.y - half) / half)) for o in scene.objects]
     return MatchingExamples(groups, places)

@@ -14,7 +14,9 @@ descriptions, misnamed objects). A reward is any callable of the reward protocol
   their true relation above the same two joined by "and": below 0.5 a reward gives nothing for saying where
   things are, and fine-tuning against it does not learn to); and ``and_over_false_relation`` (the same two joined by
   "and" above them in an inverted, false relation: below 0.5 a reward pays for stating any relation, true or not, and
-  fine-tuning against it states relations without making them true).
+  fine-tuning against it states relations without making them true); ``relation_over_wrong_axis`` and
+  ``and_over_wrong_axis``: the same against the relation moved to the other axis (`wrong_axis_statement`, "left of"
+  for two objects that lie mostly one above the other), the near miss a captioner that knows where things are makes.
 * `position_preferences`: whether a captioner knows where things are: its teacher-forced log-probability of a true
   statement against the same statement with its position word inverted, for two objects' relation and for one
   object's region. At 0.5 it places things by chance, and no reward can teach fine-tuning to pick true relations
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 from rlrefine.data.shapes import (DEFAULT_HELD_OUT, false_statements, misnamed_pair, parse_caption, relation_and_pair,
-                                  relation_description)
+                                  relation_description, wrong_axis_statement)
 from rlrefine.data.split import CaptionSplit
 
 __all__ = ["position_preferences", "preference_rate", "teacher_preferences"]
@@ -74,10 +76,15 @@ def teacher_preferences(reward: Callable, split: CaptionSplit, descriptions: lis
     relation = preference_rate(reward, images[multi], [b for b, _ in related], [[w] for _, w in related])
     wrong = [false_statements(b, split.scenes[i], rng)["relation"] for i, (b, _) in zip(multi, related)]
     hedge = preference_rate(reward, images[multi], [w for _, w in related], [[f] for f in wrong])
+    side = [wrong_axis_statement(b, split.scenes[i]) for i, (b, _) in zip(multi, related)]
+    axis_vs_true = preference_rate(reward, images[multi], [b for b, _ in related], [[w] if w else [] for w in side])
+    axis_vs_and = preference_rate(reward, images[multi], [w for _, w in related], [[w] if w else [] for w in side])
     return {"complete_over_partial": result["rate"], "complete_over_partial_images": result["images"],
             "partial_over_misnamed": misnamed["rate"], "partial_over_misnamed_images": misnamed["images"],
             "relation_over_and": relation["rate"], "relation_over_and_images": relation["images"],
-            "and_over_false_relation": hedge["rate"], "and_over_false_relation_images": hedge["images"]}
+            "and_over_false_relation": hedge["rate"], "and_over_false_relation_images": hedge["images"],
+            "relation_over_wrong_axis": axis_vs_true["rate"], "relation_over_wrong_axis_images": axis_vs_true["images"],
+            "and_over_wrong_axis": axis_vs_and["rate"], "and_over_wrong_axis_images": axis_vs_and["images"]}
 
 
 @torch.no_grad()

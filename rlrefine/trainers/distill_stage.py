@@ -84,7 +84,8 @@ def distill_stage(cfg: RecipeConfig, resume: bool = False, name: str | None = No
         from rlrefine.data.shapes import DEFAULT_HELD_OUT, matching_examples
 
         scenes, size, fraction = splits["train"].scenes, cfg.data.shapes.image_size, d.student.matching_head.relation_fraction
-        examples = lambda i, rng: matching_examples(scenes[i], size, rng, fraction, DEFAULT_HELD_OUT)  # noqa: E731
+        examples = lambda i, rng: matching_examples(scenes[i], size, rng, fraction, DEFAULT_HELD_OUT,
+                                                    d.student.matching_head.axis_negatives)  # noqa: E731
     stage_dir = cfg.distill_dir(name)
     if d.student_kind == "text":
         tower = None if d.image_tower is None else build_reward(

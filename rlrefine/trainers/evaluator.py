@@ -402,7 +402,8 @@ def train_evaluator_stage(cfg: RecipeConfig, resume: bool = False) -> dict:
         from rlrefine.data.shapes import DEFAULT_HELD_OUT, matching_examples
 
         size, fraction = cfg.data.shapes.image_size, cfg.evaluator.matching_head.relation_fraction
-        examples = lambda i, rng: matching_examples(train.scenes[i], size, rng, fraction, DEFAULT_HELD_OUT)  # noqa: E731
+        examples = lambda i, rng: matching_examples(train.scenes[i], size, rng, fraction, DEFAULT_HELD_OUT,
+                                                    cfg.evaluator.matching_head.axis_negatives)  # noqa: E731
     stage_dir = cfg.run_path / "evaluator"
     settings = loop_settings(cfg.evaluator, stage_dir, seed=cfg.seed, device=cfg.device, threads=cfg.threads)
     loop = EvaluatorLoop(cfg.evaluator, train, val, settings, pairs, examples, recipe=cfg)

@@ -74,6 +74,8 @@ def test_rehearsal_on_cpu_reports_every_figure(tmp_path, capsys):
     assert isinstance(r["dico_memory_per_image_mb"], float)
     assert r["batch_search"] == [{"batch": 4, "fits": True, "peak_mb": r["batch_search"][0]["peak_mb"]}]
     assert r["max_dico_batch"] == 4 and r["first_oom_batch"] is None  # stopped at --max-batch
-    assert set(r["projected_s_by_stage"]) == {"pretrain", "finetune[dico]", "finetune[scst]", "report"}
+    # the real-scale recipe's dico_distilled variant reads a text student, so its distill-reward stage is projected too
+    assert set(r["projected_s_by_stage"]) == {"pretrain", "distill-reward", "finetune[dico]", "finetune[dico_distilled]",
+                                              "finetune[scst]", "report"}
     assert r["realsize"]["K"] == 2 and r["realsize"]["d_model"] == 32  # realsize ran at the recipe's sizes
     assert Path(r["dry_run_report"]).is_file()

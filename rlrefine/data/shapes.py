@@ -540,14 +540,18 @@ def mention_centres(words: Sequence[str], scene: Scene, image_size: int) -> list
     down)`` for every (colour, size..., shape) mention of an object in ``scene``, in order; a mention of an object the
     scene lacks is left out. ``words`` may hold other strings (special tokens, punctuation): they are ignored. The
     targets of the readout's locate loss (`rlrefine.losses.locate_loss`), in the matching head's coordinates."""
-    half = (image_size - 1) / 2
     out = []
     for colour_at, shape_at in _mentions(words):
         j = scene.index_of(words[colour_at], words[shape_at])
         if j is not None:
-            o = scene.objects[j]
-            out.append((shape_at, ((o.x - half) / half, (o.y - half) / half)))
+            out.append((shape_at, _centre(scene.objects[j], image_size)))
     return out
+
+
+def _centre(o: SceneObject, image_size: int) -> tuple[float, float]:
+    """An object's centre (x, y) in [-1, 1], y down: what a matching head and the captioner's readout locate."""
+    half = (image_size - 1) / 2
+    return (o.x - half) / half, (o.y - half) / half
 
 
 def _with_articles(words: list[str]) -> str:
@@ -680,8 +684,7 @@ def matching_examples(scene: Scene, image_size: int, rnd: random.Random, relatio
     if len(scene.objects) > 1:  # two objects joined by "and" are true, the same two with a false relation are not
         related, joined = relation_and_pair(scene, rnd)
         groups.append((joined, [false_statements(related, scene, rnd)["relation"], *axis(related)]))
-    half = (image_size - 1) / 2
-    places = [(f"{o.colour} {o.shape}", ((o.x - half) / half, (o.y - half) / half)) for o in scene.objects]
+    places = [(f"{o.colour} {o.shape}", _centre(o, image_size)) for o in scene.objects]
     return MatchingExamples(groups, places)
 
 # ------------------------------------------------------------------------------------ grammar

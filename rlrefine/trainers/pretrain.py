@@ -178,7 +178,8 @@ class PretrainLoop(TrainingLoop):
             raise RecipeError(f"pretrain.locate_weight ({p.locate_weight}) needs to know where each object of a training "
                               f"image is, which only the shapes world records (data.kind: shapes); set "
                               f"pretrain.locate_weight=0 for data.kind {cfg.data.kind!r}")
-        self.words = [self.tokenizer.decode([i]) for i in range(self.tokenizer.vocab_size)]
+        # each token's text, for the locate loss's targets (decoding a large vocabulary one id at a time costs seconds)
+        self.words = [self.tokenizer.decode([i]) for i in range(self.tokenizer.vocab_size)] if p.locate_weight else []
         model = RefinementCaptioner(CaptionerConfig.from_section(cfg.model, self.tokenizer, cfg.data.max_caption_len,
                                                                  locate_head=p.locate_weight > 0, **encoder_overrides(cfg)))
         self.K = K = model.config.num_refine_layers

@@ -196,7 +196,7 @@ def method_candidates(cfg: RecipeConfig, section, model_dir: Path, split, index)
 
     model = RefinementCaptioner.from_pretrained(model_dir).eval()
     tokenizer = CaptionTokenizer.from_dir(model_dir)
-    method = METHODS[section.method](section.method_config, section)
+    method = METHODS[section.method](section.method_config, section, tokenizer)
     K = model.config.num_refine_layers
     generator = torch.Generator().manual_seed(cfg.seed)
     out: list[list[str]] = []

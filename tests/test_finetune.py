@@ -157,3 +157,61 @@ def test_dico_mix_draws_beams_and_samples_side_by_side():
     with pytest.raises(ValueError, match="mix_beams"):
         method_of(FinetuneSection(num_candidates=2, max_len=8, dico={"generation": "mix", "mix_beams": 2})).generate(
             policy, pixels, torch.arange(3), [1, 2], None)
+
+
+def test_dico_branch_candidates_part_at_the_branch_words_and_teach_the_one_the_reward_prefers():
+    """generation: branch: the n beams, then the greedy caption and greedy decodes that each swap the first colour
+    word it says for another colour. DiCO on them learns to say the colour the reward pays for ("red")."""
+    policy, tok = tiny_policy(3)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    f = FinetuneSection(num_candidates=2, max_len=8, lambda_grad=0.0, lambda_len=0.0,
+                        dico={"generation": "branch", "branches": 2, "branch_words": ["red", "blue", "green"], "beta": 0.5})
+    method = METHODS["dico"](f.dico, f, tok)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (8, 16, 16, 3), dtype=torch.uint8, generator=g)
+    pixels, seeds = policy.encoder.preprocess(images), torch.arange(8)
+    gen = method.generate(policy, pixels, seeds, [1, 2], torch.Generator().manual_seed(0))
+    beams = policy.generate(pixels, seeds, [1, 2], method="beam", num_candidates=2, max_len=8)
+    greedy = policy.generate(pixels, seeds, [1, 2], method="greedy", max_len=8).tokens
+    assert gen.tokens.shape[:3] == (8, 2, 5)
+    torch.testing.assert_close(gen.tokens[:, :, :2, :beams.tokens.shape[-1]], beams.tokens)  # the beams come first
+    torch.testing.assert_close(gen.tokens[:, :, 2:3, :greedy.shape[-1]], greedy)  # then the greedy caption
+    colours = tok.word_ids(["red", "blue", "green"], "k")
+    parted = 0
+    for b in range(8):
+        for l in range(2):
+            natural = next((int(w) for w in greedy[b, l, 0] if w in colours), None)
+            said = [next((int(w) for w in row[1:] if w in colours), None) for row in gen.tokens[b, l, 3:]]
+            if natural is not None:  # the two branches say the two colours greedy does not say
+                assert sorted(said + [natural]) == sorted(colours.tolist())
+                parted += 1
+    assert parted > 0
+
+    acc, scorer = Accelerator(cpu=True), SequenceScorer(policy)
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    sched, w = schedule("linear", 2), layer_weights("linear", 2)
+
+    def red_share(model):  # how often the final layer's greedy caption names "red" first among the colours
+        greedy = model.generate(pixels, seeds, [2], method="greedy", max_len=8).tokens[:, 0, 0]
+        first = [next((int(t) for t in row if t in colours), None) for row in greedy]
+        return sum(c == int(colours[0]) for c in first) / len(first)
+
+    before = red_share(policy)
+    for _ in range(30):
+        loss, _, _ = compute_loss(policy, scorer, reference, method, RedReward(), images, pixels, seeds, [1, 2], f, tok,
+                                  sched, w, acc, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert red_share(policy) >= before + 0.5, (before, red_share(policy))
+
+
+def test_dico_branch_words_must_be_tokens_of_the_vocabulary():
+    _, tok = tiny_policy()
+    f = FinetuneSection(dico={"generation": "branch", "branch_words": ["red", "purple"]})
+    with pytest.raises(ValueError, match="finetune.dico.branch_words: 'purple' is not one token"):
+        METHODS["dico"](f.dico, f, tok)
+    with pytest.raises(ValueError, match="needs the captioner's tokenizer"):
+        METHODS["dico"](f.dico, f)
+    with pytest.raises(ValueError, match="at least 2"):
+        FinetuneSection(dico={"generation": "branch", "branch_words": ["red"]})

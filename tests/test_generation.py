@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rlrefine.models import CaptionerConfig, EncoderConfig, GenerationOutput, RefinementCaptioner, naive_generate, sample_next
+from rlrefine.models.generation import branch_choice
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -151,3 +152,48 @@ def test_float32_cached_decode_matches_naive():
         slow = naive_generate(model, px, seeds, None, method=method, num_candidates=n)
         assert torch.equal(fast.tokens, slow.tokens)
         torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-4, rtol=1e-5)
+
+
+def test_branch_choice_by_hand():
+    """Branch words (7, 8, 9): a row that would say one of them says the slot-th of the other two instead,
+    once; a row that has parted, or says another word, keeps its token."""
+    ids = torch.tensor([7, 8, 9])
+    nxt = torch.tensor([7, 7, 8, 9, 3, 9])
+    parted = torch.tensor([False, False, False, False, False, True])
+    slot = torch.tensor([0, 1, 0, 1, 0, 0])
+    tokens, now = branch_choice(nxt, parted, slot, ids)
+    # 7 -> others (8, 9): slot 0 -> 8, slot 1 -> 9; 8 -> (7, 9): slot 0 -> 7; 9 -> (7, 8): slot 1 -> 8
+    assert tokens.tolist() == [8, 9, 7, 8, 3, 9]
+    assert now.tolist() == [True, True, True, True, False, True]
+    assert branch_choice(nxt, parted, slot + 2, ids)[0].tolist() == tokens.tolist()  # slots wrap modulo S - 1
+
+
+def test_branch_decode_parts_greedy_captions_at_one_word(setup):
+    """Each branch row is the greedy caption up to its first branch word, says a different other branch word there,
+    and its log-prob is the model's own (re-scoring agrees)."""
+    model, px, seeds = setup
+    greedy = model.generate(px, seeds, [0, 1, 3], method="greedy")
+    body = greedy.tokens[..., 0, 1:]
+    present = {int(t) for t in body.flatten()} - {model.config.pad_id, model.config.eos_id}
+    ids = torch.tensor(sorted(present)[:3])  # three words the greedy captions do say
+    out = model.generate(px, seeds, [0, 1, 3], method="branch", num_candidates=2, branch_ids=ids)
+    _check_well_formed(out, model.config)
+    with torch.no_grad():
+        torch.testing.assert_close(out.logprobs, model.sequence_logprobs(px, seeds, [0, 1, 3], out.tokens))
+    parted_rows = 0
+    for b in range(4):
+        for l in range(3):
+            g = body[b, l].tolist()
+            first = next((t for t, w in enumerate(g) if w in ids.tolist()), None)
+            if first is None or g[first] == model.config.eos_id:
+                assert all(out.tokens[b, l, j, 1:len(g) + 1].tolist() == g for j in range(2))  # nothing to part at
+                continue
+            said = [int(out.tokens[b, l, j, 1 + first]) for j in range(2)]
+            assert all(out.tokens[b, l, j, 1:1 + first].tolist() == g[:first] for j in range(2))
+            assert sorted(said) == sorted(set(ids.tolist()) - {g[first]})  # the two other words, one per row
+            parted_rows += 1
+    assert parted_rows > 0
+    with pytest.raises(ValueError, match="branch_ids"):
+        model.generate(px, seeds, [0], method="branch", num_candidates=2)
+    with pytest.raises(ValueError, match="at least 2 distinct"):
+        model.generate(px, seeds, [0], method="branch", num_candidates=2, branch_ids=torch.tensor([4, 4]))

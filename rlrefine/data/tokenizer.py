@@ -183,6 +183,18 @@ class CaptionTokenizer:
         otherwise it would end the caption early or vanish from the loss."""
         return self.tokenize_batch([text])[0]
 
+    def word_ids(self, words: Sequence[str], key: str) -> torch.Tensor:
+        """The token ids of ``words``, each exactly one known token; otherwise a ValueError naming the recipe
+        ``key`` that listed them. LongTensor [len(words)]."""
+        ids = []
+        for word in words:
+            got = self.tokenize(word)
+            if len(got) != 1 or got[0] == self.unk_id:
+                raise ValueError(f"{key}: {word!r} is not one token of the caption vocabulary (it tokenizes to {got}); "
+                                 f"list words that occur in the training captions")
+            ids.append(got[0])
+        return torch.tensor(ids, dtype=torch.long)
+
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`tokenize` of many captions, in one call to the backend where it has a batch encoder."""
         if self.kind == "word":

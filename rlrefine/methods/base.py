@@ -62,7 +62,8 @@ class LayerInputs:
 
 class Method:
     """A fine-tuning method (module docstring). ``config``: its section; ``finetune``: the shared section
-    (``num_candidates``, ``max_len``)."""
+    (``num_candidates``, ``max_len``); ``tokenizer``: the captioner's (`CaptionTokenizer`), for a method whose
+    config names words."""
 
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]]
@@ -70,8 +71,8 @@ class Method:
     token_level: ClassVar[bool] = False
     moved_keys: ClassVar[dict[str, str]] = {}  # old `finetune.<key>` -> this method's field that replaced it
 
-    def __init__(self, config: MethodConfig, finetune: Any):
-        self.config, self.finetune = config, finetune
+    def __init__(self, config: MethodConfig, finetune: Any, tokenizer: Any = None):
+        self.config, self.finetune, self.tokenizer = config, finetune, tokenizer
 
     @property
     def updates_per_rollout(self) -> int:

@@ -14,6 +14,11 @@
   (length_penalty = 0: plain sum, the DiCO / HF default for captioning is ~0-1).
 
 pad and bos are never generated (their logits are masked when choosing tokens). Log-probs are
+`branch` draws n greedy decodes that part at one word: each row, at the first word of a given set it would
+emit (say a relation: above, below, left, right, and), emits another word of that set instead (row j the j-th
+other word, counted from a random start per (image, layer) when a generator is given) and goes on greedily. The candidates then differ where a reward should decide (`branch_choice`).
+
+Log-probs are
 always those of the model itself (full softmax, no masking, no temperature, no top-p), summed over the
 tokens after bos up to and including eos: the same quantity as
 `RefinementCaptioner.sequence_logprobs`, so the two can be compared or mixed freely.
@@ -34,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 
-METHODS = ("greedy", "beam", "sample")
+METHODS = ("greedy", "beam", "sample", "branch")
 
 
 class GenerationOutput(NamedTuple):
@@ -52,9 +57,14 @@ def _choice_logits(logits: torch.Tensor, cfg) -> torch.Tensor:
     return logits.index_fill(-1, torch.tensor([cfg.pad_id, cfg.bos_id], device=logits.device), float("-inf"))
 
 
-def _check_args(model, method: str, n: int, max_len: int | None, temperature: float, top_p: float) -> int:
+def _check_args(model, method: str, n: int, max_len: int | None, temperature: float, top_p: float,
+                branch_ids: torch.Tensor | None = None) -> int:
     if method not in METHODS:
         raise ValueError(f"unknown generation method {method!r}; allowed: {', '.join(METHODS)}")
+    if (method == "branch") != (branch_ids is not None):
+        raise ValueError("branch_ids (the token ids of the words to part at) go with method 'branch' and only with it")
+    if branch_ids is not None and (branch_ids.dim() != 1 or branch_ids.numel() < 2 or branch_ids.unique().numel() != branch_ids.numel()):
+        raise ValueError(f"branch_ids must be at least 2 distinct token ids, got {branch_ids.tolist()}")
     if n < 1 or (method == "greedy" and n != 1):
         raise ValueError(f"num_candidates must be >= 1 (exactly 1 for greedy), got {n} for {method!r}")
     max_len = model.config.max_len if max_len is None else int(max_len)
@@ -77,6 +87,20 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     if generator is not None and generator.device != probs.device:  # e.g. a CPU generator, model on GPU
         return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def branch_choice(nxt: torch.Tensor, parted: torch.Tensor, slot: torch.Tensor, branch_ids: torch.Tensor):
+    """One step of a branch decode. nxt [N] the tokens the rows would emit, parted [N] bool (the row has parted
+    already), slot [N] the row's index j among its group's candidates, branch_ids [S] the words to part at.
+    A row that has not parted and would emit branch word i emits instead the j-th (mod S − 1) of the other
+    S − 1 words, in the order of ``branch_ids``, and has parted from then on. -> (tokens [N], parted [N])."""
+    S = branch_ids.numel()
+    hit = nxt[:, None] == branch_ids[None]  # [N, S]
+    at = hit.any(-1) & ~parted
+    i = hit.long().argmax(-1)  # the branch word the row would emit
+    k = slot % (S - 1)  # the k-th other word: index k, or k + 1 once past i
+    other = branch_ids[k + (k >= i).long()]
+    return torch.where(at, other, nxt), parted | at
 
 
 def beam_step(logp: torch.Tensor, scores: torch.Tensor, finished: torch.Tensor, lengths: torch.Tensor,
@@ -109,18 +133,21 @@ def beam_step(logp: torch.Tensor, scores: torch.Tensor, finished: torch.Tensor, 
 def generate(model: torch.nn.Module, pixels: torch.Tensor, z0_seed: torch.Tensor,
              layers: Sequence[int] | torch.Tensor | None = None, method: str = "greedy", num_candidates: int = 1,
              max_len: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, length_penalty: float = 0.0) -> GenerationOutput:
+             generator: torch.Generator | None = None, length_penalty: float = 0.0,
+             branch_ids: torch.Tensor | None = None) -> GenerationOutput:
     """Decode n captions per (image, layer) in one batched, KV-cached decode.
 
     pixels [B,3,H,W], z0_seed [B], layers: ints in 0..K (default all) ->
     GenerationOutput(tokens [B,L,n,T], logprobs [B,L,n], lengths [B,L,n]).
     method: "greedy" (n = 1), "beam" (n beams, all returned best first) or "sample" (n independent
     samples, temperature / top_p; pass a torch.Generator for reproducibility: draws happen on the
-    generator's device). length_penalty only affects beam ranking (score / length**length_penalty).
+    generator's device), or "branch" (n greedy decodes, each parting at the first of ``branch_ids`` it would emit
+    to a different other word of them, from a random start drawn from ``generator`` if given: `branch_choice`). length_penalty only affects beam ranking
+    (score / length**length_penalty).
     The model runs in eval mode (dropout off) for the call and is put back in its previous mode.
     """
     n = int(num_candidates)
-    max_len = _check_args(model, method, n, max_len, temperature, top_p)
+    max_len = _check_args(model, method, n, max_len, temperature, top_p, branch_ids)
     cfg, readout = model.config, model.readout
     was_training = model.training
     model.eval()
@@ -138,15 +165,22 @@ def generate(model: torch.nn.Module, pixels: torch.Tensor, z0_seed: torch.Tensor
             tokens, logprobs, lengths = _beam_search(readout, logits, cache, G, n, max_len, cfg, length_penalty)
         else:
             tokens, logprobs, lengths = _greedy_or_sample(readout, logits, cache, method, max_len, cfg,
-                                                          temperature, top_p, generator)
+                                                          temperature, top_p, generator, n, branch_ids)
     finally:
         model.train(was_training)
     T = tokens.shape[-1]
     return GenerationOutput(tokens.view(B, L, n, T), logprobs.view(B, L, n), lengths.view(B, L, n))
 
 
-def _greedy_or_sample(readout, logits, cache, method, max_len, cfg, temperature, top_p, generator):
+def _greedy_or_sample(readout, logits, cache, method, max_len, cfg, temperature, top_p, generator, n=1, branch_ids=None):
     N, device = logits.shape[0], logits.device
+    if branch_ids is not None:
+        branch_ids = branch_ids.to(device)
+        slot = torch.arange(N, device=device) % n
+        if generator is not None:  # each (image, layer) starts at a random other word, so that n < S rows see all
+            turn = torch.randint(0, branch_ids.numel() - 1, (N // n,), generator=generator, device=generator.device)
+            slot = slot + turn.to(device).repeat_interleave(n)
+        parted = torch.zeros(N, dtype=torch.bool, device=device)
     tokens = [torch.full((N,), cfg.bos_id, dtype=torch.long, device=device)]
     logp_sum = torch.zeros(N, dtype=_log_softmax(logits[:1]).dtype, device=device)
     finished = torch.zeros(N, dtype=torch.bool, device=device)
@@ -154,7 +188,9 @@ def _greedy_or_sample(readout, logits, cache, method, max_len, cfg, temperature,
     for t in range(1, max_len):
         logp = _log_softmax(logits)
         choice = _choice_logits(logits, cfg)
-        nxt = choice.argmax(-1) if method == "greedy" else sample_next(choice, temperature, top_p, generator)
+        nxt = sample_next(choice, temperature, top_p, generator) if method == "sample" else choice.argmax(-1)
+        if branch_ids is not None:
+            nxt, parted = branch_choice(nxt, parted, slot, branch_ids)
         nxt = nxt.masked_fill(finished, cfg.pad_id)
         logp_sum += logp.gather(-1, nxt[:, None]).squeeze(-1).masked_fill(finished, 0.0)
         lengths += (~finished).long()

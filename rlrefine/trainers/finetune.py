@@ -110,10 +110,11 @@ def rollout(policy: RefinementCaptioner, method: Method, reward, images: torch.T
     ``references``: the B images' reference captions (for rewards that use them: cider, refclip, ...).
     A `sum` reward's terms are kept, unweighted, in ``Rollout.terms`` for logging."""
     K = policy.config.num_refine_layers
-    B, L, n = pixels.shape[0], len(layers), f.num_candidates
+    B, L = pixels.shape[0], len(layers)
     was_training = policy.training
     policy.eval()
     gen = method.generate(policy, pixels, seeds, layers, generator)
+    n = gen.tokens.shape[2]  # candidates per image and layer, as the method draws them
     # greedy anchors: layer 0 (r_0) and layer K (r_K) for progress, and the layers of the method's baseline
     baseline_layers = method.greedy_layers(layers)
     anchor_layers = sorted(set([0, K] + baseline_layers))
@@ -246,7 +247,10 @@ class FinetuneLoop(TrainingLoop):
 
         self.reward = build_reward(f.reward, cfg.reward_context(f"{f.output}.reward", acc.device, splits["train"]))
         check_shaping_reward(f, self.reward)
-        self.method = METHODS[f.method](f.method_config, f)
+        try:
+            self.method = METHODS[f.method](f.method_config, f, self.tokenizer)
+        except ValueError as e:  # e.g. a branch word that is not one token
+            raise RecipeError(str(e)) from None
         self.mu = self.method.updates_per_rollout
         if self.mu > 1 and (f.checkpoint_every % self.mu or start_step % self.mu):
             raise ValueError(f"finetune.checkpoint_every ({f.checkpoint_every}) must be a multiple of the {f.method} "

@@ -124,18 +124,6 @@ def encoder_overrides(cfg: RecipeConfig) -> dict:
     return {"kind": "open_clip", "checkpoint": f"local-dir:{folder}"}
 
 
-def emphasis_ids(tokenizer, words: list[str]) -> torch.Tensor:
-    """The token ids of ``pretrain.emphasis_words``; a word that is not exactly one known token is a recipe error."""
-    ids = []
-    for word in words:
-        got = tokenizer.tokenize(word)
-        if len(got) != 1 or got[0] == tokenizer.unk_id:
-            raise RecipeError(f"pretrain.emphasis_words: {word!r} is not one token of the caption vocabulary (it "
-                              f"tokenizes to {got}); list words that occur in the training captions")
-        ids.append(got[0])
-    return torch.tensor(ids, dtype=torch.long)
-
-
 def locate_targets(tokens: torch.Tensor, index, split, words: list[str], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Targets of the locate loss for a batch: tokens [B, T] (bos ... eos pad) of captions of ``split``'s images
     ``index`` -> (centres [B, T-1, 2], mask [B, T-1]). Input position t holds token t; where it is the shape word of a
@@ -196,7 +184,10 @@ class PretrainLoop(TrainingLoop):
         self.weights = layer_weights(p.layer_weights, K).to(acc.device)
         self.sched = schedule(p.schedule, K, p.schedule_eps).to(acc.device)
         self.layers = list(range(1, K + 1))
-        self.emphasis_ids = emphasis_ids(self.tokenizer, p.emphasis_words).to(acc.device)
+        try:
+            self.emphasis_ids = self.tokenizer.word_ids(p.emphasis_words, "pretrain.emphasis_words").to(acc.device)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
         self.log_index = np.arange(min(p.num_log_images, len(splits["val"].captions)))
         self.stream = batch_stream(splits["train"], self.tokenizer, p.batch_size, cfg.seed, start_step,
                                    cfg.data.max_caption_len, cfg.data.label_weight, cfg.data.image_size, acc.process_index,

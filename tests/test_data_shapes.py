@@ -469,6 +469,24 @@ def test_position_preferences_of_a_captioner_that_knows_where_things_are_and_one
     assert known["relation_true_over_inverted_images"] > 20 and known["region_true_over_opposite_images"] > 10
     assert known["relation_true_over_inverted"] == known["relation_true_over_and"] == known["region_true_over_opposite"] == 1.0
     assert known["relation_true_over_inverted_gap"] == 1.0
+    assert known["relation_true_over_wrong_axis"] == 1.0
+    assert known["relation_true_over_wrong_axis_images"] == known["relation_true_over_inverted_images"]
+
+    def direction_only(index, captions):
+        """Knows on which side each object lies on both axes, not which offset is larger: "left of" for an object
+        mostly above and a little left of the other counts as true."""
+        def holds(i, c):
+            scene, rels = split.scenes[i], parse_caption(c).relations
+            if len(scene.objects) == 1 or not rels:
+                return truth(i, c)
+            (ca, sa), rel, (cb, sb) = rels[0]
+            a, b = scene.objects[scene.index_of(ca, sa)], scene.objects[scene.index_of(cb, sb)]
+            return float({"above": a.y < b.y, "below": a.y > b.y, "left of": a.x < b.x, "right of": a.x > b.x}[rel])
+        return torch.tensor([[holds(i, c) for c in cs] for i, cs in zip(index, captions)])
+
+    sided = position_preferences(direction_only, split, 64, max_images=150, seed=0)
+    # ties (not wins), but where the two objects share a column or row exactly: there the moved relation is false too
+    assert sided["relation_true_over_inverted"] == 1.0 and sided["relation_true_over_wrong_axis"] < 0.05
     backwards = position_preferences(lambda i, c: -knows(i, c), split, 64, max_images=150, seed=0)
     assert backwards["relation_true_over_inverted"] == backwards["region_true_over_opposite"] == 0.0
     blind = position_preferences(lambda i, c: torch.zeros(len(i), len(c[0])), split, 64, max_images=150, seed=0)

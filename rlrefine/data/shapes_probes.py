@@ -97,28 +97,34 @@ def position_preferences(logprob: Callable[[np.ndarray, list[list[str]]], torch.
     * ``relation_true_over_inverted``: two random objects of a multi-object image in their true relation ("a red
       circle above a blue square") scored above the same with the relation inverted ("... below ..."); chance 0.5;
     * ``relation_true_over_and``: the true relation above the same two joined by "and" (does it say where at all);
+    * ``relation_true_over_wrong_axis``: the true relation above the same moved to the other axis, in the direction
+      the objects do lie there (`wrong_axis_statement`: "left of" where the circle lies mostly above and a little
+      left of the square): does it know which offset is larger;
     * ``region_true_over_opposite``: one object's true region ("one red circle in the top left") above the opposite
       one ("... in the bottom right"), on one-object images whose region has an opposite;
 
     each with its mean log-probability gap in nats (``..._gap``) and the images counted (``..._images``)."""
     rng = random.Random(seed)
     rows = [i for i in range(len(split)) if not split.is_label[i]][:max_images]
-    related, regions = [], []
+    related, regions, axis = [], [], []
     for i in rows:
         scene = split.scenes[i]
         if len(scene.objects) > 1:
             true, joined = relation_and_pair(scene, rng)
             related.append((i, [true, false_statements(true, scene, rng)["relation"], joined]))
+            moved = wrong_axis_statement(true, scene)
+            if moved is not None:
+                axis.append((i, [true, moved]))
         else:
             true = relation_description(scene, image_size, rng)
             wrong = false_statements(true, scene, rng).get("relation")  # "in the middle" has no opposite
             if wrong is not None:
                 regions.append((i, [true, wrong]))
     scored = {key: logprob(np.array([i for i, _ in items]), [c for _, c in items]).float().cpu() if items else None
-              for key, items in (("related", related), ("regions", regions))}
+              for key, items in (("related", related), ("regions", regions), ("axis", axis))}
     out: dict[str, float] = {}
     for name, key, other in (("relation_true_over_inverted", "related", 1), ("relation_true_over_and", "related", 2),
-                             ("region_true_over_opposite", "regions", 1)):
+                             ("relation_true_over_wrong_axis", "axis", 1), ("region_true_over_opposite", "regions", 1)):
         lp = scored[key]
         if lp is None:
             out.update({name: float("nan"), f"{name}_gap": float("nan"), f"{name}_images": 0.0})

@@ -264,8 +264,10 @@ class PretrainLoop(TrainingLoop):
         where = report.get("test", {}).get("position")
         if where:
             log.info("pretrain: does the captioner know where things are (test, layer K, chance 0.5)? true relation above "
-                     "inverted %.3f of %d images, true region above the opposite %.3f of %d",
+                     "inverted %.3f of %d images, above the same on the other axis %.3f, true region above the opposite "
+                     "%.3f of %d",
                      where["relation_true_over_inverted"], where["relation_true_over_inverted_images"],
+                     where["relation_true_over_wrong_axis"],
                      where["region_true_over_opposite"], where["region_true_over_opposite_images"])
         return report
 

@@ -155,29 +155,31 @@ def test_float32_cached_decode_matches_naive():
 
 
 def test_branch_choice_by_hand():
-    """Branch words (7, 8, 9): a row that would say one of them says the slot-th of the other two instead,
-    once; a row that has parted, or says another word, keeps its token."""
+    """Branch words (7, 8, 9): a row with slot j >= 1 that would say one of them says the (j-1)-th of the other two
+    instead, once; slot 0 never parts; a row that has parted, or says another word, keeps its token."""
     ids = torch.tensor([7, 8, 9])
-    nxt = torch.tensor([7, 7, 8, 9, 3, 9])
-    parted = torch.tensor([False, False, False, False, False, True])
-    slot = torch.tensor([0, 1, 0, 1, 0, 0])
+    nxt = torch.tensor([7, 7, 8, 9, 3, 9, 7])
+    parted = torch.tensor([False, False, False, False, False, True, False])
+    slot = torch.tensor([1, 2, 1, 2, 1, 1, 0])
     tokens, now = branch_choice(nxt, parted, slot, ids)
-    # 7 -> others (8, 9): slot 0 -> 8, slot 1 -> 9; 8 -> (7, 9): slot 0 -> 7; 9 -> (7, 8): slot 1 -> 8
-    assert tokens.tolist() == [8, 9, 7, 8, 3, 9]
-    assert now.tolist() == [True, True, True, True, False, True]
-    assert branch_choice(nxt, parted, slot + 2, ids)[0].tolist() == tokens.tolist()  # slots wrap modulo S - 1
+    # 7 -> others (8, 9): slot 1 -> 8, slot 2 -> 9; 8 -> (7, 9): slot 1 -> 7; 9 -> (7, 8): slot 2 -> 8; slot 0 keeps 7
+    assert tokens.tolist() == [8, 9, 7, 8, 3, 9, 7]
+    assert now.tolist() == [True, True, True, True, False, True, False]
+    later = torch.where(slot > 0, slot + 2, slot)
+    assert branch_choice(nxt, parted, later, ids)[0].tolist() == tokens.tolist()  # slots wrap modulo S - 1
 
 
 def test_branch_decode_parts_greedy_captions_at_one_word(setup):
-    """Each branch row is the greedy caption up to its first branch word, says a different other branch word there,
-    and its log-prob is the model's own (re-scoring agrees)."""
+    """Row 0 is the greedy caption; each other row is the greedy caption up to its first branch word and says a
+    different other branch word there; log-probs are the model's own (re-scoring agrees)."""
     model, px, seeds = setup
     greedy = model.generate(px, seeds, [0, 1, 3], method="greedy")
     body = greedy.tokens[..., 0, 1:]
     present = {int(t) for t in body.flatten()} - {model.config.pad_id, model.config.eos_id}
     ids = torch.tensor(sorted(present)[:3])  # three words the greedy captions do say
-    out = model.generate(px, seeds, [0, 1, 3], method="branch", num_candidates=2, branch_ids=ids)
+    out = model.generate(px, seeds, [0, 1, 3], method="branch", num_candidates=3, branch_ids=ids)
     _check_well_formed(out, model.config)
+    torch.testing.assert_close(out.tokens[:, :, :1, :greedy.tokens.shape[-1]], greedy.tokens)  # row 0: the greedy caption
     with torch.no_grad():
         torch.testing.assert_close(out.logprobs, model.sequence_logprobs(px, seeds, [0, 1, 3], out.tokens))
     parted_rows = 0
@@ -186,10 +188,10 @@ def test_branch_decode_parts_greedy_captions_at_one_word(setup):
             g = body[b, l].tolist()
             first = next((t for t, w in enumerate(g) if w in ids.tolist()), None)
             if first is None or g[first] == model.config.eos_id:
-                assert all(out.tokens[b, l, j, 1:len(g) + 1].tolist() == g for j in range(2))  # nothing to part at
+                assert all(out.tokens[b, l, j, 1:len(g) + 1].tolist() == g for j in (1, 2))  # nothing to part at
                 continue
-            said = [int(out.tokens[b, l, j, 1 + first]) for j in range(2)]
-            assert all(out.tokens[b, l, j, 1:1 + first].tolist() == g[:first] for j in range(2))
+            said = [int(out.tokens[b, l, j, 1 + first]) for j in (1, 2)]
+            assert all(out.tokens[b, l, j, 1:1 + first].tolist() == g[:first] for j in (1, 2))
             assert sorted(said) == sorted(set(ids.tolist()) - {g[first]})  # the two other words, one per row
             parted_rows += 1
     assert parted_rows > 0

@@ -71,11 +71,9 @@ class DiCO(Method):
                                    max_len=f.max_len, temperature=c.temperature, top_p=c.top_p, generator=generator)
         if c.generation == "branch":
             beams = policy.generate(pixels, seeds, layers, method="beam", num_candidates=f.num_candidates, max_len=f.max_len)
-            greedy = policy.generate(pixels, seeds, layers, method="greedy", max_len=f.max_len)
-            parted = policy.generate(pixels, seeds, layers, method="branch", num_candidates=c.branches, max_len=f.max_len,
-                                     branch_ids=self.branch_ids, generator=generator)
-            pad = policy.config.pad_id
-            return concat_candidates(concat_candidates(beams, greedy, pad), parted, pad)
+            parted = policy.generate(pixels, seeds, layers, method="branch", num_candidates=c.branches + 1,
+                                     max_len=f.max_len, branch_ids=self.branch_ids, generator=generator)  # greedy first
+            return concat_candidates(beams, parted, policy.config.pad_id)
         if not 1 <= c.mix_beams < f.num_candidates:
             raise ValueError(f"finetune.dico.mix_beams ({c.mix_beams}) must be in 1..num_candidates − 1 "
                              f"({f.num_candidates - 1}) so that the mix holds beams and samples")

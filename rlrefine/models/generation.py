@@ -13,12 +13,12 @@
   sorted by score, best first. The score is the summed log-prob divided by length**length_penalty
   (length_penalty = 0: plain sum, the DiCO / HF default for captioning is ~0-1).
 
-pad and bos are never generated (their logits are masked when choosing tokens). Log-probs are
-`branch` draws n greedy decodes that part at one word: each row, at the first word of a given set it would
-emit (say a relation: above, below, left, right, and), emits another word of that set instead (row j the j-th
-other word, counted from a random start per (image, layer) when a generator is given) and goes on greedily. The candidates then differ where a reward should decide (`branch_choice`).
+`branch` draws the greedy caption and n − 1 greedy decodes that part from it at one word: row j ≥ 1, at the
+first word of a given set it would emit (say a relation: above, below, left, right, and), emits another word of
+that set instead (the j-th other one, counted from a random start per (image, layer) when a generator is given)
+and goes on greedily; row 0 never parts. The rows then differ where a reward should decide (`branch_choice`).
 
-Log-probs are
+pad and bos are never generated (their logits are masked when choosing tokens). Log-probs are
 always those of the model itself (full softmax, no masking, no temperature, no top-p), summed over the
 tokens after bos up to and including eos: the same quantity as
 `RefinementCaptioner.sequence_logprobs`, so the two can be compared or mixed freely.
@@ -91,14 +91,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
 
 def branch_choice(nxt: torch.Tensor, parted: torch.Tensor, slot: torch.Tensor, branch_ids: torch.Tensor):
     """One step of a branch decode. nxt [N] the tokens the rows would emit, parted [N] bool (the row has parted
-    already), slot [N] the row's index j among its group's candidates, branch_ids [S] the words to part at.
-    A row that has not parted and would emit branch word i emits instead the j-th (mod S − 1) of the other
-    S − 1 words, in the order of ``branch_ids``, and has parted from then on. -> (tokens [N], parted [N])."""
+    already), slot [N] the row's part: 0 never parts, j ≥ 1 takes the j-th other word; branch_ids [S] the words to
+    part at. A row with slot j ≥ 1 that has not parted and would emit branch word i emits instead the (j − 1)-th
+    (mod S − 1) of the other S − 1 words, in the order of ``branch_ids``, and has parted from then on.
+    -> (tokens [N], parted [N])."""
     S = branch_ids.numel()
     hit = nxt[:, None] == branch_ids[None]  # [N, S]
-    at = hit.any(-1) & ~parted
+    at = hit.any(-1) & ~parted & (slot > 0)
     i = hit.long().argmax(-1)  # the branch word the row would emit
-    k = slot % (S - 1)  # the k-th other word: index k, or k + 1 once past i
+    k = (slot - 1) % (S - 1)  # the k-th other word: index k, or k + 1 once past i
     other = branch_ids[k + (k >= i).long()]
     return torch.where(at, other, nxt), parted | at
 
@@ -141,8 +142,9 @@ def generate(model: torch.nn.Module, pixels: torch.Tensor, z0_seed: torch.Tensor
     GenerationOutput(tokens [B,L,n,T], logprobs [B,L,n], lengths [B,L,n]).
     method: "greedy" (n = 1), "beam" (n beams, all returned best first) or "sample" (n independent
     samples, temperature / top_p; pass a torch.Generator for reproducibility: draws happen on the
-    generator's device), or "branch" (n greedy decodes, each parting at the first of ``branch_ids`` it would emit
-    to a different other word of them, from a random start drawn from ``generator`` if given: `branch_choice`). length_penalty only affects beam ranking
+    generator's device), or "branch" (the greedy caption, then n − 1 greedy decodes, each parting at the first of
+    ``branch_ids`` it would emit to a different other word of them, from a random start drawn from ``generator``
+    if given: `branch_choice`). length_penalty only affects beam ranking
     (score / length**length_penalty).
     The model runs in eval mode (dropout off) for the call and is put back in its previous mode.
     """
@@ -176,10 +178,10 @@ def _greedy_or_sample(readout, logits, cache, method, max_len, cfg, temperature,
     N, device = logits.shape[0], logits.device
     if branch_ids is not None:
         branch_ids = branch_ids.to(device)
-        slot = torch.arange(N, device=device) % n
-        if generator is not None:  # each (image, layer) starts at a random other word, so that n < S rows see all
+        slot = torch.arange(N, device=device) % n  # row 0 of each (image, layer) is the greedy caption
+        if generator is not None:  # each (image, layer) starts at a random other word, so that n − 1 < S − 1 rows see all
             turn = torch.randint(0, branch_ids.numel() - 1, (N // n,), generator=generator, device=generator.device)
-            slot = slot + turn.to(device).repeat_interleave(n)
+            slot = torch.where(slot > 0, slot + turn.to(device).repeat_interleave(n), slot)
         parted = torch.zeros(N, dtype=torch.bool, device=device)
     tokens = [torch.full((N,), cfg.bos_id, dtype=torch.long, device=device)]
     logp_sum = torch.zeros(N, dtype=_log_softmax(logits[:1]).dtype, device=device)

@@ -44,6 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rlrefine.models.encoders import cell_centres, resnet_grid, resnet_stages
+
 __all__ = ["MatchingHead", "MatchingHeadConfig", "build_matching_head", "gated_score", "image_features",
            "load_matching_head", "save_matching_head", "text_features"]
 
@@ -90,13 +92,9 @@ def image_features(visual: nn.Module, pixels: torch.Tensor, stage: int) -> tuple
     if hasattr(visual, "attnpool"):  # ModifiedResNet (its forward_intermediates stops at the last index it returns)
         if not 0 <= stage <= 4:
             raise ValueError(f"matching_head.image_stage {stage}: a ModifiedResNet has stages 0 (stem) .. 4")
-        x, grids = pixels, []
-        for i, block in enumerate((visual.stem, visual.layer1, visual.layer2, visual.layer3, visual.layer4)):
-            x = block(x)
-            if i >= stage:  # this stage and every later one, the coarser grids repeated onto this one's cells
-                grids.append(x if not grids else F.interpolate(x, size=grids[0].shape[-2:], mode="nearest"))
-        grid = torch.cat(grids, dim=1)
-        pooled = visual.attnpool(x)
+        stages = resnet_stages(visual, pixels)
+        grid = resnet_grid(stages[stage:])  # this stage and every later one, the coarser grids repeated onto its cells
+        pooled = visual.attnpool(stages[-1])
     elif hasattr(visual, "forward_intermediates"):  # ViT: the output of block ``stage``
         out = visual.forward_intermediates(pixels, indices=[stage], output_fmt="NCHW")
         pooled, grid = out["image_features"], out["image_intermediates"][0]
@@ -208,9 +206,7 @@ class MatchingHead(nn.Module):
         side = math.isqrt(grid_cells)
         if side * side != grid_cells:
             raise ValueError(f"a matching head reads a square grid of cells, got {grid_cells}")
-        axis = (torch.arange(side, dtype=torch.float32) + 0.5) / side * 2 - 1  # cell centres in [-1, 1]
-        ys, xs = torch.meshgrid(axis, axis, indexing="ij")
-        self.register_buffer("coords", torch.stack([xs.flatten(), ys.flatten()], dim=1), persistent=False)  # [G, 2] x right, y down
+        self.register_buffer("coords", cell_centres(side), persistent=False)  # [G, 2] in [-1, 1], x right, y down
         self.text_in = nn.Linear(text_width, width)
         self.image_in = nn.Sequential(nn.Linear(image_channels, width), nn.LayerNorm(width))
         self.cls = nn.Parameter(torch.zeros(width))

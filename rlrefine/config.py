@@ -251,6 +251,9 @@ class EncoderSection(Section):
     allow_gelu_for_openai_weights: bool = Field(False, description="load an OpenAI archive or a {'state_dict': ...} (PAC-S "
                                                 "layout) checkpoint into a GELU architecture anyway (refused by default: "
                                                 "those weights need the -quickgelu architecture)")
+    grid_stage: int | None = Field(None, ge=0, le=4, description="open_clip ResNet towers (and evaluator): the cells of this "
+                                   "stage (0 stem .. 4 last; each with the later stages' features appended) become more image "
+                                   "tokens after [pooled; last-stage dense]. null: none. Shapes: 3 gives a 4x4 grid beside the 2x2")
 
     @model_validator(mode="after")
     def _backend_fields(self) -> "EncoderSection":
@@ -259,6 +262,9 @@ class EncoderSection(Section):
                              "or a 'local-dir:' folder that carries its own config)")
         if self.kind == "hf" and self.checkpoint is None:
             raise ValueError("model.encoder.kind 'hf' needs model.encoder.checkpoint (a local model directory)")
+        if self.grid_stage is not None and self.kind not in ("open_clip", "evaluator"):
+            raise ValueError(f"model.encoder.grid_stage is for open_clip ResNet towers (kind open_clip or evaluator), "
+                             f"not kind {self.kind!r}; remove it or set it to null")
         _existing_path(self.checkpoint, "model.encoder.checkpoint")
         return self
 
@@ -278,6 +284,9 @@ class ModelSection(Section):
     image_token_pos: bool = Field(False, description="add a learned embedding per image-token position to the tokens the "
                                   "refinement blocks attend to, so that slots can find grid cells by where they are "
                                   "(shapes: needed for captions that say where things are, docs/shapes_world.md)")
+    where_attention: bool = Field(False, description="each refinement cross-attention head also returns where it looked "
+                                  "(the attention-weighted mean of the image tokens' places), as the learned evaluator's "
+                                  "matching head reads relations; needs an open_clip / evaluator encoder")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout in the refinement blocks and readout")
 
 

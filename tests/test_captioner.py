@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from rlrefine.models import CaptionerConfig, CaptionerOutput, EncoderConfig, RefinementCaptioner
@@ -272,3 +273,62 @@ def test_locate_head_learns_where_the_named_object_is(tmp_path):
     loaded = RefinementCaptioner.from_pretrained(tmp_path / "ckpt")
     assert loaded.config.locate_head and torch.equal(loaded.locate_head.weight, model.locate_head.weight)
     assert RefinementCaptioner(tiny_config()).locate_head is None  # off unless asked for: no extra weights
+
+
+def test_where_attention_adds_the_attended_place_by_hand():
+    """Each head's output gains where(Σ_n α_n (x_n, y_n)) beside proj(Σ_n α_n v_n), with the same α."""
+    from rlrefine.models.captioner import CrossAttention
+
+    torch.manual_seed(0)
+    att = CrossAttention(8, 2, 0.0, where=True).double()
+    x, ctx, places = torch.randn(3, 4, 8).double(), torch.randn(3, 5, 8).double(), torch.rand(5, 2).double() * 2 - 1
+    q = att.q(x).view(3, 4, 2, 4).transpose(1, 2)
+    k, v = att.kv(ctx).view(3, 5, 2, 2, 4).permute(2, 0, 3, 1, 4)
+    alpha = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)  # [3, heads, 4, 5], sqrt(head dim 4) = 2
+    read = (alpha @ v).transpose(1, 2).reshape(3, 4, 8)
+    seen = (alpha @ places).transpose(1, 2).reshape(3, 4, 4)  # per head (x, y), heads side by side
+    torch.testing.assert_close(att(x, ctx, places), att.proj(read) + att.where(seen))
+    plain = CrossAttention(8, 2, 0.0).double()
+    plain.load_state_dict({k: v for k, v in att.state_dict().items() if not k.startswith("where.")})
+    torch.testing.assert_close(plain(x, ctx), att.proj(read))
+
+
+@pytest.mark.parametrize("where", [True, False])
+def test_where_attention_learns_which_of_two_things_is_higher(where):
+    """Two marked tokens on a 4x4 grid whose features say nothing about where they are: with the where path a
+    cross-attention learns whether the first lies above the second; without it the places are out of reach."""
+    from rlrefine.models.captioner import CrossAttention
+    from rlrefine.models.encoders import cell_centres
+
+    torch.manual_seed(0)
+    d, places = 16, cell_centres(4)
+    marks = torch.randn(2, d)
+    att, queries, head = CrossAttention(d, 2, 0.0, where=where), nn.Parameter(torch.randn(2, d)), nn.Linear(2 * d, 1)
+    opt = torch.optim.Adam([*att.parameters(), queries, *head.parameters()], lr=1e-2)
+
+    def batch(n):
+        cells = torch.stack([torch.randperm(16)[:2] for _ in range(n)])  # two different cells per scene
+        cells = cells[places[cells[:, 0], 1] != places[cells[:, 1], 1]]  # not on one row
+        ctx = 0.1 * torch.randn(len(cells), 16, d)
+        ctx[torch.arange(len(cells)), cells[:, 0]] += marks[0]
+        ctx[torch.arange(len(cells)), cells[:, 1]] += marks[1]
+        return ctx, (places[cells[:, 0], 1] < places[cells[:, 1], 1]).float()
+
+    def logits(ctx):
+        return head(att(queries.expand(len(ctx), 2, d), ctx, places).flatten(1)).squeeze(1)
+
+    for _ in range(300):
+        ctx, above = batch(64)
+        loss = F.binary_cross_entropy_with_logits(logits(ctx), above)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ctx, above = batch(1000)
+    with torch.no_grad():
+        acc = ((logits(ctx) > 0).float() == above).float().mean().item()
+    assert acc > 0.95 if where else acc < 0.6, acc
+
+
+def test_where_attention_needs_an_encoder_that_says_where_its_tokens_lie():
+    with pytest.raises(ValueError, match="model.where_attention needs an image encoder .* TinyViT does not"):
+        RefinementCaptioner(tiny_config(where_attention=True))

@@ -62,6 +62,14 @@ def _user_paths(tmp_path) -> list[str]:
             f"paths.reward_checkpoint={tmp_path / 'pacs.pth'}"]
 
 
+def test_grid_stage_is_for_resnet_towers():
+    assert load_recipe(RECIPES / "tiny.yaml", ["model.encoder.grid_stage=3"]).model.encoder.grid_stage == 3
+    with pytest.raises(RecipeError, match="grid_stage is for open_clip ResNet towers .* not kind 'tiny_vit'"):
+        load_recipe(RECIPES / "tiny.yaml", ["model.encoder.kind=tiny_vit", "model.encoder.grid_stage=3"])
+    with pytest.raises(RecipeError, match="model.encoder.grid_stage"):
+        load_recipe(RECIPES / "tiny.yaml", ["model.encoder.grid_stage=5"])
+
+
 def test_missing_user_paths_are_errors_before_training(tmp_path):
     with pytest.raises(RecipeError, match="model.encoder.checkpoint '/nope/vitb32.pt' does not exist"):
         load_recipe(None, ["model.encoder.kind=open_clip", "model.encoder.model_name=ViT-B-32", "model.encoder.checkpoint=/nope/vitb32.pt"])

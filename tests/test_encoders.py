@@ -160,6 +160,69 @@ def test_open_clip_resnet_tower_gives_pooled_plus_dense_tokens(tmp_path):
         assert not torch.allclose(V[:, 1], V[:, 2])  # the cells differ: spatial detail survives
 
 
+def test_open_clip_resnet_grid_stage_adds_the_finer_cells(tmp_path):
+    """grid_stage 3: after [pooled; dense] come the 4x4 cells of stage 3, each with the 2x2 stage-4 cell above it
+    appended (hand-computed), every token zero outside its own block of features; a ViT tower refuses the key."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+           "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 16, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**cfg).eval()
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "open_clip_model.safetensors")
+    plain = build_encoder(EncoderConfig(kind="open_clip", checkpoint=f"local-dir:{tmp_path}", frozen=True))
+    enc = build_encoder(EncoderConfig(kind="open_clip", checkpoint=f"local-dir:{tmp_path}", frozen=True, grid_stage=3))
+    px = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        V, joint = enc.encode(px), plain.encode(px)
+        v = model.visual
+        x3 = v.layer3(v.layer2(v.layer1(v.stem(px))))  # [2, 128, 4, 4]: width 8 * 4 * 4 channels
+        x4 = v.layer4(x3)  # [2, 256, 2, 2]
+    c3, c4 = x3.shape[1], x4.shape[1]
+    assert V.shape == (2, 5 + 16, 16 + c3 + c4) and enc.out_dim == 16 + c3 + c4
+    torch.testing.assert_close(V[:, :5, :16], joint)
+    assert V[:, :5, 16:].abs().max() == 0 and V[:, 5:, :16].abs().max() == 0
+    cells = V[:, 5:, 16:].reshape(2, 4, 4, c3 + c4)  # row-major over the 4x4 grid
+    for i, j in ((0, 0), (1, 2), (3, 3)):
+        torch.testing.assert_close(cells[:, i, j, :c3], x3[:, :, i, j])
+        torch.testing.assert_close(cells[:, i, j, c3:], x4[:, :, i // 2, j // 2])
+    with pytest.raises(ValueError, match="stages 0 \\(stem\\) .. 4"):
+        build_encoder(EncoderConfig(kind="open_clip", checkpoint=f"local-dir:{tmp_path}", grid_stage=5))
+
+    # a captioner on it has one learned position per token, and is rebuilt whole from its own checkpoint
+    from rlrefine.models import CaptionerConfig, RefinementCaptioner
+
+    cap = RefinementCaptioner(CaptionerConfig(
+        encoder=EncoderConfig(kind="open_clip", checkpoint=f"local-dir:{tmp_path}", frozen=True, grid_stage=3),
+        d_model=16, num_slots=4, num_refine_layers=2, n_heads=2, readout_layers=1, vocab_size=12, max_len=8,
+        image_token_pos=True)).eval()
+    assert cap.image_pos.shape == (21, 16)
+    # where the tokens lie: the pooled one at the centre, the 2x2 dense cells, the 4x4 stage-3 cells (x right, y down)
+    from rlrefine.models.encoders import cell_centres
+
+    torch.testing.assert_close(cell_centres(2), torch.tensor([[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]]))
+    torch.testing.assert_close(cell_centres(4)[[0, 6, 15]], torch.tensor([[-0.75, -0.75], [0.25, -0.25], [0.75, 0.75]]))
+    torch.testing.assert_close(enc.token_places(), torch.cat([torch.zeros(1, 2), cell_centres(2), cell_centres(4)]))
+    torch.testing.assert_close(plain.token_places(), torch.cat([torch.zeros(1, 2), cell_centres(2)]))
+    cap.save_pretrained(tmp_path / "captioner")
+    loaded = RefinementCaptioner.from_pretrained(tmp_path / "captioner").eval()
+    assert loaded.config.encoder.grid_stage == 3
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(px), cap.encode_image(px))
+
+
+def test_grid_stage_needs_a_resnet_tower(tiny_clip):
+    _, ckpt = tiny_clip
+    vit = build_encoder(EncoderConfig(kind="open_clip", model_name=TINY_CLIP_NAME, checkpoint=str(ckpt)))
+    from rlrefine.models.encoders import cell_centres
+
+    torch.testing.assert_close(vit.token_places(), torch.cat([torch.zeros(1, 2), cell_centres(4)]))  # class + 4x4 patches
+    with pytest.raises(ValueError, match="needs an open_clip ModifiedResNet tower"):
+        build_encoder(EncoderConfig(kind="open_clip", model_name=TINY_CLIP_NAME, checkpoint=str(ckpt), grid_stage=3))
+
+
 def test_open_clip_missing_paths(tmp_path):
     missing = tmp_path / "nope.pt"
     with pytest.raises(FileNotFoundError, match=str(missing)):

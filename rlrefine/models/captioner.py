@@ -78,6 +78,7 @@ class CaptionerConfig:
     max_len: int = 24  # longest token sequence, bos and eos included (text position embeddings)
     z0_std: float = 1.0  # sigma of z_0 ~ N(0, sigma^2 I)
     image_token_pos: bool = False  # a learned embedding per image-token position, added to V
+    where_attention: bool = False  # each refinement cross-attention head also returns where it looked (`CrossAttention`)
     locate_head: bool = False  # a linear head on the readout's state that says where a named object is (XE's locate loss)
     dropout: float = 0.0
     pad_id: int = 0
@@ -168,43 +169,55 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Slots (queries) attend to the image tokens V (keys/values)."""
+    """Slots (queries) attend to the image tokens V (keys/values).
 
-    def __init__(self, d: int, n_heads: int, dropout: float):
+    ``where=True``: each head also returns *where* it looked, the attention-weighted mean of the tokens' places
+    ``Σ_n α_n · (x_n, y_n)`` (``places`` [N, 2]), projected into the slots' stream beside what it read. A relation
+    is then a comparison of two such places, the way the learned evaluator's matching head reads relations
+    (`rewards.matching`), instead of something to decode from position embeddings mixed into the tokens."""
+
+    def __init__(self, d: int, n_heads: int, dropout: float, where: bool = False):
         super().__init__()
         self.n_heads, self.dropout = n_heads, dropout
         self.q = nn.Linear(d, d)
         self.kv = nn.Linear(d, 2 * d)
         self.proj = nn.Linear(d, d)  # residual projection (scaled init)
+        self.where = nn.Linear(2 * n_heads, d) if where else None
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x, context):
+    def forward(self, x, context, places=None):
         B, T, C = x.shape
         N, h = context.shape[1], self.n_heads
         q = self.q(x).view(B, T, h, C // h).transpose(1, 2)
         k, v = self.kv(context).view(B, N, 2, h, C // h).permute(2, 0, 3, 1, 4)
+        if self.where is not None:
+            v = torch.cat([v, places.to(v.dtype).expand(B, h, N, 2)], dim=-1)  # each value carries its token's place
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+        if self.where is None:
+            return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+        y, seen = y[..., :-2], y[..., -2:]  # [B, h, T, C/h], [B, h, T, 2]
+        out = self.proj(y.transpose(1, 2).reshape(B, T, C)) + self.where(seen.transpose(1, 2).reshape(B, T, 2 * h))
+        return self.resid_dropout(out)
 
 
 class RefineBlock(nn.Module):
     """One refinement step: z_k = z_{k-1} + RefineBlock_k(z_{k-1}, V), written as three pre-norm
     residual branches (slot self-attention, cross-attention to V, MLP)."""
 
-    def __init__(self, d: int, n_heads: int, mlp_ratio: int, dropout: float):
+    def __init__(self, d: int, n_heads: int, mlp_ratio: int, dropout: float, where: bool = False):
         super().__init__()
         self.ln_self = nn.LayerNorm(d)
         self.self_attn = SelfAttention(d, n_heads, dropout)
         self.ln_cross = nn.LayerNorm(d)
-        self.cross_attn = CrossAttention(d, n_heads, dropout)
+        self.cross_attn = CrossAttention(d, n_heads, dropout, where)
         self.ln_mlp = nn.LayerNorm(d)
         self.mlp = MLP(d, mlp_ratio, dropout)
 
-    def forward(self, z, V, slot_pos):  # z [B, M, d], V [B, N, d], slot_pos [M, d] -> z_next [B, M, d]
+    def forward(self, z, V, slot_pos, places=None):  # z [B, M, d], V [B, N, d], slot_pos [M, d] -> z_next [B, M, d]
         # slot_pos gives every slot an identity (as DETR's query embeddings), so slot i can learn what
         # to look for while z itself starts totally random
         z = z + self.self_attn(self.ln_self(z) + slot_pos)
-        z = z + self.cross_attn(self.ln_cross(z) + slot_pos, V)
+        z = z + self.cross_attn(self.ln_cross(z) + slot_pos, V, places)
         return z + self.mlp(self.ln_mlp(z))
 
 
@@ -349,7 +362,15 @@ class RefinementCaptioner(nn.Module):
             with torch.no_grad():
                 n = self.encoder.encode(torch.zeros(1, 3, *self.encoder.image_size)).shape[1]
             self.image_pos = nn.Parameter(torch.randn(n, d))  # comparable to the layer-normed tokens it is added to
-        self.refine_blocks = nn.ModuleList([RefineBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(K)])
+        places = self.encoder.token_places() if cfg.where_attention else None
+        if cfg.where_attention and places is None:
+            raise ValueError(f"model.where_attention needs an image encoder that says where its tokens lie (open_clip "
+                             f"ResNet or ViT towers, kind evaluator); {type(self.encoder).__name__} does not: set "
+                             f"model.where_attention to false")
+        # [N, 2]: where each image token lies, read by the refinement blocks' where path (None: no where path)
+        self.register_buffer("image_places", places, persistent=False)
+        self.refine_blocks = nn.ModuleList([RefineBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cfg.where_attention)
+                                            for _ in range(K)])
         self.slot_pos = nn.Parameter(torch.zeros(cfg.num_slots, d))  # slot identities for the refinement blocks
         self.readout = Readout(cfg)
         # from the readout's state at a word that names an object, where that object is (x, y) in [-1, 1]; trained by
@@ -393,7 +414,7 @@ class RefinementCaptioner(nn.Module):
         z = self.z0(z0_seed)
         Z = [z]
         for block in self.refine_blocks:
-            z = block(z, V, self.slot_pos)
+            z = block(z, V, self.slot_pos, self.image_places)
             Z.append(z)
         return torch.stack(Z, dim=1)
 

@@ -70,6 +70,11 @@ class EncoderConfig:
     allow_gelu_for_openai_weights: open_clip only; load an OpenAI archive or a {"state_dict": ...}
         (PAC-S layout) checkpoint into a GELU architecture anyway (refused by default, see
         `rlrefine.models.clip_checkpoint`).
+    grid_stage: open_clip ModifiedResNet towers only. None: the tokens are the pooled vector and the
+        last stage's dense tokens (`resnet_tokens`). 0..4: the cells of that stage (0 stem .. 4 last,
+        each cell with every later stage's cell above it appended, `resnet_grid`) follow them as more
+        tokens, so a captioner sees a finer grid than the last stage's (shapes at 64 px: 2x2 cells
+        at stage 4, 4x4 at stage 3).
     """
 
     kind: str = "tiny_vit"
@@ -83,6 +88,7 @@ class EncoderConfig:
     checkpoint: str | None = None
     frozen: bool = False
     allow_gelu_for_openai_weights: bool = False
+    grid_stage: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -214,6 +220,11 @@ class ImageEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.encode(pixels)
+
+    def token_places(self) -> torch.Tensor | None:
+        """Where each token of V lies in the image, [N, 2] (x right, y down, in [-1, 1]; a whole-image token at the
+        centre), or None where this encoder does not say."""
+        return None
 
     def save_architecture(self, directory: str | os.PathLike) -> None:
         """Write what `build_encoder(cfg, architecture_dir=directory)` needs (nothing for tiny_vit)."""
@@ -374,7 +385,8 @@ class OpenCLIPVisual(ImageEncoder):
     """
 
     def __init__(self, model_name: str | None, checkpoint: str | None, frozen: bool = False,
-                 architecture_dir: str | os.PathLike | None = None, allow_gelu_for_openai_weights: bool = False):
+                 architecture_dir: str | os.PathLike | None = None, allow_gelu_for_openai_weights: bool = False,
+                 grid_stage: int | None = None):
         super().__init__(frozen)
         import open_clip
 
@@ -425,12 +437,33 @@ class OpenCLIPVisual(ImageEncoder):
         self.interpolation = pp.get("interpolation", "bicubic")
         if hasattr(self.visual, "output_tokens"):
             self.visual.output_tokens = True
+        self.grid_stage = grid_stage
+        if grid_stage is not None and not _is_resnet(self.visual):
+            raise ValueError(f"model.encoder.grid_stage {grid_stage} needs an open_clip ModifiedResNet tower, and this "
+                             f"one is a {type(self.visual).__name__}; leave grid_stage unset (null)")
         self.out_dim = self._probe_out_dim()
         self._freeze()
 
+    def token_places(self) -> torch.Tensor | None:
+        """ResNet: the pooled token at the centre, then the dense cells, then the ``grid_stage`` cells; ViT: the
+        class token at the centre, then the patches (when they form a square grid)."""
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            n = self._encode(torch.zeros(1, 3, *self.image_size, device=self._device())).shape[1]
+        self.train(was_training)
+        if _is_resnet(self.visual):
+            dense = self.visual.attnpool.positional_embedding.shape[0] - 1
+            sides = [math.isqrt(dense)] + ([math.isqrt(n - 1 - dense)] if self.grid_stage is not None else [])
+        else:
+            sides = [math.isqrt(n - 1)]
+        if 1 + sum(side * side for side in sides) != n:
+            return None
+        return torch.cat([torch.zeros(1, 2), *(cell_centres(side) for side in sides)])
+
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.visual, "attnpool") and hasattr(self.visual, "layer4"):
-            return resnet_tokens(self.visual, pixels)
+        if _is_resnet(self.visual):
+            return resnet_tokens(self.visual, pixels, self.grid_stage)
         out = self.visual(pixels)
         if not isinstance(out, tuple):  # a tower without token outputs: one pooled token
             return out[:, None]
@@ -448,16 +481,48 @@ class OpenCLIPVisual(ImageEncoder):
         (d / "open_clip_config.json").write_text(json.dumps(self._arch, indent=2))
 
 
-def resnet_tokens(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+def cell_centres(side: int) -> torch.Tensor:
+    """The centres of a side x side grid's cells in row-major order, [side * side, 2]: (x right, y down) in [-1, 1]."""
+    axis = (torch.arange(side, dtype=torch.float32) + 0.5) / side * 2 - 1
+    ys, xs = torch.meshgrid(axis, axis, indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], dim=1)
+
+
+def _is_resnet(visual: nn.Module) -> bool:
+    return hasattr(visual, "attnpool") and hasattr(visual, "layer4")
+
+
+def resnet_grid(stages: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The cells of ``stages[0]`` [B, C0, h, w] with the features of every later (coarser) stage's cell above each
+    appended: [B, C0 + C1 + ..., h, w]. What a coarse stage recognises, beside where a fine stage sees it."""
+    size = stages[0].shape[-2:]
+    return torch.cat([stages[0], *(F.interpolate(x, size=size, mode="nearest") for x in stages[1:])], dim=1)
+
+
+def resnet_stages(visual: nn.Module, pixels: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of an open_clip ``ModifiedResNet``'s stem and its four stages, [B, C_i, h_i, w_i] each."""
+    x, out = pixels, []
+    for block in (visual.stem, visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+        x = block(x)
+        out.append(x)
+    return out
+
+
+def resnet_tokens(visual: nn.Module, pixels: torch.Tensor, grid_stage: int | None = None) -> torch.Tensor:
     """Token sequence of an open_clip ``ModifiedResNet`` tower: [pooled; dense] in the joint space.
 
     The tower itself returns only the attention-pooled vector, which squeezes a whole scene into
     one token. The dense tokens are the attention pool's value path applied at every grid cell
     (``c_proj(v_proj(x + pos))``, MaskCLIP's dense CLIP features), so they live in the same space
     as the pooled token: [B, 1 + H*W, embed_dim], pooled first exactly as ``visual(pixels)``.
+
+    ``grid_stage`` s (0 stem .. 4): the cells of stage s follow as more tokens (`resnet_grid`: each with
+    every later stage's cell above it appended). The two kinds have different widths, so each token
+    is zero outside its own block of features, [joint | grid]: [B, 1 + H*W + h_s*w_s, embed_dim + C_s + ... + C_4].
+    A linear map over them (the captioner's image projection) is then one projection per kind.
     """
-    x = visual.stem(pixels) if hasattr(visual, "stem") else pixels
-    x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+    stages = resnet_stages(visual, pixels)
+    x = stages[-1]
     pool = visual.attnpool
     pooled = pool(x)
     grid = x.flatten(2).transpose(1, 2)  # [B, HW, C]
@@ -466,7 +531,13 @@ def resnet_tokens(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"ResNet tower grid {grid.shape[1]} cells but {pos.shape[0]} positional embeddings: "
                          f"images must have the tower's image_size")
     dense = pool.c_proj(pool.v_proj(grid + pos))
-    return torch.cat([pooled[:, None], dense], dim=1)
+    joint = torch.cat([pooled[:, None], dense], dim=1)
+    if grid_stage is None:
+        return joint
+    if not 0 <= grid_stage <= 4:
+        raise ValueError(f"model.encoder.grid_stage {grid_stage}: a ModifiedResNet has stages 0 (stem) .. 4")
+    cells = resnet_grid(stages[grid_stage:]).flatten(2).transpose(1, 2)  # [B, h*w, C_s + ... + C_4]
+    return torch.cat([F.pad(joint, (0, cells.shape[-1])), F.pad(cells, (joint.shape[-1], 0))], dim=1)
 
 
 def _jsonable(d: dict) -> dict:
@@ -576,7 +647,8 @@ def build_encoder(cfg: EncoderConfig, architecture_dir: str | os.PathLike | None
                        stem_channels=cfg.stem_channels)
     if cfg.kind == "open_clip":
         return OpenCLIPVisual(cfg.model_name, cfg.checkpoint, frozen=cfg.frozen, architecture_dir=architecture_dir,
-                              allow_gelu_for_openai_weights=cfg.allow_gelu_for_openai_weights)
+                              allow_gelu_for_openai_weights=cfg.allow_gelu_for_openai_weights,
+                              grid_stage=cfg.grid_stage)
     if cfg.kind == "hf":
         return HFVision(cfg.checkpoint, frozen=cfg.frozen, architecture_dir=architecture_dir)
     raise ValueError(f"unknown encoder kind {cfg.kind!r}; allowed: tiny_vit, open_clip, hf")

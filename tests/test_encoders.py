@@ -133,9 +133,8 @@ def test_open_clip_local_dir(tiny_clip, tmp_path):
         torch.testing.assert_close(enc.encode(px), _reference_tokens(model, px))
 
 
-def test_open_clip_resnet_tower_gives_pooled_plus_dense_tokens(tmp_path):
-    """A ModifiedResNet tower (the learned evaluator's kind) returns one pooled vector; the encoder
-    returns it first, then the attention pool's value path at every grid cell (hand-computed here)."""
+def _save_tiny_resnet_clip(d):
+    """A tiny open_clip CLIP with a ModifiedResNet tower (64 px: a 2x2 last stage, 4x4 stage 3), saved as a local-dir."""
     import open_clip
     from safetensors.torch import save_file
 
@@ -143,8 +142,15 @@ def test_open_clip_resnet_tower_gives_pooled_plus_dense_tokens(tmp_path):
            "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 16, "heads": 2, "layers": 1}}
     torch.manual_seed(0)
     model = open_clip.CLIP(**cfg).eval()
-    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "open_clip_model.safetensors")
+    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, d / "open_clip_model.safetensors")
+    return model
+
+
+def test_open_clip_resnet_tower_gives_pooled_plus_dense_tokens(tmp_path):
+    """A ModifiedResNet tower (the learned evaluator's kind) returns one pooled vector; the encoder
+    returns it first, then the attention pool's value path at every grid cell (hand-computed here)."""
+    model = _save_tiny_resnet_clip(tmp_path)
     enc = build_encoder(EncoderConfig(kind="open_clip", checkpoint=f"local-dir:{tmp_path}", frozen=True))
     px = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -163,15 +169,7 @@ def test_open_clip_resnet_tower_gives_pooled_plus_dense_tokens(tmp_path):
 def test_open_clip_resnet_grid_stage_adds_the_finer_cells(tmp_path):
     """grid_stage 3: after [pooled; dense] come the 4x4 cells of stage 3, each with the 2x2 stage-4 cell above it
     appended (hand-computed), every token zero outside its own block of features; a ViT tower refuses the key."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
-           "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 16, "heads": 2, "layers": 1}}
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**cfg).eval()
-    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "open_clip_model.safetensors")
+    model = _save_tiny_resnet_clip(tmp_path)
     plain = build_encoder(EncoderConfig(kind="open_clip", checkpoint=f"local-dir:{tmp_path}", frozen=True))
     enc = build_encoder(EncoderConfig(kind="open_clip", checkpoint=f"local-dir:{tmp_path}", frozen=True, grid_stage=3))
     px = torch.randn(2, 3, 64, 64)

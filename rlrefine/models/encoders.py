@@ -234,11 +234,13 @@ class ImageEncoder(nn.Module):
 
     @torch.no_grad()
     def _probe_out_dim(self) -> int:
-        """Run one blank image through the backbone to learn the token width (cheap, done once)."""
+        """Run one blank image through the backbone to learn the token width (cheap, done once); the token count
+        is kept as ``num_tokens``."""
         was_training = self.training
         self.eval()
         x = torch.zeros(1, 3, *self.image_size, device=self._device(), dtype=next(self.parameters()).dtype)
-        d = self._encode(x).shape[-1]
+        with torch.no_grad():
+            _, self.num_tokens, d = self._encode(x).shape
         self.train(was_training)
         return int(d)
 
@@ -441,17 +443,15 @@ class OpenCLIPVisual(ImageEncoder):
         if grid_stage is not None and not _is_resnet(self.visual):
             raise ValueError(f"model.encoder.grid_stage {grid_stage} needs an open_clip ModifiedResNet tower, and this "
                              f"one is a {type(self.visual).__name__}; leave grid_stage unset (null)")
+        if grid_stage is not None and not 0 <= grid_stage <= 4:
+            raise ValueError(f"model.encoder.grid_stage {grid_stage}: a ModifiedResNet has stages 0 (stem) .. 4")
         self.out_dim = self._probe_out_dim()
         self._freeze()
 
     def token_places(self) -> torch.Tensor | None:
         """ResNet: the pooled token at the centre, then the dense cells, then the ``grid_stage`` cells; ViT: the
         class token at the centre, then the patches (when they form a square grid)."""
-        was_training = self.training
-        self.eval()
-        with torch.no_grad():
-            n = self._encode(torch.zeros(1, 3, *self.image_size, device=self._device())).shape[1]
-        self.train(was_training)
+        n = self.num_tokens
         if _is_resnet(self.visual):
             dense = self.visual.attnpool.positional_embedding.shape[0] - 1
             sides = [math.isqrt(dense)] + ([math.isqrt(n - 1 - dense)] if self.grid_stage is not None else [])
@@ -534,8 +534,6 @@ def resnet_tokens(visual: nn.Module, pixels: torch.Tensor, grid_stage: int | Non
     joint = torch.cat([pooled[:, None], dense], dim=1)
     if grid_stage is None:
         return joint
-    if not 0 <= grid_stage <= 4:
-        raise ValueError(f"model.encoder.grid_stage {grid_stage}: a ModifiedResNet has stages 0 (stem) .. 4")
     cells = resnet_grid(stages[grid_stage:]).flatten(2).transpose(1, 2)  # [B, h*w, C_s + ... + C_4]
     return torch.cat([F.pad(joint, (0, cells.shape[-1])), F.pad(cells, (joint.shape[-1], 0))], dim=1)
 

@@ -206,6 +206,48 @@ def test_dico_branch_candidates_part_at_the_branch_words_and_teach_the_one_the_r
     assert red_share(policy) >= before + 0.5, (before, red_share(policy))
 
 
+def test_dico_branch_to_pits_what_the_caption_says_against_the_named_words_only():
+    """branch_to: [red] with branch_words [blue, green]: the one branch says "red" where the greedy caption says blue or
+    green, and DiCO on that group learns to say the colour the reward pays for."""
+    policy, tok = tiny_policy(3)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    f = FinetuneSection(num_candidates=2, max_len=8, lambda_grad=0.0, lambda_len=0.0,
+                        dico={"generation": "branch", "branches": 1, "branch_words": ["blue", "green"],
+                              "branch_to": ["red"], "beta": 0.5})
+    method = METHODS["dico"](f.dico, f, tok)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (8, 16, 16, 3), dtype=torch.uint8, generator=g)
+    pixels, seeds = policy.encoder.preprocess(images), torch.arange(8)
+    gen = method.generate(policy, pixels, seeds, [1, 2], torch.Generator().manual_seed(0))
+    greedy = policy.generate(pixels, seeds, [1, 2], method="greedy", max_len=8).tokens
+    red, colours = int(tok.word_ids(["red"], "k")[0]), tok.word_ids(["red", "blue", "green"], "k").tolist()
+    parted = 0
+    for b in range(8):
+        for l in range(2):
+            natural = next((int(w) for w in greedy[b, l, 0] if w in colours), None)
+            said = next((int(w) for w in gen.tokens[b, l, 3, 1:] if w in colours), None)
+            if natural is not None:
+                assert said == red
+                parted += natural != red
+    assert parted > 0
+    acc, scorer = Accelerator(cpu=True), SequenceScorer(policy)
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    sched, w = schedule("linear", 2), layer_weights("linear", 2)
+
+    def red_share(model):
+        out = model.generate(pixels, seeds, [2], method="greedy", max_len=8).tokens[:, 0, 0]
+        return sum(next((int(t) for t in row if t in colours), None) == red for row in out) / len(out)
+
+    before = red_share(policy)
+    for _ in range(30):
+        loss, _, _ = compute_loss(policy, scorer, reference, method, RedReward(), images, pixels, seeds, [1, 2], f, tok,
+                                  sched, w, acc, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert red_share(policy) >= before + 0.5, (before, red_share(policy))
+
+
 def test_dico_branch_words_must_be_tokens_of_the_vocabulary():
     _, tok = tiny_policy()
     f = FinetuneSection(dico={"generation": "branch", "branch_words": ["red", "purple"]})
@@ -213,5 +255,8 @@ def test_dico_branch_words_must_be_tokens_of_the_vocabulary():
         METHODS["dico"](f.dico, f, tok)
     with pytest.raises(ValueError, match="needs the captioner's tokenizer"):
         METHODS["dico"](f.dico, f)
+    f = FinetuneSection(dico={"generation": "branch", "branch_words": ["red", "blue"], "branch_to": ["purple"]})
+    with pytest.raises(ValueError, match="finetune.dico.branch_to: 'purple' is not one token"):
+        METHODS["dico"](f.dico, f, tok)
     with pytest.raises(ValueError, match="at least 2"):
         FinetuneSection(dico={"generation": "branch", "branch_words": ["red"]})

@@ -169,6 +169,18 @@ def test_branch_choice_by_hand():
     assert branch_choice(nxt, parted, later, ids)[0].tolist() == tokens.tolist()  # slots wrap modulo S - 1
 
 
+def test_branch_choice_to_other_words_by_hand():
+    """branch_to (5, 6): a row with slot j >= 1 that would say a branch word (7, 8) says the (j-1)-th (mod 2) of 5, 6
+    instead; a row that would say its target anyway does not part there (it may part at a later branch word)."""
+    ids, to = torch.tensor([7, 8, 5]), torch.tensor([5, 6])
+    nxt = torch.tensor([7, 8, 8, 3, 5, 7, 7])
+    parted = torch.tensor([False, False, False, False, False, True, False])
+    slot = torch.tensor([1, 2, 3, 1, 1, 1, 0])
+    tokens, now = branch_choice(nxt, parted, slot, ids, to)
+    assert tokens.tolist() == [5, 6, 5, 3, 5, 7, 7]  # slot 3 wraps to 5; the row saying 5 with target 5 keeps it
+    assert now.tolist() == [True, True, True, False, False, True, False]
+
+
 def test_branch_decode_parts_greedy_captions_at_one_word(setup):
     """Row 0 is the greedy caption; each other row is the greedy caption up to its first branch word and says a
     different other branch word there; log-probs are the model's own (re-scoring agrees)."""
@@ -199,3 +211,13 @@ def test_branch_decode_parts_greedy_captions_at_one_word(setup):
         model.generate(px, seeds, [0], method="branch", num_candidates=2)
     with pytest.raises(ValueError, match="at least 2 distinct"):
         model.generate(px, seeds, [0], method="branch", num_candidates=2, branch_ids=torch.tensor([4, 4]))
+    with pytest.raises(ValueError, match="branch_to .* goes with branch_ids"):
+        model.generate(px, seeds, [0], method="greedy", branch_to=torch.tensor([4]))
+    to = torch.tensor([int(ids[0])])  # every branch says the first branch word wherever greedy says another
+    out = model.generate(px, seeds, [0, 1, 3], method="branch", num_candidates=3, branch_ids=ids, branch_to=to)
+    for b in range(4):
+        for l in range(3):
+            g = body[b, l].tolist()
+            first = next((t for t, w in enumerate(g) if w in ids.tolist()[1:]), None)
+            if first is not None and all(w != int(to) for w in g[:first]):
+                assert [int(out.tokens[b, l, j, 1 + first]) for j in (1, 2)] == [int(to)] * 2

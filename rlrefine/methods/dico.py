@@ -7,7 +7,9 @@ DiCO reference code draws them (the default), n samples, or a mix of both (`mix_
 samples), which explores beyond the policy's modes. `generation: branch` adds to the n beams a second
 preference group: the greedy caption and `branches` greedy decodes that part from it at the first word of
 `branch_words` it says (`rlrefine.models.generation.branch_choice`), so they differ only from that word on
-("above" against "left of" against "and") and the reward decides exactly that word. Each group has its own
+("above" against "left of" against "and") and the reward decides exactly that word. `branch_to` names the words a
+branch says instead (default: the other `branch_words`); with `[and]` the only alternative to a stated relation is
+stating none. Each group has its own
 chosen candidate and the loss is L_beams + `branch_weight` · L_branches: in one group with the beams, the
 branches' shared start would be pushed down whenever a beam with another start wins.
 Logged per layer under TRL's DPO names:
@@ -39,6 +41,10 @@ class DicoConfig(SamplingConfig):
     branch_words: list[str] = Field(["above", "below", "over", "under", "left", "right", "and"], min_length=2,
                                     description="generation: branch: the words the branches part at, each one token of "
                                                 "the caption vocabulary (default: the shapes world's relations and 'and')")
+    branch_to: list[str] | None = Field(None, min_length=1,
+                                        description="generation: branch: the words a branch says instead (default: the "
+                                                    "other branch_words); [and] pits each stated relation against "
+                                                    "stating none")
     branch_weight: float = Field(1.0, ge=0.0, description="generation: branch: weight of the branch group's DiCO loss "
                                                           "beside the beams'")
     beta: float = Field(0.2, gt=0.0, description="β of −log σ(β·h) (paper: 0.2)")
@@ -56,11 +62,13 @@ class DiCO(Method):
 
     def __init__(self, config, finetune, tokenizer=None):
         super().__init__(config, finetune, tokenizer)
-        self.branch_ids = None
+        self.branch_ids = self.branch_to = None
         if config.generation == "branch":
             if tokenizer is None:
                 raise ValueError("finetune.dico.generation: branch needs the captioner's tokenizer to find branch_words")
             self.branch_ids = tokenizer.word_ids(config.branch_words, "finetune.dico.branch_words")
+            if config.branch_to is not None:
+                self.branch_to = tokenizer.word_ids(config.branch_to, "finetune.dico.branch_to")
 
     def generate(self, policy, pixels, seeds, layers, generator):
         c, f = self.config, self.finetune
@@ -72,7 +80,8 @@ class DiCO(Method):
         if c.generation == "branch":
             beams = policy.generate(pixels, seeds, layers, method="beam", num_candidates=f.num_candidates, max_len=f.max_len)
             parted = policy.generate(pixels, seeds, layers, method="branch", num_candidates=c.branches + 1,
-                                     max_len=f.max_len, branch_ids=self.branch_ids, generator=generator)  # greedy first
+                                     max_len=f.max_len, branch_ids=self.branch_ids, branch_to=self.branch_to,
+                                     generator=generator)  # greedy first
             return concat_candidates(beams, parted, policy.config.pad_id)
         if not 1 <= c.mix_beams < f.num_candidates:
             raise ValueError(f"finetune.dico.mix_beams ({c.mix_beams}) must be in 1..num_candidates − 1 "

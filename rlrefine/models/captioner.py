@@ -496,7 +496,8 @@ class RefinementCaptioner(nn.Module):
     def generate(self, pixels: torch.Tensor, z0_seed: torch.Tensor, layers: Sequence[int] | torch.Tensor | None = None,
                  method: str = "greedy", num_candidates: int = 1, max_len: int | None = None,
                  temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                 length_penalty: float = 0.0, branch_ids: torch.Tensor | None = None):
+                 length_penalty: float = 0.0, branch_ids: torch.Tensor | None = None,
+                 branch_to: torch.Tensor | None = None):
         """Captions at the selected layers -> GenerationOutput(tokens [B,L,n,T], logprobs [B,L,n], lengths [B,L,n]).
 
         See `rlrefine.models.generation.generate` (batched over images x layers x candidates, KV cache)."""
@@ -504,7 +505,7 @@ class RefinementCaptioner(nn.Module):
 
         return generate(self, pixels, z0_seed, layers, method=method, num_candidates=num_candidates, max_len=max_len,
                         temperature=temperature, top_p=top_p, generator=generator, length_penalty=length_penalty,
-                        branch_ids=branch_ids)
+                        branch_ids=branch_ids, branch_to=branch_to)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, tokenizer=None, model_card: str | None = None) -> None:

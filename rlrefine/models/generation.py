@@ -17,6 +17,8 @@
 first word of a given set it would emit (say a relation: above, below, left, right, and), emits another word of
 that set instead (the j-th other one, counted from a random start per (image, layer) when a generator is given)
 and goes on greedily; row 0 never parts. The rows then differ where a reward should decide (`branch_choice`).
+With a separate set of words to part *to* (``branch_to``, say just "and"), a row says the j-th of those instead:
+the branch group then pits what the caption states against only those alternatives.
 
 pad and bos are never generated (their logits are masked when choosing tokens). Log-probs are
 always those of the model itself (full softmax, no masking, no temperature, no top-p), summed over the
@@ -58,13 +60,17 @@ def _choice_logits(logits: torch.Tensor, cfg) -> torch.Tensor:
 
 
 def _check_args(model, method: str, n: int, max_len: int | None, temperature: float, top_p: float,
-                branch_ids: torch.Tensor | None = None) -> int:
+                branch_ids: torch.Tensor | None = None, branch_to: torch.Tensor | None = None) -> int:
     if method not in METHODS:
         raise ValueError(f"unknown generation method {method!r}; allowed: {', '.join(METHODS)}")
     if (method == "branch") != (branch_ids is not None):
         raise ValueError("branch_ids (the token ids of the words to part at) go with method 'branch' and only with it")
     if branch_ids is not None and (branch_ids.dim() != 1 or branch_ids.numel() < 2 or branch_ids.unique().numel() != branch_ids.numel()):
         raise ValueError(f"branch_ids must be at least 2 distinct token ids, got {branch_ids.tolist()}")
+    if branch_to is not None and branch_ids is None:
+        raise ValueError("branch_to (the words a branch says instead) goes with branch_ids, the words it parts at")
+    if branch_to is not None and (branch_to.dim() != 1 or branch_to.numel() < 1 or branch_to.unique().numel() != branch_to.numel()):
+        raise ValueError(f"branch_to must be at least 1 distinct token id, got {branch_to.tolist()}")
     if n < 1 or (method == "greedy" and n != 1):
         raise ValueError(f"num_candidates must be >= 1 (exactly 1 for greedy), got {n} for {method!r}")
     max_len = model.config.max_len if max_len is None else int(max_len)
@@ -89,15 +95,21 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def branch_choice(nxt: torch.Tensor, parted: torch.Tensor, slot: torch.Tensor, branch_ids: torch.Tensor):
+def branch_choice(nxt: torch.Tensor, parted: torch.Tensor, slot: torch.Tensor, branch_ids: torch.Tensor,
+                  branch_to: torch.Tensor | None = None):
     """One step of a branch decode. nxt [N] the tokens the rows would emit, parted [N] bool (the row has parted
     already), slot [N] the row's part: 0 never parts, j ≥ 1 takes the j-th other word; branch_ids [S] the words to
     part at. A row with slot j ≥ 1 that has not parted and would emit branch word i emits instead the (j − 1)-th
     (mod S − 1) of the other S − 1 words, in the order of ``branch_ids``, and has parted from then on.
-    -> (tokens [N], parted [N])."""
+    With ``branch_to`` [R] it emits the (j − 1)-th (mod R) of those words instead, unless that is the word it
+    would emit anyway (then it goes on and may part at a later branch word). -> (tokens [N], parted [N])."""
     S = branch_ids.numel()
     hit = nxt[:, None] == branch_ids[None]  # [N, S]
     at = hit.any(-1) & ~parted & (slot > 0)
+    if branch_to is not None:
+        other = branch_to[(slot - 1) % branch_to.numel()]
+        at = at & (other != nxt)
+        return torch.where(at, other, nxt), parted | at
     i = hit.long().argmax(-1)  # the branch word the row would emit
     k = (slot - 1) % (S - 1)  # the k-th other word: index k, or k + 1 once past i
     other = branch_ids[k + (k >= i).long()]
@@ -135,7 +147,7 @@ def generate(model: torch.nn.Module, pixels: torch.Tensor, z0_seed: torch.Tensor
              layers: Sequence[int] | torch.Tensor | None = None, method: str = "greedy", num_candidates: int = 1,
              max_len: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
              generator: torch.Generator | None = None, length_penalty: float = 0.0,
-             branch_ids: torch.Tensor | None = None) -> GenerationOutput:
+             branch_ids: torch.Tensor | None = None, branch_to: torch.Tensor | None = None) -> GenerationOutput:
     """Decode n captions per (image, layer) in one batched, KV-cached decode.
 
     pixels [B,3,H,W], z0_seed [B], layers: ints in 0..K (default all) ->
@@ -144,12 +156,12 @@ def generate(model: torch.nn.Module, pixels: torch.Tensor, z0_seed: torch.Tensor
     samples, temperature / top_p; pass a torch.Generator for reproducibility: draws happen on the
     generator's device), or "branch" (the greedy caption, then n − 1 greedy decodes, each parting at the first of
     ``branch_ids`` it would emit to a different other word of them, from a random start drawn from ``generator``
-    if given: `branch_choice`). length_penalty only affects beam ranking
+    if given: `branch_choice`; with ``branch_to``, to one of those words instead). length_penalty only affects beam ranking
     (score / length**length_penalty).
     The model runs in eval mode (dropout off) for the call and is put back in its previous mode.
     """
     n = int(num_candidates)
-    max_len = _check_args(model, method, n, max_len, temperature, top_p, branch_ids)
+    max_len = _check_args(model, method, n, max_len, temperature, top_p, branch_ids, branch_to)
     cfg, readout = model.config, model.readout
     was_training = model.training
     model.eval()
@@ -167,20 +179,23 @@ def generate(model: torch.nn.Module, pixels: torch.Tensor, z0_seed: torch.Tensor
             tokens, logprobs, lengths = _beam_search(readout, logits, cache, G, n, max_len, cfg, length_penalty)
         else:
             tokens, logprobs, lengths = _greedy_or_sample(readout, logits, cache, method, max_len, cfg,
-                                                          temperature, top_p, generator, n, branch_ids)
+                                                          temperature, top_p, generator, n, branch_ids, branch_to)
     finally:
         model.train(was_training)
     T = tokens.shape[-1]
     return GenerationOutput(tokens.view(B, L, n, T), logprobs.view(B, L, n), lengths.view(B, L, n))
 
 
-def _greedy_or_sample(readout, logits, cache, method, max_len, cfg, temperature, top_p, generator, n=1, branch_ids=None):
+def _greedy_or_sample(readout, logits, cache, method, max_len, cfg, temperature, top_p, generator, n=1, branch_ids=None,
+                      branch_to=None):
     N, device = logits.shape[0], logits.device
     if branch_ids is not None:
         branch_ids = branch_ids.to(device)
+        branch_to = None if branch_to is None else branch_to.to(device)
+        others = branch_ids.numel() - 1 if branch_to is None else branch_to.numel()  # the words a row may part to
         slot = torch.arange(N, device=device) % n  # row 0 of each (image, layer) is the greedy caption
         if generator is not None:  # each (image, layer) starts at a random other word, so that n − 1 < S − 1 rows see all
-            turn = torch.randint(0, branch_ids.numel() - 1, (N // n,), generator=generator, device=generator.device)
+            turn = torch.randint(0, others, (N // n,), generator=generator, device=generator.device)
             slot = torch.where(slot > 0, slot + turn.to(device).repeat_interleave(n), slot)
         parted = torch.zeros(N, dtype=torch.bool, device=device)
     tokens = [torch.full((N,), cfg.bos_id, dtype=torch.long, device=device)]
@@ -192,7 +207,7 @@ def _greedy_or_sample(readout, logits, cache, method, max_len, cfg, temperature,
         choice = _choice_logits(logits, cfg)
         nxt = sample_next(choice, temperature, top_p, generator) if method == "sample" else choice.argmax(-1)
         if branch_ids is not None:
-            nxt, parted = branch_choice(nxt, parted, slot, branch_ids)
+            nxt, parted = branch_choice(nxt, parted, slot, branch_ids, branch_to)
         nxt = nxt.masked_fill(finished, cfg.pad_id)
         logp_sum += logp.gather(-1, nxt[:, None]).squeeze(-1).masked_fill(finished, 0.0)
         lengths += (~finished).long()

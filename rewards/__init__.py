@@ -53,6 +53,7 @@ Public API
   probe call every python reward passes before training).
 * :mod:`rewards.weighted`: ``WeightedSum`` (kind ``sum``; ``term_scores`` for per-term logging).
 * :mod:`rewards.grammar`: ``GrammarReward`` (kind ``grammar``, the shapes caption grammar).
+* :mod:`rewards.scene`: ``SceneReward``, ``scene_score`` (kind ``scene``: the shapes world's ground truth).
 
 A reward of your own needs only ``__call__`` with the signature above; ``embed_images`` /
 ``embed_texts`` are optional (used for hard-pair mining and the text-embedding progress curve when
@@ -77,6 +78,7 @@ from .evaluator import EvaluatorConfig, swap_attribute
 from .fidelity import kendall_tau, spearman
 from .loading import BatchedPreprocess, load_open_clip, read_state_dict, register_model_config
 from .grammar import GrammarReward
+from .scene import SceneReward, scene_score
 from .shaping import length_budget, schedule, shape_rewards
 from .itm import ITMScore, load_blip_itm
 from .text_student import TextStudentConfig, TextStudentScore, build_text_student
@@ -92,6 +94,7 @@ __all__ = [
     "DistilledScore",
     "EvaluatorConfig",
     "GrammarReward",
+    "SceneReward",
     "ITMScore",
     "LearnedScore",
     "OpenCLIPReward",
@@ -117,6 +120,7 @@ __all__ = [
     "ref_text_similarity",
     "register_model_config",
     "register_reward",
+    "scene_score",
     "schedule",
     "shape_rewards",
     "spearman",

@@ -33,6 +33,7 @@ class RewardContext:
     device: Any = "cpu"
     corpus: Callable[[], list[list[str]]] | None = None  # the training captions per image (loaded on first call)
     data_kind: str | None = None  # the recipe's data.kind
+    scenes: Callable[[], dict[str, Any]] | None = None  # shapes data: {image digest: scene} of every split (on first call)
     name: str = "reward"  # the recipe key of the section, named in messages (e.g. "finetune.reward")
 
 

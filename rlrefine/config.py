@@ -692,13 +692,21 @@ class RecipeConfig(Section):
     def reward_context(self, name: str, device: Any = "cpu", train_split: Any = None) -> RewardContext:
         """What a reward built for this recipe may need (`rewards.registry.RewardContext`): the run folder, the
         device, the data kind and, on first use, the training captions (CIDEr-D's document frequencies) of
-        ``train_split`` or else of the recipe's data. ``name``: the recipe key of the reward, for messages."""
+        ``train_split`` or else of the recipe's data, and on shapes data the scene of every image (the `scene`
+        reward). ``name``: the recipe key of the reward, for messages."""
         def corpus() -> list[list[str]]:
             from rlrefine.data.sources import load_splits
 
             return (train_split if train_split is not None else load_splits(self.data)["train"]).captioned_references()
 
-        return RewardContext(run_dir=self.run_path, device=device, corpus=corpus, data_kind=self.data.kind, name=name)
+        def scenes() -> dict:
+            from rlrefine.data.shapes import scene_index
+            from rlrefine.data.sources import load_splits
+
+            return scene_index(load_splits(self.data).values())
+
+        return RewardContext(run_dir=self.run_path, device=device, corpus=corpus, data_kind=self.data.kind, name=name,
+                             scenes=scenes if self.data.kind == "shapes" else None)
 
 
 # ------------------------------------------------------------------------------ loading, errors

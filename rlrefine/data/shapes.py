@@ -38,10 +38,11 @@ the same slot, shape and radius): 20k 64x64 images take a few seconds on one CPU
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -62,6 +63,8 @@ __all__ = [
     "ordered_descriptions",
     "FALSE_STATEMENT_KINDS",
     "caption_holds",
+    "image_digest",
+    "scene_index",
     "false_statements",
     "wrong_axis_statement",
     "MatchingExamples",
@@ -505,6 +508,23 @@ def caption_holds(caption: str, scene: Scene) -> bool:
         if i == j or relation(scene.objects[i], scene.objects[j]) != rel:
             return False
     return True
+
+
+def image_digest(image: np.ndarray) -> str:
+    """A key for one rendered image (uint8 [H, W, 3]): the MD5 of its bytes. Rewards receive images, not their
+    index, so a reward that reads the ground truth (`rewards.scene`) finds an image's scene by this key."""
+    return hashlib.md5(np.ascontiguousarray(image, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def scene_index(splits: Iterable[CaptionSplit]) -> dict[str, Scene]:
+    """``{image_digest(image): scene}`` over every image of ``splits`` that has a scene."""
+    index: dict[str, Scene] = {}
+    for split in splits:
+        if split.scenes is None or not isinstance(split.images, np.ndarray):
+            continue
+        for image, scene in zip(split.images, split.scenes):
+            index[image_digest(image)] = scene
+    return index
 
 
 def relation_description(scene: Scene, image_size: int, rnd: random.Random) -> str:

@@ -159,6 +159,28 @@ def test_dico_mix_draws_beams_and_samples_side_by_side():
             policy, pixels, torch.arange(3), [1, 2], None)
 
 
+def _red_share_before_and_after(policy, reference, method, f, tok, images, pixels, seeds, g, steps: int = 30):
+    """How often the final layer's greedy caption names "red" first among the colours, before and after ``steps``
+    DiCO steps against `RedReward` on layers 1 and 2."""
+    colours = tok.word_ids(["red", "blue", "green"], "k").tolist()
+
+    def red_share():
+        greedy = policy.generate(pixels, seeds, [2], method="greedy", max_len=8).tokens[:, 0, 0]
+        return sum(next((int(t) for t in row if t in colours), None) == colours[0] for row in greedy) / len(greedy)
+
+    acc, scorer = Accelerator(cpu=True), SequenceScorer(policy)
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    sched, w = schedule("linear", 2), layer_weights("linear", 2)
+    before = red_share()
+    for _ in range(steps):
+        loss, _, _ = compute_loss(policy, scorer, reference, method, RedReward(), images, pixels, seeds, [1, 2], f, tok,
+                                  sched, w, acc, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return before, red_share()
+
+
 def test_dico_branch_candidates_part_at_the_branch_words_and_teach_the_one_the_reward_prefers():
     """generation: branch: the n beams, then the greedy caption and greedy decodes that each swap the first colour
     word it says for another colour. DiCO on them learns to say the colour the reward pays for ("red")."""
@@ -187,23 +209,8 @@ def test_dico_branch_candidates_part_at_the_branch_words_and_teach_the_one_the_r
                 parted += 1
     assert parted > 0
 
-    acc, scorer = Accelerator(cpu=True), SequenceScorer(policy)
-    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
-    sched, w = schedule("linear", 2), layer_weights("linear", 2)
-
-    def red_share(model):  # how often the final layer's greedy caption names "red" first among the colours
-        greedy = model.generate(pixels, seeds, [2], method="greedy", max_len=8).tokens[:, 0, 0]
-        first = [next((int(t) for t in row if t in colours), None) for row in greedy]
-        return sum(c == int(colours[0]) for c in first) / len(first)
-
-    before = red_share(policy)
-    for _ in range(30):
-        loss, _, _ = compute_loss(policy, scorer, reference, method, RedReward(), images, pixels, seeds, [1, 2], f, tok,
-                                  sched, w, acc, generator=g)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert red_share(policy) >= before + 0.5, (before, red_share(policy))
+    before, after = _red_share_before_and_after(policy, reference, method, f, tok, images, pixels, seeds, g)
+    assert after >= before + 0.5, (before, after)
 
 
 def test_dico_branch_to_pits_what_the_caption_says_against_the_named_words_only():
@@ -230,22 +237,8 @@ def test_dico_branch_to_pits_what_the_caption_says_against_the_named_words_only(
                 assert said == red
                 parted += natural != red
     assert parted > 0
-    acc, scorer = Accelerator(cpu=True), SequenceScorer(policy)
-    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
-    sched, w = schedule("linear", 2), layer_weights("linear", 2)
-
-    def red_share(model):
-        out = model.generate(pixels, seeds, [2], method="greedy", max_len=8).tokens[:, 0, 0]
-        return sum(next((int(t) for t in row if t in colours), None) == red for row in out) / len(out)
-
-    before = red_share(policy)
-    for _ in range(30):
-        loss, _, _ = compute_loss(policy, scorer, reference, method, RedReward(), images, pixels, seeds, [1, 2], f, tok,
-                                  sched, w, acc, generator=g)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert red_share(policy) >= before + 0.5, (before, red_share(policy))
+    before, after = _red_share_before_and_after(policy, reference, method, f, tok, images, pixels, seeds, g)
+    assert after >= before + 0.5, (before, after)
 
 
 def test_dico_branch_words_must_be_tokens_of_the_vocabulary():

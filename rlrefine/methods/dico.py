@@ -9,9 +9,8 @@ preference group: the greedy caption and `branches` greedy decodes that part fro
 `branch_words` it says (`rlrefine.models.generation.branch_choice`), so they differ only from that word on
 ("above" against "left of" against "and") and the reward decides exactly that word. `branch_to` names the words a
 branch says instead (default: the other `branch_words`); with `[and]` the only alternative to a stated relation is
-stating none. Each group has its own
-chosen candidate and the loss is L_beams + `branch_weight` · L_branches: in one group with the beams, the
-branches' shared start would be pushed down whenever a beam with another start wins.
+stating none. Each group has its own chosen candidate and the loss is L_beams + `branch_weight` · L_branches: in
+one group with the beams, the branches' shared start would be pushed down whenever a beam with another start wins.
 Logged per layer under TRL's DPO names:
 ``rewards/chosen|rejected|margins|accuracies``, ``logps/chosen|rejected``.
 """

@@ -23,8 +23,9 @@ import hashlib
 import numpy as np
 import torch
 
-from rlrefine.data.shapes import Scene, image_digest, is_grammatical, parse_caption
+from rlrefine.data.shapes import Scene, caption_grounding_counts, image_digest, is_grammatical
 
+from .protocol import caption_image_index
 from .registry import register_reward
 
 HALLUCINATION = 2.0  # cost of naming an object the image lacks, against 1 for each object named right (both / N)
@@ -35,23 +36,14 @@ TIE_BREAK = 0.05
 
 
 def scene_score(caption: str, scene: Scene) -> float:
-    """The ground-truth score of ``caption`` against ``scene`` (module docstring), without the tie-break."""
+    """The ground-truth score of ``caption`` against ``scene`` (module docstring), without the tie-break; it counts
+    what the grounding metrics count (`rlrefine.data.shapes.caption_grounding_counts`)."""
     if not is_grammatical(caption):
         return UNGRAMMATICAL
-    parsed = parse_caption(caption)
-    present = {o.combo for o in scene.objects}
-    named = set(parsed.mentions)
-    holds = set(scene.relations)
-    true = false = 0
-    for a, rel, b in set(parsed.relations):
-        i, j = scene.index_of(*a), scene.index_of(*b)
-        if i is not None and j is not None and (i, rel, j) in holds:
-            true += 1
-        else:
-            false += 1
-    n = len(scene.objects)
-    return ((len(named & present) - HALLUCINATION * len(named - present)) / n
-            + RELATION * min(true, n - 1) - FALSE_RELATION * false)
+    c = caption_grounding_counts(caption, scene)
+    right, false = c["mentions_correct"], c["relations"] - c["relations_correct"]
+    return ((right - HALLUCINATION * (c["mentions"] - right)) / c["objects"]
+            + RELATION * min(c["relations_correct"], c["objects"] - 1) - FALSE_RELATION * false)
 
 
 def tie_break(caption: str) -> float:
@@ -67,8 +59,6 @@ class SceneReward:
 
     @torch.no_grad()
     def __call__(self, images, captions, references=None, image_index=None) -> torch.Tensor:
-        from .protocol import caption_image_index
-
         pixels = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         rows = caption_image_index(len(pixels), len(captions), image_index).tolist()
         found = []

@@ -63,6 +63,7 @@ __all__ = [
     "ordered_descriptions",
     "FALSE_STATEMENT_KINDS",
     "caption_holds",
+    "caption_grounding_counts",
     "image_digest",
     "scene_index",
     "false_statements",
@@ -508,6 +509,32 @@ def caption_holds(caption: str, scene: Scene) -> bool:
         if i == j or relation(scene.objects[i], scene.objects[j]) != rel:
             return False
     return True
+
+
+def caption_grounding_counts(caption: str, scene: Scene) -> dict[str, int]:
+    """The raw counts of one caption against its scene: what `rlrefine.metrics.grounding.grounding_scores` sums and
+    the `scene` reward scores."""
+    parsed = parse_caption(caption)
+    scene_pairs = {o.combo for o in scene.objects}
+    mentioned = set(parsed.mentions)
+    colours, shapes = set(parsed.colours), set(parsed.shapes)
+    true_relations = set(scene.relations)
+    stated = set(parsed.relations)
+    relations_correct = 0
+    for a, rel, b in stated:
+        i, j = scene.index_of(*a), scene.index_of(*b)
+        relations_correct += int(i is not None and j is not None and (i, rel, j) in true_relations)
+    return {
+        "mentions": len(mentioned),
+        "mentions_correct": len(mentioned & scene_pairs),
+        "objects": len(scene.objects),
+        "objects_named": sum(o.combo in mentioned for o in scene.objects),
+        "colours_named": sum(o.colour in colours for o in scene.objects),
+        "shapes_named": sum(o.shape in shapes for o in scene.objects),
+        "relations": len(stated),
+        "relations_correct": relations_correct,
+        "exact": int(mentioned == scene_pairs),
+    }
 
 
 def image_digest(image: np.ndarray) -> str:

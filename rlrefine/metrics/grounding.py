@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from rlrefine.data.shapes import Scene, is_grammatical, parse_caption
+from rlrefine.data.shapes import Scene, caption_grounding_counts, is_grammatical, parse_caption
 
 __all__ = ["candidate_coverage", "caption_grounding_counts", "grammaticality", "grounding_scores"]
 
@@ -50,31 +50,6 @@ _COUNT_KEYS = (
     "relations_correct",
     "exact",
 )
-
-
-def caption_grounding_counts(caption: str, scene: Scene) -> dict[str, int]:
-    """The raw counts of one caption against its scene (what `grounding_scores` sums)."""
-    parsed = parse_caption(caption)
-    scene_pairs = {o.combo for o in scene.objects}
-    mentioned = set(parsed.mentions)
-    colours, shapes = set(parsed.colours), set(parsed.shapes)
-    true_relations = set(scene.relations)
-    stated = set(parsed.relations)
-    relations_correct = 0
-    for a, rel, b in stated:
-        i, j = scene.index_of(*a), scene.index_of(*b)
-        relations_correct += int(i is not None and j is not None and (i, rel, j) in true_relations)
-    return {
-        "mentions": len(mentioned),
-        "mentions_correct": len(mentioned & scene_pairs),
-        "objects": len(scene.objects),
-        "objects_named": sum(o.combo in mentioned for o in scene.objects),
-        "colours_named": sum(o.colour in colours for o in scene.objects),
-        "shapes_named": sum(o.shape in shapes for o in scene.objects),
-        "relations": len(stated),
-        "relations_correct": relations_correct,
-        "exact": int(mentioned == scene_pairs),
-    }
 
 
 def _rate(num: int, den: int) -> float:

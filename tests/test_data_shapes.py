@@ -582,3 +582,49 @@ def test_axis_negatives_add_the_near_miss_and_leave_the_other_draws_alone(splits
     (joined, [inverted]), (joined2, negatives) = plain.groups[2], with_axis.groups[2]
     assert joined2 == joined and negatives[0] == inverted and len(negatives) == 2  # "x and y": inverted, moved
     assert " and " not in negatives[1] and negatives[1] != inverted
+
+
+def test_two_object_axes_and_one_object_centres_read_the_scenes(splits):
+    """The axis is the one `relation` names (above/below: 1), the ratio how clear it is; centres are in [-1, 1]."""
+    from rlrefine.data.shapes import relation
+    from rlrefine.data.shapes_probes import one_object_centres, two_object_axes
+
+    split = splits["train"]
+    rows, axis, ratio = two_object_axes(split, max_images=1000)
+    assert len(rows) > 20 and len(rows) == len(axis) == len(ratio)
+    for i, a, r in zip(rows, axis, ratio):
+        x, y = split.scenes[i].objects
+        assert a == int(relation(x, y) in ("above", "below"))
+        dx, dy = abs(x.x - y.x), abs(x.y - y.y)
+        assert r == pytest.approx(min(dx, dy) / max(dx, dy)) and 0.0 <= r <= 1.0
+    assert 0 < axis.mean() < 1
+    assert len(two_object_axes(split, max_images=5)[0]) == 5
+    rows, centres = one_object_centres(split, max_images=1000, image_size=64)
+    assert len(rows) > 20 and centres.shape == (len(rows), 2)
+    o = split.scenes[rows[0]].objects[0]
+    assert centres[0].tolist() == pytest.approx([o.x / 32 - 1, o.y / 32 - 1])
+    assert np.abs(centres).max() <= 1.0
+
+
+def test_probe_predictions_an_mlp_reads_the_axis_a_linear_map_cannot():
+    """Offsets (dx, dy) among noise features: "which offset is larger" (|dy| ≥ |dx|) is two opposite cones, which no
+    linear map separates and an MLP does; a centre that is a linear function of the features is read linearly."""
+    import torch
+
+    from rlrefine.data.shapes_probes import probe_predictions
+
+    rng = np.random.default_rng(0)
+    offsets = rng.uniform(-1, 1, size=(3000, 2))
+    x = torch.tensor(np.concatenate([offsets, rng.normal(size=(3000, 6))], axis=1), dtype=torch.float32)
+    axis = (np.abs(offsets[:, 1]) >= np.abs(offsets[:, 0])).astype(np.int64)
+    train, test = slice(0, 2500), slice(2500, None)
+    linear = probe_predictions(x[train], axis[train], x[test])
+    mlp = probe_predictions(x[train], axis[train], x[test], hidden=64, steps=1500, lr=3e-3)
+    assert (linear == axis[test]).mean() < 0.7
+    assert (mlp == axis[test]).mean() > 0.9
+    assert np.array_equal(mlp, probe_predictions(x[train], axis[train], x[test], hidden=64, steps=1500, lr=3e-3))
+
+    centres = (offsets @ np.array([[0.5, -0.2], [0.3, 0.6]])).astype(np.float32)
+    pred = probe_predictions(x[train], centres[train], x[test], steps=1500, lr=1e-2)
+    assert pred.shape == (500, 2)
+    assert ((pred - centres[test]) ** 2).sum(-1).mean() < 0.01

@@ -21,6 +21,10 @@ descriptions, misnamed objects). A reward is any callable of the reward protocol
   statement against the same statement with its position word inverted, for two objects' relation and for one
   object's region. At 0.5 it places things by chance, and no reward can teach fine-tuning to pick true relations
   among candidates it draws by chance (docs/shapes_world.md, "The captioner does not learn where things are").
+* `two_object_axes`, `one_object_centres` and `probe_predictions`: where a model's features lose the places. The
+  first two give, for a split's images, what a relation needs (which axis two objects lie along, and how clear it
+  is) and where one object is; `probe_predictions` fits a linear or MLP probe from any features (image tokens, the
+  text encoding z_K) to them (docs/shapes_world.md, "Where the axis is lost").
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from rlrefine.data.shapes import (DEFAULT_HELD_OUT, false_statements, misnamed_p
                                   relation_description, wrong_axis_statement)
 from rlrefine.data.split import CaptionSplit
 
-__all__ = ["position_preferences", "preference_rate", "teacher_preferences"]
+__all__ = ["one_object_centres", "position_preferences", "preference_rate", "probe_predictions", "teacher_preferences",
+           "two_object_axes"]
 
 
 @torch.no_grad()
@@ -132,3 +137,72 @@ def position_preferences(logprob: Callable[[np.ndarray, list[list[str]]], torch.
         gap = lp[:, 0] - lp[:, other]
         out.update({name: float((gap > 0).float().mean()), f"{name}_gap": float(gap.mean()), f"{name}_images": float(len(lp))})
     return out
+
+
+def two_object_axes(split: CaptionSplit, max_images: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The first ``max_images`` captioned two-object images of a shapes ``split``: (rows, axis, ratio). ``axis`` is 1
+    where the objects lie mostly one above the other (|dy| ≥ |dx|: their relation is "above" / "below", as
+    `rlrefine.data.shapes.relation` names it) and 0 where they lie mostly side by side; ``ratio`` is the smaller
+    offset over the larger (0: straight above or beside, 1: on the diagonal, where the axis is hardest to see)."""
+    rows, axis, ratio = [], [], []
+    for i in range(len(split)):
+        if len(rows) == max_images:
+            break
+        if split.is_label[i] or len(split.scenes[i].objects) != 2:
+            continue
+        a, b = split.scenes[i].objects
+        dx, dy = abs(b.x - a.x), abs(b.y - a.y)
+        rows.append(i)
+        axis.append(int(dy >= dx))
+        ratio.append(min(dx, dy) / max(dx, dy, 1e-9))
+    return rows, np.array(axis, dtype=np.int64), np.array(ratio, dtype=np.float64)
+
+
+def one_object_centres(split: CaptionSplit, max_images: int, image_size: int) -> tuple[list[int], np.ndarray]:
+    """The first ``max_images`` captioned one-object images of a shapes ``split``: (rows, centres [n, 2]), each
+    centre (x, y) scaled to [-1, 1] (y grows downward), as the locate loss's targets are."""
+    rows, centres = [], []
+    for i in range(len(split)):
+        if len(rows) == max_images:
+            break
+        if split.is_label[i] or len(split.scenes[i].objects) != 1:
+            continue
+        o = split.scenes[i].objects[0]
+        rows.append(i)
+        centres.append((o.x / image_size * 2 - 1, o.y / image_size * 2 - 1))
+    return rows, np.array(centres, dtype=np.float32).reshape(-1, 2)
+
+
+def probe_predictions(x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.Tensor, hidden: int = 0,
+                      steps: int = 800, lr: float = 1e-3, seed: int = 0) -> np.ndarray:
+    """Fit a probe on ``x_train`` [n, F] (flattened features, standardised on the training rows) and predict for
+    ``x_test``. Integer ``y_train`` [n]: a classifier (cross entropy; returns the predicted classes); float
+    ``y_train`` [n, D]: a regressor (squared error; returns the predictions). ``hidden`` 0 is a linear probe, else an
+    MLP with one hidden layer of that width (GELU, dropout 0.2): what a readout could recover, not only what a linear
+    map could. AdamW (weight decay 1e-2), minibatches of 512; deterministic given ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    x_train, x_test = x_train.float(), x_test.float()
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-5
+    x_train, x_test = (x_train - mu) / sd, (x_test - mu) / sd
+    classify = np.issubdtype(np.asarray(y_train).dtype, np.integer)
+    y = torch.as_tensor(np.asarray(y_train))
+    out = int(y.max()) + 1 if classify else y.shape[1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = (torch.nn.Linear(x_train.shape[1], out) if hidden == 0 else
+               torch.nn.Sequential(torch.nn.Linear(x_train.shape[1], hidden), torch.nn.GELU(), torch.nn.Dropout(0.2),
+                                   torch.nn.Linear(hidden, out)))
+        opt = torch.optim.AdamW(net.parameters(), lr, weight_decay=1e-2)
+        for _ in range(steps):
+            net.train()
+            batch = torch.randperm(len(y), generator=gen)[:512]
+            pred = net(x_train[batch])
+            loss = (torch.nn.functional.cross_entropy(pred, y[batch]) if classify else
+                    ((pred - y[batch].float()) ** 2).sum(-1).mean())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            pred = net(x_test)
+    return (pred.argmax(-1) if classify else pred).numpy()

@@ -35,8 +35,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from rlrefine.data.shapes import (DEFAULT_HELD_OUT, false_statements, misnamed_pair, parse_caption, relation_and_pair,
-                                  relation_description, wrong_axis_statement)
+from rlrefine.data.shapes import (DEFAULT_HELD_OUT, _centre, false_statements, misnamed_pair, parse_caption, relation,
+                                  relation_and_pair, relation_description, wrong_axis_statement)
 from rlrefine.data.split import CaptionSplit
 
 __all__ = ["one_object_centres", "position_preferences", "preference_rate", "probe_predictions", "teacher_preferences",
@@ -153,23 +153,22 @@ def two_object_axes(split: CaptionSplit, max_images: int) -> tuple[list[int], np
         a, b = split.scenes[i].objects
         dx, dy = abs(b.x - a.x), abs(b.y - a.y)
         rows.append(i)
-        axis.append(int(dy >= dx))
+        axis.append(int(relation(a, b) in ("above", "below")))
         ratio.append(min(dx, dy) / max(dx, dy, 1e-9))
     return rows, np.array(axis, dtype=np.int64), np.array(ratio, dtype=np.float64)
 
 
 def one_object_centres(split: CaptionSplit, max_images: int, image_size: int) -> tuple[list[int], np.ndarray]:
     """The first ``max_images`` captioned one-object images of a shapes ``split``: (rows, centres [n, 2]), each
-    centre (x, y) scaled to [-1, 1] (y grows downward), as the locate loss's targets are."""
+    centre (x, y) in [-1, 1] (y grows downward), in the locate loss's convention (`rlrefine.data.shapes._centre`)."""
     rows, centres = [], []
     for i in range(len(split)):
         if len(rows) == max_images:
             break
         if split.is_label[i] or len(split.scenes[i].objects) != 1:
             continue
-        o = split.scenes[i].objects[0]
         rows.append(i)
-        centres.append((o.x / image_size * 2 - 1, o.y / image_size * 2 - 1))
+        centres.append(_centre(split.scenes[i].objects[0], image_size))
     return rows, np.array(centres, dtype=np.float32).reshape(-1, 2)
 
 

@@ -629,3 +629,53 @@ def test_probe_predictions_an_mlp_reads_the_axis_a_linear_map_cannot():
     pred = probe_predictions(x[train], centres[train], x[test], steps=1500, lr=1e-2)
     assert pred.shape == (500, 2)
     assert ((pred - centres[test]) ** 2).sum(-1).mean() < 0.01
+
+
+def test_colour_queries_name_each_object_whose_colour_is_unique(splits):
+    """Every listed object is the one object of its colour in its scene, with its shape, count and size."""
+    from rlrefine.data.shapes import COLOURS, SHAPES
+    from rlrefine.data.shapes_probes import colour_queries
+
+    split = splits["train"]
+    q = colour_queries(split, max_images=300)
+    assert 0 < len(q.rows) <= 300 and len(q.image) == len(q.colour) == len(q.shape) == len(q.objects) == len(q.small)
+    assert set(np.unique(q.image)) <= set(range(len(q.rows)))
+    for j in range(len(q.image)):
+        objects = split.scenes[q.rows[q.image[j]]].objects
+        same = [o for o in objects if o.colour == list(COLOURS)[q.colour[j]]]
+        assert len(same) == 1 and same[0].shape == SHAPES[q.shape[j]]
+        assert q.objects[j] == len(objects) >= 2 and q.small[j] == (same[0].size == "small")
+    assert q.objects.max() >= 3 and 0 < q.small.mean() < 1
+
+
+def test_reader_predictions_reads_the_binding_that_pooling_loses():
+    """Three objects per set, each a token with a one-hot colour and a one-hot shape, among noise tokens. Asked for a
+    colour, one cross-attention read names that object's shape; a probe on the mean-pooled tokens (plus the asked
+    colour) cannot tell which of the present shapes goes with it."""
+    import torch
+
+    from rlrefine.data.shapes_probes import probe_predictions, reader_predictions
+
+    rng = np.random.default_rng(0)
+    n, colours, shapes = 3000, 6, 5
+    tokens = rng.normal(scale=0.1, size=(n, 6, colours + shapes)).astype(np.float32)
+    query, target = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        cs, ss = rng.choice(colours, 3, replace=False), rng.choice(shapes, 3, replace=False)
+        for t, slot in enumerate(rng.choice(6, 3, replace=False)):
+            tokens[i, slot, cs[t]] += 1.0
+            tokens[i, slot, colours + ss[t]] += 1.0
+        k = rng.integers(3)
+        query[i], target[i] = cs[k], ss[k]
+    tokens = torch.from_numpy(tokens)
+    images = np.arange(n)
+    train, test = slice(0, 2700), slice(2700, None)
+    read = reader_predictions(tokens[train], images[train], query[train], target[train], tokens[test],
+                              images[test] - 2700, query[test], width=64, heads=2, steps=400, lr=3e-3)
+    assert (read == target[test]).mean() > 0.95
+    pooled = torch.cat([tokens.mean(1), torch.nn.functional.one_hot(torch.from_numpy(query), colours).float()], 1)
+    probe = probe_predictions(pooled[train], target[train], pooled[test], hidden=64, steps=600, lr=3e-3)
+    assert (probe == target[test]).mean() < 0.6
+    again = reader_predictions(tokens[train], images[train], query[train], target[train], tokens[test],
+                               images[test] - 2700, query[test], width=64, heads=2, steps=400, lr=3e-3)
+    assert np.array_equal(read, again)

@@ -25,22 +25,27 @@ descriptions, misnamed objects). A reward is any callable of the reward protocol
   first two give, for a split's images, what a relation needs (which axis two objects lie along, and how clear it
   is) and where one object is; `probe_predictions` fits a linear or MLP probe from any features (image tokens, the
   text encoding z_K) to them (docs/shapes_world.md, "Where the axis is lost").
+* `colour_queries` and `reader_predictions`: whether image tokens keep which shape goes with which colour in a
+  crowded scene, the binding a pooled vector loses. The first lists, for each object whose colour is unique in its
+  scene, that colour and its shape; the second trains one cross-attention read, queried with the colour, to name the
+  shape from a set of tokens (docs/shapes_world.md, "What the captioner's image tokens keep").
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from rlrefine.data.shapes import (DEFAULT_HELD_OUT, _centre, false_statements, misnamed_pair, parse_caption, relation,
-                                  relation_and_pair, relation_description, wrong_axis_statement)
+from rlrefine.data.shapes import (COLOURS, DEFAULT_HELD_OUT, SHAPES, _centre, false_statements, misnamed_pair,
+                                  parse_caption, relation, relation_and_pair, relation_description,
+                                  wrong_axis_statement)
 from rlrefine.data.split import CaptionSplit
 
-__all__ = ["one_object_centres", "position_preferences", "preference_rate", "probe_predictions", "teacher_preferences",
-           "two_object_axes"]
+__all__ = ["ColourQueries", "colour_queries", "one_object_centres", "position_preferences", "preference_rate",
+           "probe_predictions", "reader_predictions", "teacher_preferences", "two_object_axes"]
 
 
 @torch.no_grad()
@@ -205,3 +210,91 @@ def probe_predictions(x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.
         with torch.no_grad():
             pred = net(x_test)
     return (pred.argmax(-1) if classify else pred).numpy()
+
+
+class ColourQueries(NamedTuple):
+    """Objects to name by their colour: ``rows`` are the split's images; per object, ``image`` (its position in
+    ``rows``), ``colour`` and ``shape`` (indices into `COLOURS` and `SHAPES`), ``objects`` (how many its scene has)
+    and ``small`` (its size word is "small")."""
+
+    rows: list[int]
+    image: np.ndarray
+    colour: np.ndarray
+    shape: np.ndarray
+    objects: np.ndarray
+    small: np.ndarray
+
+
+def colour_queries(split: CaptionSplit, max_images: int, min_objects: int = 2) -> ColourQueries:
+    """The first ``max_images`` captioned images of a shapes ``split`` with at least ``min_objects`` objects, and in
+    them every object whose colour no other object of its scene has (so the colour names it)."""
+    colours, rows, columns = list(COLOURS), [], ([], [], [], [], [])
+    for i in range(len(split)):
+        if len(rows) == max_images:
+            break
+        objects = split.scenes[i].objects
+        if split.is_label[i] or len(objects) < min_objects:
+            continue
+        for o in objects:
+            if sum(p.colour == o.colour for p in objects) == 1:
+                for column, value in zip(columns, (len(rows), colours.index(o.colour), SHAPES.index(o.shape),
+                                                   len(objects), o.size == "small")):
+                    column.append(value)
+        rows.append(i)
+    image, colour, shape, count, small = (np.array(c, dtype=np.int64) for c in columns)
+    return ColourQueries(rows, image, colour, shape, count, small.astype(bool))
+
+
+def reader_predictions(tokens_train: torch.Tensor, image_train: np.ndarray, query_train: np.ndarray,
+                       y_train: np.ndarray, tokens_test: torch.Tensor, image_test: np.ndarray, query_test: np.ndarray,
+                       width: int = 128, heads: int = 4, steps: int = 3000, lr: float = 1e-3, batch_size: int = 256,
+                       seed: int = 0) -> np.ndarray:
+    """Fit one cross-attention read on sets of tokens and predict classes. ``tokens_*`` [images, N, F] (an image's
+    tokens, e.g. the captioner's V, or an encoder's grid); example j reads ``tokens[image[j]]`` with a query built
+    from ``query[j]`` (an int, e.g. a colour) and predicts ``y[j]`` (an int, e.g. the shape of the object of that
+    colour). The read is what a refinement block does once: the tokens normalised and projected to ``width`` with a
+    learned embedding per token position, one query (a learned vector plus the query's embedding) attending to them
+    (`torch.nn.MultiheadAttention`), a residual MLP, a linear classifier. Unlike a probe on pooled features it can
+    find the token that holds the queried colour and read that token's shape: the binding that pooling loses.
+    AdamW (weight decay 1e-2), cross entropy, minibatches of ``batch_size``; deterministic given ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens_train, tokens_test = tokens_train.float(), tokens_test.float()
+    n_tokens, n_features = tokens_train.shape[1:]
+    n_queries = int(np.max(np.concatenate([np.asarray(query_train), np.asarray(query_test)]))) + 1
+    n_classes = int(y_train.max()) + 1
+    image_train, query_train, y_train = (torch.as_tensor(np.asarray(a)) for a in (image_train, query_train, y_train))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = torch.nn.ModuleDict({
+            "project": torch.nn.Sequential(torch.nn.LayerNorm(n_features), torch.nn.Linear(n_features, width)),
+            "query": torch.nn.Embedding(n_queries, width),
+            "norm": torch.nn.LayerNorm(width),
+            "read": torch.nn.MultiheadAttention(width, heads, batch_first=True),
+            "mlp": torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
+                                       torch.nn.Linear(4 * width, width)),
+            "classify": torch.nn.Linear(width, n_classes),
+        })
+        place = torch.nn.Parameter(torch.zeros(n_tokens, width))
+        start = torch.nn.Parameter(torch.randn(width) * 0.5)
+
+        def forward(tokens: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+            v = net["project"](tokens) + place
+            q = net["norm"](start + net["query"](query))[:, None]
+            z = q + net["read"](q, v, v, need_weights=False)[0]
+            z = z + net["mlp"](z)
+            return net["classify"](z[:, 0])
+
+        opt = torch.optim.AdamW([*net.parameters(), place, start], lr, weight_decay=1e-2)
+        for _ in range(steps):
+            net.train()
+            b = torch.randint(0, len(y_train), (batch_size,), generator=gen)
+            loss = torch.nn.functional.cross_entropy(forward(tokens_train[image_train[b]], query_train[b]), y_train[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            out = [forward(tokens_test[torch.as_tensor(image_test[s:s + 1024])],
+                           torch.as_tensor(np.asarray(query_test[s:s + 1024]))).argmax(-1)
+                   for s in range(0, len(image_test), 1024)]
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)

@@ -144,20 +144,23 @@ def position_preferences(logprob: Callable[[np.ndarray, list[list[str]]], torch.
     return out
 
 
+def _scene_rows(split: CaptionSplit, max_images: int, objects_ok: Callable[[int], bool]) -> list[int]:
+    """The first ``max_images`` captioned (not label-only) images of a shapes ``split`` whose number of objects
+    ``objects_ok`` accepts."""
+    rows = [i for i in range(len(split)) if not split.is_label[i] and objects_ok(len(split.scenes[i].objects))]
+    return rows[:max_images]
+
+
 def two_object_axes(split: CaptionSplit, max_images: int) -> tuple[list[int], np.ndarray, np.ndarray]:
     """The first ``max_images`` captioned two-object images of a shapes ``split``: (rows, axis, ratio). ``axis`` is 1
     where the objects lie mostly one above the other (|dy| ≥ |dx|: their relation is "above" / "below", as
     `rlrefine.data.shapes.relation` names it) and 0 where they lie mostly side by side; ``ratio`` is the smaller
     offset over the larger (0: straight above or beside, 1: on the diagonal, where the axis is hardest to see)."""
-    rows, axis, ratio = [], [], []
-    for i in range(len(split)):
-        if len(rows) == max_images:
-            break
-        if split.is_label[i] or len(split.scenes[i].objects) != 2:
-            continue
+    rows = _scene_rows(split, max_images, lambda n: n == 2)
+    axis, ratio = [], []
+    for i in rows:
         a, b = split.scenes[i].objects
         dx, dy = abs(b.x - a.x), abs(b.y - a.y)
-        rows.append(i)
         axis.append(int(relation(a, b) in ("above", "below")))
         ratio.append(min(dx, dy) / max(dx, dy, 1e-9))
     return rows, np.array(axis, dtype=np.int64), np.array(ratio, dtype=np.float64)
@@ -166,14 +169,8 @@ def two_object_axes(split: CaptionSplit, max_images: int) -> tuple[list[int], np
 def one_object_centres(split: CaptionSplit, max_images: int, image_size: int) -> tuple[list[int], np.ndarray]:
     """The first ``max_images`` captioned one-object images of a shapes ``split``: (rows, centres [n, 2]), each
     centre (x, y) in [-1, 1] (y grows downward), in the locate loss's convention (`rlrefine.data.shapes._centre`)."""
-    rows, centres = [], []
-    for i in range(len(split)):
-        if len(rows) == max_images:
-            break
-        if split.is_label[i] or len(split.scenes[i].objects) != 1:
-            continue
-        rows.append(i)
-        centres.append(_centre(split.scenes[i].objects[0], image_size))
+    rows = _scene_rows(split, max_images, lambda n: n == 1)
+    centres = [_centre(split.scenes[i].objects[0], image_size) for i in rows]
     return rows, np.array(centres, dtype=np.float32).reshape(-1, 2)
 
 
@@ -228,20 +225,13 @@ class ColourQueries(NamedTuple):
 def colour_queries(split: CaptionSplit, max_images: int, min_objects: int = 2) -> ColourQueries:
     """The first ``max_images`` captioned images of a shapes ``split`` with at least ``min_objects`` objects, and in
     them every object whose colour no other object of its scene has (so the colour names it)."""
-    colours, rows, columns = list(COLOURS), [], ([], [], [], [], [])
-    for i in range(len(split)):
-        if len(rows) == max_images:
-            break
-        objects = split.scenes[i].objects
-        if split.is_label[i] or len(objects) < min_objects:
-            continue
-        for o in objects:
-            if sum(p.colour == o.colour for p in objects) == 1:
-                for column, value in zip(columns, (len(rows), colours.index(o.colour), SHAPES.index(o.shape),
-                                                   len(objects), o.size == "small")):
-                    column.append(value)
-        rows.append(i)
-    image, colour, shape, count, small = (np.array(c, dtype=np.int64) for c in columns)
+    rows = _scene_rows(split, max_images, lambda n: n >= min_objects)
+    colours = list(COLOURS)
+    found = [(r, colours.index(o.colour), SHAPES.index(o.shape), len(objects), o.size == "small")
+             for r, objects in enumerate(split.scenes[i].objects for i in rows)
+             for o in objects if sum(p.colour == o.colour for p in objects) == 1]
+    image, colour, shape, count, small = (np.array(c, dtype=np.int64) for c in zip(*found)) if found else (
+        np.zeros(0, dtype=np.int64) for _ in range(5))
     return ColourQueries(rows, image, colour, shape, count, small.astype(bool))
 
 

@@ -287,6 +287,9 @@ class ModelSection(Section):
     where_attention: bool = Field(False, description="each refinement cross-attention head also returns where it looked "
                                   "(the attention-weighted mean of the image tokens' places), as the learned evaluator's "
                                   "matching head reads relations; needs an open_clip / evaluator encoder")
+    slot_competition: bool = Field(False, description="the refinement blocks' cross-attention is normalised over the "
+                                   "slots, as in Slot Attention: slots compete for the image tokens, so slots that start "
+                                   "as noise still share out every object instead of all reading the most salient one")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout in the refinement blocks and readout")
 
 

@@ -1,6 +1,7 @@
 """RefinementCaptioner: z_0 determinism, the readout sees only z_k, teacher forcing vs re-scoring,
 checkpoints, and a small overfit run on synthetic images."""
 import json
+import math
 
 import pytest
 import torch
@@ -327,6 +328,45 @@ def test_where_attention_learns_which_of_two_things_is_higher(where):
     with torch.no_grad():
         acc = ((logits(ctx) > 0).float() == above).float().mean().item()
     assert acc > 0.95 if where else acc < 0.6, acc
+
+
+def test_competing_read_by_hand():
+    """Slot Attention's read: softmax over the slots for each token, then each slot's weights renormalised over the
+    tokens; checked against the formula written out with loops, and a token one slot wins is not read by another."""
+    from rlrefine.models.captioner import competing_read
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 4).double(), torch.randn(2, 5, 4).double(), torch.randn(2, 5, 6).double()
+    want = torch.zeros(2, 3, 6).double()
+    for b in range(2):
+        logits = [[float(q[b, t] @ k[b, n]) / 2.0 for n in range(5)] for t in range(3)]  # sqrt(4) = 2
+        won = [[math.exp(logits[t][n]) / sum(math.exp(logits[u][n]) for u in range(3)) + 1e-8 for n in range(5)]
+               for t in range(3)]
+        for t in range(3):
+            want[b, t] = sum(won[t][n] * v[b, n] for n in range(5)) / sum(won[t])
+    torch.testing.assert_close(competing_read(q, k, v), want)
+    # two slots, two tokens, each slot far closer to one token: each reads its own token alone
+    q, k = torch.tensor([[10.0, 0.0], [0.0, 10.0]]), torch.tensor([[10.0, 0.0], [0.0, 10.0]])
+    torch.testing.assert_close(competing_read(q, k, torch.eye(2)), torch.eye(2), atol=1e-6, rtol=0)
+
+
+def test_slot_competition_is_a_saved_switch_of_the_refinement_reads(tmp_path):
+    """`model.slot_competition` makes every refinement block's cross-attention read with `competing_read` (the
+    same weights give a different z_k), and a saved model keeps it."""
+    torch.manual_seed(0)
+    model = RefinementCaptioner(tiny_config(slot_competition=True)).eval()
+    assert all(block.cross_attn.compete for block in model.refine_blocks)
+    plain = RefinementCaptioner(tiny_config()).eval()
+    plain.load_state_dict(model.state_dict())
+    images, seeds = torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
+    with torch.no_grad():
+        Z, Z_plain = model.latents(images, seeds), plain.latents(images, seeds)
+    assert torch.equal(Z[:, 0], Z_plain[:, 0]) and not torch.allclose(Z[:, 1], Z_plain[:, 1])
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = RefinementCaptioner.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.config.slot_competition
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.latents(images, seeds), Z)
 
 
 def test_where_attention_needs_an_encoder_that_says_where_its_tokens_lie():

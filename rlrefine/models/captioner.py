@@ -79,6 +79,7 @@ class CaptionerConfig:
     z0_std: float = 1.0  # sigma of z_0 ~ N(0, sigma^2 I)
     image_token_pos: bool = False  # a learned embedding per image-token position, added to V
     where_attention: bool = False  # each refinement cross-attention head also returns where it looked (`CrossAttention`)
+    slot_competition: bool = False  # refinement cross-attention normalised over the slots, as Slot Attention (`competing_read`)
     locate_head: bool = False  # a linear head on the readout's state that says where a named object is (XE's locate loss)
     dropout: float = 0.0
     pad_id: int = 0
@@ -168,17 +169,30 @@ class SelfAttention(nn.Module):
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
+def competing_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Slot Attention's read (Locatello et al., 2020): q [..., T, c], k [..., N, c], v [..., N, c'] -> [..., T, c'].
+
+    The softmax of q·k/√c runs over the queries (the slots), not over the tokens, so the slots compete for each
+    token: a token one slot takes is not read by the others. Each slot then takes the mean of the values weighted
+    by what it won, renormalised over the tokens (eps keeps a slot that won nothing finite). Plain attention lets
+    every slot read the same salient tokens, and slots that start as noise read them at random."""
+    won = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-2) + eps  # [..., T, N], sums to 1 over T
+    return (won / won.sum(dim=-1, keepdim=True)) @ v
+
+
 class CrossAttention(nn.Module):
     """Slots (queries) attend to the image tokens V (keys/values).
 
     ``where=True``: each head also returns *where* it looked, the attention-weighted mean of the tokens' places
     ``Σ_n α_n · (x_n, y_n)`` (``places`` [N, 2]), projected into the slots' stream beside what it read. A relation
     is then a comparison of two such places, the way the learned evaluator's matching head reads relations
-    (`rewards.matching`), instead of something to decode from position embeddings mixed into the tokens."""
+    (`rewards.matching`), instead of something to decode from position embeddings mixed into the tokens.
 
-    def __init__(self, d: int, n_heads: int, dropout: float, where: bool = False):
+    ``compete=True``: the slots compete for the tokens (`competing_read`) instead of each reading them alone."""
+
+    def __init__(self, d: int, n_heads: int, dropout: float, where: bool = False, compete: bool = False):
         super().__init__()
-        self.n_heads, self.dropout = n_heads, dropout
+        self.n_heads, self.dropout, self.compete = n_heads, dropout, compete
         self.q = nn.Linear(d, d)
         self.kv = nn.Linear(d, 2 * d)
         self.proj = nn.Linear(d, d)  # residual projection (scaled init)
@@ -192,7 +206,10 @@ class CrossAttention(nn.Module):
         k, v = self.kv(context).view(B, N, 2, h, C // h).permute(2, 0, 3, 1, 4)
         if self.where is not None:
             v = torch.cat([v, places.to(v.dtype).expand(B, h, N, 2)], dim=-1)  # each value carries its token's place
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        if self.compete:
+            y = competing_read(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         if self.where is None:
             return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
         y, seen = y[..., :-2], y[..., -2:]  # [B, h, T, C/h], [B, h, T, 2]
@@ -204,12 +221,13 @@ class RefineBlock(nn.Module):
     """One refinement step: z_k = z_{k-1} + RefineBlock_k(z_{k-1}, V), written as three pre-norm
     residual branches (slot self-attention, cross-attention to V, MLP)."""
 
-    def __init__(self, d: int, n_heads: int, mlp_ratio: int, dropout: float, where: bool = False):
+    def __init__(self, d: int, n_heads: int, mlp_ratio: int, dropout: float, where: bool = False,
+                 compete: bool = False):
         super().__init__()
         self.ln_self = nn.LayerNorm(d)
         self.self_attn = SelfAttention(d, n_heads, dropout)
         self.ln_cross = nn.LayerNorm(d)
-        self.cross_attn = CrossAttention(d, n_heads, dropout, where)
+        self.cross_attn = CrossAttention(d, n_heads, dropout, where, compete)
         self.ln_mlp = nn.LayerNorm(d)
         self.mlp = MLP(d, mlp_ratio, dropout)
 
@@ -369,7 +387,8 @@ class RefinementCaptioner(nn.Module):
                              f"model.where_attention to false")
         # [N, 2]: where each image token lies, read by the refinement blocks' where path (None: no where path)
         self.register_buffer("image_places", places, persistent=False)
-        self.refine_blocks = nn.ModuleList([RefineBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cfg.where_attention)
+        self.refine_blocks = nn.ModuleList([RefineBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cfg.where_attention,
+                                                        cfg.slot_competition)
                                             for _ in range(K)])
         self.slot_pos = nn.Parameter(torch.zeros(cfg.num_slots, d))  # slot identities for the refinement blocks
         self.readout = Readout(cfg)

@@ -350,6 +350,20 @@ def test_competing_read_by_hand():
     torch.testing.assert_close(competing_read(q, k, torch.eye(2)), torch.eye(2), atol=1e-6, rtol=0)
 
 
+def test_slot_competition_drops_weights_only_in_training():
+    """The refinement blocks' dropout reaches the competing read: a training-mode read differs from the eval-mode
+    one, which is deterministic."""
+    from rlrefine.models.captioner import CrossAttention
+
+    torch.manual_seed(0)
+    att = CrossAttention(8, 2, 0.5, compete=True).double()
+    x, ctx = torch.randn(3, 4, 8).double(), torch.randn(3, 5, 8).double()
+    att.eval()
+    torch.testing.assert_close(att(x, ctx), att(x, ctx))
+    att.train()
+    assert not torch.allclose(att(x, ctx), att.eval()(x, ctx))
+
+
 def test_slot_competition_is_a_saved_switch_of_the_refinement_reads(tmp_path):
     """`model.slot_competition` makes every refinement block's cross-attention read with `competing_read` (the
     same weights give a different z_k), and a saved model keeps it."""

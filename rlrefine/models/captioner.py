@@ -169,15 +169,18 @@ class SelfAttention(nn.Module):
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
-def competing_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def competing_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-8,
+                   dropout_p: float = 0.0) -> torch.Tensor:
     """Slot Attention's read (Locatello et al., 2020): q [..., T, c], k [..., N, c], v [..., N, c'] -> [..., T, c'].
 
     The softmax of q·k/√c runs over the queries (the slots), not over the tokens, so the slots compete for each
     token: a token one slot takes is not read by the others. Each slot then takes the mean of the values weighted
     by what it won, renormalised over the tokens (eps keeps a slot that won nothing finite). Plain attention lets
-    every slot read the same salient tokens, and slots that start as noise read them at random."""
+    every slot read the same salient tokens, and slots that start as noise read them at random. ``dropout_p`` drops
+    attention weights before the renormalisation, as `F.scaled_dot_product_attention` drops them after its softmax."""
     won = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-2) + eps  # [..., T, N], sums to 1 over T
-    return (won / won.sum(dim=-1, keepdim=True)) @ v
+    won = F.dropout(won, dropout_p) if dropout_p > 0 else won
+    return (won / (won.sum(dim=-1, keepdim=True) + eps)) @ v
 
 
 class CrossAttention(nn.Module):
@@ -207,7 +210,7 @@ class CrossAttention(nn.Module):
         if self.where is not None:
             v = torch.cat([v, places.to(v.dtype).expand(B, h, N, 2)], dim=-1)  # each value carries its token's place
         if self.compete:
-            y = competing_read(q, k, v)
+            y = competing_read(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         else:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         if self.where is None:
